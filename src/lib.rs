@@ -1,0 +1,30 @@
+//! # microseg — real-time customer micro-segmentation
+//!
+//! microseg reads purchase, engagement and profile events from Kafka, keeps behavioural state
+//! per customer in memory, re-assigns segments incrementally and publishes a segment-change
+//! event (entered / exited, with the reason) for every change.
+//!
+//! ## Architecture
+//!
+//! ```text
+//! Kafka input topics ─► pipeline (consumer group) ─► event::decode ──bad──► dead-letter topic
+//!                                                      │
+//!                                                      ▼
+//!                        engine::Engine::apply  (state::CustomerState + rules::compile::Expr)
+//!                                                      │ changes
+//!                                                      ▼
+//!                        output::change_json ─► producer ─► segment-change topic
+//!                        offsets committed only up to messages whose outputs are delivered
+//! ```
+//!
+//! Pure logic (no I/O): [`time`], [`event`], [`state`], [`rules`], [`engine`], [`output`].
+//! Effects: [`pipeline`] (Kafka in and out), [`demo`] (embedded broker + generator),
+//! [`generate`] (synthetic customers). Configuration: [`config`].
+
+pub mod engine;
+pub mod event;
+pub mod output;
+pub mod rules;
+pub mod state;
+pub mod symbols;
+pub mod time;

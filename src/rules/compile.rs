@@ -1,0 +1,1057 @@
+//! Type checking and compilation of one expression: syntax tree → [`Expr`], a typed tree that
+//! evaluates without any name lookup, plus the set of inputs it depends on (for incremental
+//! evaluation) and its *atoms* (the feature values shown in `because` and `explain`).
+//!
+//! Also owns the feature catalog: every name a rule may read, its type and what changes it.
+//! The README's "Rule language" section documents the same catalog for users.
+
+use crate::rules::parse::{Ast, BinOp, Node, Span, UnOp};
+use crate::state::{AttrType, AttrVal, CustomerState, StateConfig, NO_TIME};
+use crate::symbols::{Sym, Symbols};
+use crate::time::{DAY_MS, HOUR_MS};
+
+/// Dependency bits: what can change a value.
+pub mod deps {
+    pub const PURCHASE: u8 = 1;
+    pub const ENGAGEMENT: u8 = 2;
+    pub const PROFILE: u8 = 4;
+    /// The value changes as time passes, with no event (windows, `days_since`).
+    pub const TIME: u8 = 8;
+    pub const ANY_EVENT: u8 = PURCHASE | ENGAGEMENT | PROFILE;
+}
+
+/// The static type of an expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ty {
+    Num,
+    Bool,
+    Str,
+    Time,
+    /// A set of strings (only as the right side of `in`).
+    StrSet,
+    NumList,
+    StrList,
+    /// The type of an expression that already has an error (suppresses follow-on errors).
+    Err,
+}
+
+impl Ty {
+    pub fn name(self) -> &'static str {
+        match self {
+            Ty::Num => "number",
+            Ty::Bool => "bool",
+            Ty::Str => "string",
+            Ty::Time => "time",
+            Ty::StrSet => "set of strings",
+            Ty::NumList => "list of numbers",
+            Ty::StrList => "list of strings",
+            Ty::Err => "erroneous value",
+        }
+    }
+}
+
+/// A value a rule reads from the customer's state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Feature {
+    PurchaseCount,
+    PurchaseSpend,
+    PurchaseAvg,
+    PurchaseQuantity,
+    PurchaseFirst,
+    PurchaseLast,
+    PurchaseCountW(u32),
+    PurchaseSpendW(u32),
+    Categories,
+    Channels,
+    TopCategory,
+    TopChannel,
+    Plan,
+    EngagementCount,
+    EngagementCountW(u32),
+    EngagementLast,
+    Actions,
+    LastSeen,
+    FirstSeen,
+    Attr(usize, AttrType),
+    CategoryCount(Sym),
+    ChannelCount(Sym),
+    ChannelShare(Sym),
+    ActionCount(Sym),
+    ActionCountW(Sym, u32),
+}
+
+impl Feature {
+    pub fn ty(&self) -> Ty {
+        use Feature::*;
+        match self {
+            PurchaseFirst | PurchaseLast | EngagementLast | LastSeen | FirstSeen => Ty::Time,
+            Categories | Channels | Actions => Ty::StrSet,
+            TopCategory | TopChannel | Plan => Ty::Str,
+            Attr(_, AttrType::Number) => Ty::Num,
+            Attr(_, AttrType::String) => Ty::Str,
+            Attr(_, AttrType::Bool) => Ty::Bool,
+            _ => Ty::Num,
+        }
+    }
+
+    pub fn deps(&self) -> u8 {
+        use deps::*;
+        use Feature::*;
+        match self {
+            PurchaseCountW(_) | PurchaseSpendW(_) => PURCHASE | TIME,
+            EngagementCountW(_) | ActionCountW(..) => ENGAGEMENT | TIME,
+            EngagementCount | EngagementLast | Actions | ActionCount(_) => ENGAGEMENT,
+            LastSeen | FirstSeen => ANY_EVENT,
+            Attr(..) => PROFILE,
+            _ => PURCHASE,
+        }
+    }
+}
+
+/// Static list of the plain (non-window, non-attribute) feature paths, for docs and errors.
+pub const PLAIN_FEATURES: &[(&str, &str)] = &[
+    ("purchases.count", "number of purchases, lifetime"),
+    ("purchases.spend", "sum of purchase amounts, lifetime"),
+    (
+        "purchases.avg_order",
+        "purchases.spend / purchases.count (missing before the first purchase)",
+    ),
+    (
+        "purchases.quantity",
+        "sum of purchase quantities (1 when an event has none), lifetime",
+    ),
+    ("purchases.first", "time of the first purchase"),
+    ("purchases.last", "time of the latest purchase"),
+    (
+        "purchases.categories",
+        "set of categories ever bought (use with `in`)",
+    ),
+    (
+        "purchases.channels",
+        "set of channels ever used (use with `in`)",
+    ),
+    (
+        "purchases.top_category",
+        "category with the most purchases (ties: first seen)",
+    ),
+    (
+        "purchases.top_channel",
+        "channel with the most purchases (ties: first seen)",
+    ),
+    (
+        "purchases.plan",
+        "plan of the latest purchase that named one",
+    ),
+    ("engagement.count", "number of engagement events, lifetime"),
+    ("engagement.last", "time of the latest engagement"),
+    (
+        "engagement.actions",
+        "set of engagement actions ever seen (use with `in`)",
+    ),
+    ("last_seen", "time of the latest event of any type"),
+    ("first_seen", "time of the earliest event of any type"),
+];
+
+fn plain_feature(path: &str) -> Option<Feature> {
+    use Feature::*;
+    Some(match path {
+        "purchases.count" => PurchaseCount,
+        "purchases.spend" => PurchaseSpend,
+        "purchases.avg_order" => PurchaseAvg,
+        "purchases.quantity" => PurchaseQuantity,
+        "purchases.first" => PurchaseFirst,
+        "purchases.last" => PurchaseLast,
+        "purchases.categories" => Categories,
+        "purchases.channels" => Channels,
+        "purchases.top_category" => TopCategory,
+        "purchases.top_channel" => TopChannel,
+        "purchases.plan" => Plan,
+        "engagement.count" => EngagementCount,
+        "engagement.last" => EngagementLast,
+        "engagement.actions" => Actions,
+        "last_seen" => LastSeen,
+        "first_seen" => FirstSeen,
+        _ => return None,
+    })
+}
+
+/// Built-in functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Func {
+    DaysSince,
+    HoursSince,
+    Has,
+    Abs,
+    Min,
+    Max,
+    Coalesce,
+}
+
+/// A string literal, with its interned id for fast comparison against interned state values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StrLit {
+    pub text: String,
+    pub sym: Sym,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lit {
+    Num(f64),
+    Bool(bool),
+    Str(StrLit),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArithOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+/// A compiled, typed expression.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    Lit(Lit),
+    Feature(Feature),
+    Not(Box<Expr>),
+    And(Box<Expr>, Box<Expr>),
+    Or(Box<Expr>, Box<Expr>),
+    Neg(Box<Expr>),
+    Arith(ArithOp, Box<Expr>, Box<Expr>),
+    Cmp(CmpOp, Box<Expr>, Box<Expr>),
+    InList {
+        item: Box<Expr>,
+        list: Vec<Lit>,
+        negated: bool,
+    },
+    InSet {
+        item: Box<Expr>,
+        set: Feature,
+        negated: bool,
+    },
+    Call(Func, Vec<Expr>),
+}
+
+/// A runtime value. Strings borrow from the state or the rule, or are interned ids.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Val<'a> {
+    Missing,
+    Num(f64),
+    Bool(bool),
+    Time(i64),
+    Sym(Sym),
+    Text(&'a str),
+    Lit(&'a StrLit),
+}
+
+/// What an evaluation reads: one customer's state at one instant.
+pub struct Ctx<'a> {
+    pub state: &'a CustomerState,
+    pub cfg: &'a StateConfig,
+    pub syms: &'a Symbols,
+    /// Evaluation time, epoch ms.
+    pub now: i64,
+}
+
+fn time_val(t: i64) -> Val<'static> {
+    if t == NO_TIME {
+        Val::Missing
+    } else {
+        Val::Time(t)
+    }
+}
+
+fn sym_val(s: Option<Sym>) -> Val<'static> {
+    s.map_or(Val::Missing, Val::Sym)
+}
+
+impl Feature {
+    pub fn read<'a>(&self, cx: &Ctx<'a>) -> Val<'a> {
+        use Feature::*;
+        let st = cx.state;
+        match *self {
+            PurchaseCount => Val::Num(st.purchase_count as f64),
+            PurchaseSpend => Val::Num(st.spend),
+            PurchaseAvg if st.purchase_count == 0 => Val::Missing,
+            PurchaseAvg => Val::Num(st.spend / st.purchase_count as f64),
+            PurchaseQuantity => Val::Num(st.quantity),
+            PurchaseFirst => time_val(st.first_purchase),
+            PurchaseLast => time_val(st.last_purchase),
+            PurchaseCountW(b) => Val::Num(st.purchases_in(cx.cfg, cx.now, b).0 as f64),
+            PurchaseSpendW(b) => Val::Num(st.purchases_in(cx.cfg, cx.now, b).1),
+            TopCategory => sym_val(CustomerState::top(&st.categories)),
+            TopChannel => sym_val(CustomerState::top(&st.channels)),
+            Plan => sym_val(st.plan),
+            EngagementCount => Val::Num(st.engagement_count as f64),
+            EngagementCountW(b) => Val::Num(st.engagements_in(cx.cfg, cx.now, b, None) as f64),
+            EngagementLast => time_val(st.last_engagement),
+            LastSeen => time_val(st.last_seen),
+            FirstSeen => time_val(st.first_seen),
+            Attr(i, _) => match st.attrs.get(i) {
+                Some(Some(AttrVal::Num(n))) => Val::Num(*n),
+                Some(Some(AttrVal::Str(s))) => Val::Text(s.as_str()),
+                Some(Some(AttrVal::Bool(b))) => Val::Bool(*b),
+                _ => Val::Missing,
+            },
+            CategoryCount(s) => Val::Num(CustomerState::count_of(&st.categories, Some(s)) as f64),
+            ChannelCount(s) => Val::Num(CustomerState::count_of(&st.channels, Some(s)) as f64),
+            ChannelShare(_) if st.purchase_count == 0 => Val::Missing,
+            ChannelShare(s) => Val::Num(
+                CustomerState::count_of(&st.channels, Some(s)) as f64 / st.purchase_count as f64,
+            ),
+            ActionCount(s) => Val::Num(CustomerState::count_of(&st.actions, Some(s)) as f64),
+            ActionCountW(s, b) => Val::Num(st.engagements_in(cx.cfg, cx.now, b, Some(s)) as f64),
+            // Sets are only read through `in`.
+            Categories | Channels | Actions => Val::Missing,
+        }
+    }
+
+    fn set_contains(&self, st: &CustomerState, sym: Sym) -> bool {
+        let list = match self {
+            Feature::Categories => &st.categories,
+            Feature::Channels => &st.channels,
+            Feature::Actions => &st.actions,
+            _ => return false,
+        };
+        list.iter().any(|(s, _)| *s == sym)
+    }
+
+    /// The set's members, for display.
+    pub fn set_members(&self, st: &CustomerState) -> Vec<Sym> {
+        let list = match self {
+            Feature::Categories => &st.categories,
+            Feature::Channels => &st.channels,
+            Feature::Actions => &st.actions,
+            _ => return Vec::new(),
+        };
+        list.iter().map(|(s, _)| *s).collect()
+    }
+}
+
+/// Resolves a string value to an interned id if it has one (None: a string no table knows,
+/// which therefore equals no interned value).
+fn as_sym(v: &Val<'_>, syms: &Symbols) -> Option<Sym> {
+    match v {
+        Val::Sym(s) => Some(*s),
+        Val::Lit(l) => Some(l.sym),
+        Val::Text(t) => syms.get(t),
+        _ => None,
+    }
+}
+
+fn str_eq(a: &Val<'_>, b: &Val<'_>, syms: &Symbols) -> bool {
+    match (a, b) {
+        (Val::Text(x), Val::Text(y)) => x == y,
+        (Val::Text(x), Val::Lit(l)) | (Val::Lit(l), Val::Text(x)) => *x == l.text,
+        _ => as_sym(a, syms).is_some() && as_sym(a, syms) == as_sym(b, syms),
+    }
+}
+
+fn lit_val(l: &Lit) -> Val<'_> {
+    match l {
+        Lit::Num(n) => Val::Num(*n),
+        Lit::Bool(b) => Val::Bool(*b),
+        Lit::Str(s) => Val::Lit(s),
+    }
+}
+
+fn num(v: Val<'_>) -> Option<f64> {
+    match v {
+        Val::Num(n) => Some(n),
+        Val::Time(t) => Some(t as f64),
+        _ => None,
+    }
+}
+
+impl Expr {
+    /// Evaluates a boolean expression. Missing values make comparisons false.
+    pub fn eval_bool(&self, cx: &Ctx<'_>) -> bool {
+        matches!(self.eval(cx), Val::Bool(true))
+    }
+
+    pub fn eval<'a>(&'a self, cx: &Ctx<'a>) -> Val<'a> {
+        match self {
+            Expr::Lit(l) => lit_val(l),
+            Expr::Feature(f) => f.read(cx),
+            Expr::Not(e) => Val::Bool(!e.eval_bool(cx)),
+            Expr::And(a, b) => Val::Bool(a.eval_bool(cx) && b.eval_bool(cx)),
+            Expr::Or(a, b) => Val::Bool(a.eval_bool(cx) || b.eval_bool(cx)),
+            Expr::Neg(e) => match e.eval(cx) {
+                Val::Num(n) => Val::Num(-n),
+                _ => Val::Missing,
+            },
+            Expr::Arith(op, a, b) => match (num(a.eval(cx)), num(b.eval(cx))) {
+                (Some(x), Some(y)) => {
+                    let r = match op {
+                        ArithOp::Add => x + y,
+                        ArithOp::Sub => x - y,
+                        ArithOp::Mul => x * y,
+                        ArithOp::Div if y == 0.0 => return Val::Missing,
+                        ArithOp::Div => x / y,
+                    };
+                    Val::Num(r)
+                }
+                _ => Val::Missing,
+            },
+            Expr::Cmp(op, a, b) => {
+                let (x, y) = (a.eval(cx), b.eval(cx));
+                if matches!(x, Val::Missing) || matches!(y, Val::Missing) {
+                    return Val::Bool(false);
+                }
+                let r = match (x, y) {
+                    (Val::Bool(p), Val::Bool(q)) => match op {
+                        CmpOp::Eq => p == q,
+                        CmpOp::Ne => p != q,
+                        _ => false,
+                    },
+                    (Val::Num(_) | Val::Time(_), _) => {
+                        let (Some(p), Some(q)) = (num(x), num(y)) else {
+                            return Val::Bool(false);
+                        };
+                        match op {
+                            CmpOp::Eq => p == q,
+                            CmpOp::Ne => p != q,
+                            CmpOp::Lt => p < q,
+                            CmpOp::Le => p <= q,
+                            CmpOp::Gt => p > q,
+                            CmpOp::Ge => p >= q,
+                        }
+                    }
+                    _ => match op {
+                        CmpOp::Eq => str_eq(&x, &y, cx.syms),
+                        CmpOp::Ne => !str_eq(&x, &y, cx.syms),
+                        _ => false,
+                    },
+                };
+                Val::Bool(r)
+            }
+            Expr::InList {
+                item,
+                list,
+                negated,
+            } => {
+                let v = item.eval(cx);
+                if matches!(v, Val::Missing) {
+                    return Val::Bool(false);
+                }
+                let found = list.iter().any(|l| match (&v, l) {
+                    (Val::Num(n), Lit::Num(m)) => n == m,
+                    (_, Lit::Str(s)) => str_eq(&v, &Val::Lit(s), cx.syms),
+                    _ => false,
+                });
+                Val::Bool(found != *negated)
+            }
+            Expr::InSet { item, set, negated } => {
+                let v = item.eval(cx);
+                let Some(sym) = as_sym(&v, cx.syms) else {
+                    return Val::Bool(*negated && !matches!(v, Val::Missing));
+                };
+                Val::Bool(set.set_contains(cx.state, sym) != *negated)
+            }
+            Expr::Call(f, args) => match f {
+                Func::DaysSince | Func::HoursSince => match args[0].eval(cx) {
+                    Val::Time(t) => {
+                        let unit = if *f == Func::DaysSince {
+                            DAY_MS
+                        } else {
+                            HOUR_MS
+                        };
+                        Val::Num((cx.now - t) as f64 / unit as f64)
+                    }
+                    _ => Val::Missing,
+                },
+                Func::Has => Val::Bool(!matches!(args[0].eval(cx), Val::Missing)),
+                Func::Abs => match args[0].eval(cx) {
+                    Val::Num(n) => Val::Num(n.abs()),
+                    _ => Val::Missing,
+                },
+                Func::Min | Func::Max => match (num(args[0].eval(cx)), num(args[1].eval(cx))) {
+                    (Some(a), Some(b)) => {
+                        Val::Num(if *f == Func::Min { a.min(b) } else { a.max(b) })
+                    }
+                    _ => Val::Missing,
+                },
+                Func::Coalesce => match args[0].eval(cx) {
+                    Val::Missing => args[1].eval(cx),
+                    v => v,
+                },
+            },
+        }
+    }
+
+    /// What can change this expression's value.
+    pub fn deps(&self) -> u8 {
+        match self {
+            Expr::Lit(_) => 0,
+            Expr::Feature(f) => f.deps(),
+            Expr::Not(e) | Expr::Neg(e) => e.deps(),
+            Expr::And(a, b) | Expr::Or(a, b) | Expr::Arith(_, a, b) | Expr::Cmp(_, a, b) => {
+                a.deps() | b.deps()
+            }
+            Expr::InList { item, .. } => item.deps(),
+            Expr::InSet { item, set, .. } => item.deps() | set.deps(),
+            Expr::Call(f, args) => {
+                let d = args.iter().fold(0, |d, a| d | a.deps());
+                if matches!(f, Func::DaysSince | Func::HoursSince) {
+                    d | deps::TIME
+                } else {
+                    d
+                }
+            }
+        }
+    }
+}
+
+/// One value a rule reads, named by its source text (`purchases.count`,
+/// `days_since(purchases.last)`), shown in `because` and `explain`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Atom {
+    pub text: String,
+    pub expr: Expr,
+}
+
+/// A problem in one expression: byte offset into the expression, and the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypeError {
+    pub span: Span,
+    pub message: String,
+}
+
+/// Compiles expressions against one state configuration and symbol table.
+pub struct Compiler<'a> {
+    pub cfg: &'a StateConfig,
+    pub syms: &'a Symbols,
+    errors: Vec<TypeError>,
+    atoms: Vec<Atom>,
+    src: &'a str,
+}
+
+fn window_buckets(cfg: &StateConfig, name: &str) -> Option<u32> {
+    cfg.windows
+        .iter()
+        .find(|w| w.name == name)
+        .map(|w| (w.ms / cfg.bucket_ms) as u32)
+}
+
+impl<'a> Compiler<'a> {
+    pub fn new(cfg: &'a StateConfig, syms: &'a Symbols, src: &'a str) -> Self {
+        Compiler {
+            cfg,
+            syms,
+            errors: Vec::new(),
+            atoms: Vec::new(),
+            src,
+        }
+    }
+
+    fn error(&mut self, span: Span, message: impl Into<String>) -> (Expr, Ty) {
+        self.errors.push(TypeError {
+            span,
+            message: message.into(),
+        });
+        poisoned()
+    }
+
+    /// Compiles a rule condition (must be bool). Returns the expression and its atoms, or every
+    /// problem found.
+    pub fn compile_condition(mut self, node: &Node) -> Result<(Expr, Vec<Atom>), Vec<TypeError>> {
+        let (expr, ty) = self.expr(node, true);
+        if ty != Ty::Bool && ty != Ty::Err && self.errors.is_empty() {
+            self.errors.push(TypeError {
+                span: node.span,
+                message: format!("a rule must be a condition (bool), this is a {}", ty.name()),
+            });
+        }
+        if self.errors.is_empty() {
+            Ok((expr, self.atoms))
+        } else {
+            Err(self.errors)
+        }
+    }
+
+    fn text(&self, span: Span) -> String {
+        self.src.get(span.start..span.end).unwrap_or("").to_owned()
+    }
+
+    fn add_atom(&mut self, span: Span, expr: &Expr) {
+        let text = self.text(span);
+        if !self.atoms.iter().any(|a| a.text == text) {
+            self.atoms.push(Atom {
+                text,
+                expr: expr.clone(),
+            });
+        }
+    }
+
+    fn feature(&mut self, path: &str, span: Span) -> (Expr, Ty) {
+        let f = if let Some(f) = plain_feature(path) {
+            Some(f)
+        } else if let Some(name) = path.strip_prefix("attr.") {
+            self.cfg
+                .attribute_index(name)
+                .map(|i| Feature::Attr(i, self.cfg.attributes[i].1))
+        } else if let Some(w) = path.strip_prefix("purchases.count_") {
+            window_buckets(self.cfg, w).map(Feature::PurchaseCountW)
+        } else if let Some(w) = path.strip_prefix("purchases.spend_") {
+            window_buckets(self.cfg, w).map(Feature::PurchaseSpendW)
+        } else if let Some(w) = path.strip_prefix("engagement.count_") {
+            window_buckets(self.cfg, w).map(Feature::EngagementCountW)
+        } else {
+            None
+        };
+        match f {
+            Some(f) => {
+                let ty = f.ty();
+                (Expr::Feature(f), ty)
+            }
+            None => {
+                let hint = if path.starts_with("attr.") {
+                    format!(
+                        "; declare it under [attributes] (declared: {})",
+                        self.cfg
+                            .attributes
+                            .iter()
+                            .map(|(n, _)| n.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else if path.contains("count_") || path.contains("spend_") {
+                    format!(
+                        "; windows configured: {}",
+                        self.cfg
+                            .windows
+                            .iter()
+                            .map(|w| w.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    String::new()
+                };
+                self.error(span, format!("unknown feature `{path}`{hint}"))
+            }
+        }
+    }
+
+    fn str_arg(&mut self, node: &Node, fname: &str) -> Option<String> {
+        match &node.ast {
+            Ast::Str(s) => Some(s.clone()),
+            _ => {
+                self.error(node.span, format!("{fname}() takes a string literal here"));
+                None
+            }
+        }
+    }
+
+    fn call(&mut self, name: &str, args: &[Node], span: Span) -> (Expr, Ty) {
+        let arity = |n: usize| args.len() == n;
+        // Functions that are features with a literal key.
+        match name {
+            "category_count" | "channel_count" | "channel_share" | "action_count" => {
+                if !(arity(1) || (name == "action_count" && arity(2))) {
+                    let want = if name == "action_count" {
+                        "1 or 2 arguments"
+                    } else {
+                        "1 argument"
+                    };
+                    return self.error(span, format!("{name}() takes {want}, got {}", args.len()));
+                }
+                let Some(key) = self.str_arg(&args[0], name) else {
+                    return poisoned();
+                };
+                let sym = self.syms.intern(&key);
+                let f = match name {
+                    "category_count" => Feature::CategoryCount(sym),
+                    "channel_count" => Feature::ChannelCount(sym),
+                    "channel_share" => Feature::ChannelShare(sym),
+                    _ if args.len() == 2 => {
+                        let Some(w) = self.str_arg(&args[1], name) else {
+                            return poisoned();
+                        };
+                        match window_buckets(self.cfg, &w) {
+                            Some(b) => Feature::ActionCountW(sym, b),
+                            None => {
+                                let names = self
+                                    .cfg
+                                    .windows
+                                    .iter()
+                                    .map(|w| w.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ");
+                                return self.error(
+                                    args[1].span,
+                                    format!("unknown window {w:?}; windows configured: {names}"),
+                                );
+                            }
+                        }
+                    }
+                    _ => Feature::ActionCount(sym),
+                };
+                let e = Expr::Feature(f);
+                self.add_atom(span, &e);
+                return (e, Ty::Num);
+            }
+            _ => {}
+        }
+        let func = match name {
+            "days_since" => Func::DaysSince,
+            "hours_since" => Func::HoursSince,
+            "has" => Func::Has,
+            "abs" => Func::Abs,
+            "min" => Func::Min,
+            "max" => Func::Max,
+            "coalesce" => Func::Coalesce,
+            _ => return self.error(span, format!("unknown function `{name}`")),
+        };
+        let want = match func {
+            Func::Min | Func::Max | Func::Coalesce => 2,
+            _ => 1,
+        };
+        if args.len() != want {
+            return self.error(
+                span,
+                format!(
+                    "{name}() takes {want} argument{}, got {}",
+                    if want == 1 { "" } else { "s" },
+                    args.len()
+                ),
+            );
+        }
+        let compiled: Vec<(Expr, Ty)> = args.iter().map(|a| self.expr(a, false)).collect();
+        let tys: Vec<Ty> = compiled.iter().map(|(_, t)| *t).collect();
+        if tys.contains(&Ty::Err) {
+            return poisoned();
+        }
+        let out_ty = match func {
+            Func::DaysSince | Func::HoursSince => {
+                if tys[0] != Ty::Time {
+                    return self.error(
+                        args[0].span,
+                        format!("{name}() takes a time, got a {}", tys[0].name()),
+                    );
+                }
+                Ty::Num
+            }
+            Func::Has => Ty::Bool,
+            Func::Abs | Func::Min | Func::Max => {
+                if let Some((i, t)) = tys.iter().enumerate().find(|(_, t)| **t != Ty::Num) {
+                    return self.error(
+                        args[i].span,
+                        format!("{name}() takes numbers, got a {}", t.name()),
+                    );
+                }
+                Ty::Num
+            }
+            Func::Coalesce => {
+                if tys[0] != tys[1] {
+                    return self.error(
+                        span,
+                        format!(
+                            "coalesce() needs two values of the same type, got {} and {}",
+                            tys[0].name(),
+                            tys[1].name()
+                        ),
+                    );
+                }
+                tys[0]
+            }
+        };
+        let e = Expr::Call(func, compiled.into_iter().map(|(e, _)| e).collect());
+        if func != Func::Has {
+            self.add_atom(span, &e);
+        }
+        (e, out_ty)
+    }
+
+    fn lit_list(&mut self, items: &[Node]) -> (Vec<Lit>, Option<Ty>) {
+        let mut out = Vec::new();
+        let mut ty = None;
+        for it in items {
+            let (lit, t) = match &it.ast {
+                Ast::Num(n) => (Lit::Num(*n), Ty::Num),
+                Ast::Str(s) => (
+                    Lit::Str(StrLit {
+                        text: s.clone(),
+                        sym: self.syms.intern(s),
+                    }),
+                    Ty::Str,
+                ),
+                Ast::Unary(UnOp::Neg, inner) if matches!(inner.ast, Ast::Num(_)) => {
+                    let Ast::Num(n) = inner.ast else {
+                        unreachable!()
+                    };
+                    (Lit::Num(-n), Ty::Num)
+                }
+                _ => {
+                    self.error(it.span, "list items must be number or string literals");
+                    continue;
+                }
+            };
+            if ty.is_some_and(|t| t != ty_of(&lit)) {
+                self.error(it.span, "a list mixes numbers and strings");
+            }
+            ty = Some(t);
+            out.push(lit);
+        }
+        (out, ty)
+    }
+
+    /// `atom_root`: whether a feature read here should be recorded as an atom (false inside a
+    /// function call, whose whole text is the atom).
+    fn expr(&mut self, node: &Node, atom_root: bool) -> (Expr, Ty) {
+        let span = node.span;
+        match &node.ast {
+            Ast::Num(n) => (Expr::Lit(Lit::Num(*n)), Ty::Num),
+            Ast::Bool(b) => (Expr::Lit(Lit::Bool(*b)), Ty::Bool),
+            Ast::Str(s) => (
+                Expr::Lit(Lit::Str(StrLit {
+                    text: s.clone(),
+                    sym: self.syms.intern(s),
+                })),
+                Ty::Str,
+            ),
+            Ast::Path(p) => {
+                let (e, ty) = self.feature(p, span);
+                if atom_root && matches!(e, Expr::Feature(_)) && ty != Ty::StrSet {
+                    self.add_atom(span, &e);
+                }
+                (e, ty)
+            }
+            Ast::Call(name, args) => self.call(name, args, span),
+            Ast::List(_) => self.error(span, "a list can only appear on the right of `in`"),
+            Ast::Unary(UnOp::Not, inner) => {
+                let (e, t) = self.expr(inner, atom_root);
+                if t == Ty::Err {
+                    return poisoned();
+                }
+                if t != Ty::Bool {
+                    return self.error(inner.span, format!("`!` needs a bool, got a {}", t.name()));
+                }
+                (Expr::Not(Box::new(e)), Ty::Bool)
+            }
+            Ast::Unary(UnOp::Neg, inner) => {
+                let (e, t) = self.expr(inner, atom_root);
+                if t == Ty::Err {
+                    return poisoned();
+                }
+                if t != Ty::Num {
+                    return self.error(
+                        inner.span,
+                        format!("`-` needs a number, got a {}", t.name()),
+                    );
+                }
+                (Expr::Neg(Box::new(e)), Ty::Num)
+            }
+            Ast::Binary(op @ (BinOp::In | BinOp::NotIn), lhs, rhs) => {
+                let negated = *op == BinOp::NotIn;
+                let (item, it) = self.expr(lhs, atom_root);
+                if it == Ty::Err {
+                    return poisoned();
+                }
+                match &rhs.ast {
+                    Ast::List(items) => {
+                        let (list, lt) = self.lit_list(items);
+                        if let Some(lt) = lt {
+                            if lt != it {
+                                return self.error(
+                                    span,
+                                    format!(
+                                        "`in` compares a {} with a list of {}s",
+                                        it.name(),
+                                        lt.name()
+                                    ),
+                                );
+                            }
+                        }
+                        (
+                            Expr::InList {
+                                item: Box::new(item),
+                                list,
+                                negated,
+                            },
+                            Ty::Bool,
+                        )
+                    }
+                    _ => {
+                        let (set, st) = self.expr(rhs, false);
+                        if st == Ty::Err {
+                            return poisoned();
+                        }
+                        let Expr::Feature(set) = set else {
+                            return self.error(
+                                rhs.span,
+                                format!(
+                                    "the right of `in` must be a list or a set feature, got a {}",
+                                    st.name()
+                                ),
+                            );
+                        };
+                        if st != Ty::StrSet {
+                            return self.error(
+                                rhs.span,
+                                format!(
+                                    "the right of `in` must be a list or a set feature, got a {}",
+                                    st.name()
+                                ),
+                            );
+                        }
+                        if it != Ty::Str {
+                            return self.error(
+                                lhs.span,
+                                format!(
+                                    "`in` a set of strings needs a string on the left, got a {}",
+                                    it.name()
+                                ),
+                            );
+                        }
+                        (
+                            Expr::InSet {
+                                item: Box::new(item),
+                                set,
+                                negated,
+                            },
+                            Ty::Bool,
+                        )
+                    }
+                }
+            }
+            Ast::Binary(op, lhs, rhs) => {
+                let (a, at) = self.expr(lhs, atom_root);
+                let (b, bt) = self.expr(rhs, atom_root);
+                if at == Ty::Err || bt == Ty::Err {
+                    return poisoned();
+                }
+                match op {
+                    BinOp::And | BinOp::Or => {
+                        for (t, n) in [(at, lhs), (bt, rhs)] {
+                            if t != Ty::Bool {
+                                return self.error(
+                                    n.span,
+                                    format!(
+                                        "`{}` needs bools on both sides, got a {}",
+                                        op.symbol(),
+                                        t.name()
+                                    ),
+                                );
+                            }
+                        }
+                        let e = if *op == BinOp::And {
+                            Expr::And(Box::new(a), Box::new(b))
+                        } else {
+                            Expr::Or(Box::new(a), Box::new(b))
+                        };
+                        (e, Ty::Bool)
+                    }
+                    BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div => {
+                        for (t, n) in [(at, lhs), (bt, rhs)] {
+                            if t != Ty::Num {
+                                let hint = if t == Ty::Time {
+                                    " (use days_since() or hours_since() on times)"
+                                } else {
+                                    ""
+                                };
+                                return self.error(
+                                    n.span,
+                                    format!(
+                                        "`{}` needs numbers, got a {}{hint}",
+                                        op.symbol(),
+                                        t.name()
+                                    ),
+                                );
+                            }
+                        }
+                        let aop = match op {
+                            BinOp::Add => ArithOp::Add,
+                            BinOp::Sub => ArithOp::Sub,
+                            BinOp::Mul => ArithOp::Mul,
+                            _ => ArithOp::Div,
+                        };
+                        (Expr::Arith(aop, Box::new(a), Box::new(b)), Ty::Num)
+                    }
+                    _ => {
+                        let cop = match op {
+                            BinOp::Eq => CmpOp::Eq,
+                            BinOp::Ne => CmpOp::Ne,
+                            BinOp::Lt => CmpOp::Lt,
+                            BinOp::Le => CmpOp::Le,
+                            BinOp::Gt => CmpOp::Gt,
+                            _ => CmpOp::Ge,
+                        };
+                        if at != bt {
+                            let hint = if at == Ty::Time || bt == Ty::Time {
+                                " (compare days_since(...) with a number instead)"
+                            } else {
+                                ""
+                            };
+                            return self.error(
+                                span,
+                                format!(
+                                    "cannot compare a {} with a {}{hint}",
+                                    at.name(),
+                                    bt.name()
+                                ),
+                            );
+                        }
+                        if matches!(at, Ty::StrSet | Ty::NumList | Ty::StrList) {
+                            return self
+                                .error(span, format!("cannot compare a {}; use `in`", at.name()));
+                        }
+                        if matches!(at, Ty::Str | Ty::Bool) && !matches!(cop, CmpOp::Eq | CmpOp::Ne)
+                        {
+                            return self.error(
+                                span,
+                                format!("a {} can only be compared with == or !=", at.name()),
+                            );
+                        }
+                        (Expr::Cmp(cop, Box::new(a), Box::new(b)), Ty::Bool)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The result of an expression with an error already reported.
+fn poisoned() -> (Expr, Ty) {
+    (Expr::Lit(Lit::Bool(false)), Ty::Err)
+}
+
+fn ty_of(l: &Lit) -> Ty {
+    match l {
+        Lit::Num(_) => Ty::Num,
+        Lit::Bool(_) => Ty::Bool,
+        Lit::Str(_) => Ty::Str,
+    }
+}
+
+/// Renders a value for `because` / `explain` as JSON.
+pub fn val_to_json(v: Val<'_>, syms: &Symbols) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        Val::Missing => J::Null,
+        Val::Bool(b) => J::Bool(b),
+        Val::Num(n) => {
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                J::from(n as i64)
+            } else {
+                // Round to 6 decimals so explanations stay readable (days_since etc.).
+                serde_json::Number::from_f64((n * 1e6).round() / 1e6).map_or(J::Null, J::Number)
+            }
+        }
+        Val::Time(t) => J::String(crate::time::format_rfc3339(t)),
+        Val::Sym(s) => J::String(syms.name(s).to_string()),
+        Val::Text(t) => J::String(t.to_owned()),
+        Val::Lit(l) => J::String(l.text.clone()),
+    }
+}

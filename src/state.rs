@@ -1,0 +1,520 @@
+//! Per-customer behavioural state and its update from one event. Pure: no I/O, no clocks.
+//!
+//! This module owns what microseg remembers about a customer and how an event changes it:
+//! lifetime purchase aggregates, sliding windows kept as *sparse time buckets* (only buckets
+//! with activity are stored, and buckets older than the longest window are pruned, so memory
+//! is bounded by the window length over the bucket width and is tiny for typical customers),
+//! per-category / per-channel / per-action counts, plan, engagement and the declared profile
+//! attributes.
+//!
+//! Window semantics (documented in the README): with bucket width `b`, a window of length `w`
+//! evaluated at time `now` covers the `w / b` buckets ending with the bucket that contains
+//! `now`, i.e. events with `ts >= floor(now / b) * b + b - w`.
+
+use compact_str::CompactString;
+
+use crate::event::{Body, Event, Scalar};
+use crate::symbols::{Sym, Symbols};
+
+/// Sentinel for "no timestamp".
+pub const NO_TIME: i64 = i64::MIN;
+
+/// The declared type of a profile attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttrType {
+    Number,
+    String,
+    Bool,
+}
+
+impl AttrType {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "number" => Some(AttrType::Number),
+            "string" => Some(AttrType::String),
+            "bool" => Some(AttrType::Bool),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttrType::Number => "number",
+            AttrType::String => "string",
+            AttrType::Bool => "bool",
+        }
+    }
+}
+
+/// A stored profile attribute value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrVal {
+    Num(f64),
+    Str(CompactString),
+    Bool(bool),
+}
+
+/// What the state keeps and how: bucket width, windows and declared attributes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateConfig {
+    pub bucket_ms: i64,
+    /// Window lengths, in the order declared (feature names use them, e.g. `count_30d`).
+    pub windows: Vec<Window>,
+    pub attributes: Vec<(String, AttrType)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    /// The name used in features (`7d`, `30d`, …).
+    pub name: String,
+    pub ms: i64,
+}
+
+impl StateConfig {
+    /// Number of buckets spanned by the longest window.
+    pub fn max_buckets(&self) -> u32 {
+        self.windows
+            .iter()
+            .map(|w| (w.ms / self.bucket_ms) as u32)
+            .max()
+            .unwrap_or(0)
+    }
+    pub fn bucket_of(&self, ts: i64) -> u32 {
+        ts.div_euclid(self.bucket_ms).clamp(0, u32::MAX as i64) as u32
+    }
+    /// The first bucket inside a window of `window_buckets` buckets at time `now`.
+    pub fn window_start(&self, now: i64, window_buckets: u32) -> u32 {
+        (self.bucket_of(now) + 1).saturating_sub(window_buckets)
+    }
+    pub fn attribute_index(&self, name: &str) -> Option<usize> {
+        self.attributes.iter().position(|(n, _)| n == name)
+    }
+}
+
+/// Purchases in one time bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PurchaseBucket {
+    pub bucket: u32,
+    pub count: u32,
+    pub spend: f64,
+}
+
+/// Engagements of one action in one time bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngagementBucket {
+    pub bucket: u32,
+    pub action: Sym,
+    pub count: u32,
+}
+
+/// Everything microseg remembers about one customer.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CustomerState {
+    /// The customer's clock: the latest event time seen (epoch ms), `NO_TIME` before any.
+    pub last_seen: i64,
+    pub first_seen: i64,
+    pub purchase_count: u32,
+    pub engagement_count: u32,
+    pub spend: f64,
+    pub quantity: f64,
+    pub first_purchase: i64,
+    pub last_purchase: i64,
+    pub last_engagement: i64,
+    /// Plan of the latest purchase (by event time) that named one.
+    pub plan: Option<Sym>,
+    plan_ts: i64,
+    pub purchase_buckets: Vec<PurchaseBucket>,
+    pub engagement_buckets: Vec<EngagementBucket>,
+    pub categories: Vec<(Sym, u32)>,
+    pub channels: Vec<(Sym, u32)>,
+    pub actions: Vec<(Sym, u32)>,
+    /// One slot per declared attribute, in declaration order.
+    pub attrs: Box<[Option<AttrVal>]>,
+}
+
+fn bump(list: &mut Vec<(Sym, u32)>, sym: Sym) {
+    match list.iter_mut().find(|(s, _)| *s == sym) {
+        Some((_, n)) => *n = n.saturating_add(1),
+        None => list.push((sym, 1)),
+    }
+}
+
+/// Why an event was refused by the state (it is not applied at all).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejected(pub String);
+
+impl CustomerState {
+    pub fn new(cfg: &StateConfig) -> Self {
+        CustomerState {
+            last_seen: NO_TIME,
+            first_seen: NO_TIME,
+            first_purchase: NO_TIME,
+            last_purchase: NO_TIME,
+            last_engagement: NO_TIME,
+            plan_ts: NO_TIME,
+            attrs: vec![None; cfg.attributes.len()].into_boxed_slice(),
+            ..Default::default()
+        }
+    }
+
+    /// Checks an event against the declared attribute types without changing anything.
+    pub fn validate(cfg: &StateConfig, ev: &Event<'_>) -> Result<(), Rejected> {
+        if let Body::Profile { attributes } = &ev.body {
+            for (name, value) in attributes {
+                let Some(i) = cfg.attribute_index(name) else {
+                    continue;
+                };
+                let ty = cfg.attributes[i].1;
+                let ok = matches!(
+                    (ty, value),
+                    (_, Scalar::Null)
+                        | (AttrType::Number, Scalar::Num(_))
+                        | (AttrType::String, Scalar::Str(_))
+                        | (AttrType::Bool, Scalar::Bool(_))
+                );
+                if !ok {
+                    return Err(Rejected(format!(
+                        "attribute `{name}` must be a {} (or null), got {}",
+                        ty.as_str(),
+                        scalar_kind(value)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies an already validated event. Events older than the longest window (relative to
+    /// the customer's clock) still count in the lifetime aggregates but not in any window.
+    pub fn apply(&mut self, cfg: &StateConfig, syms: &Symbols, ev: &Event<'_>) {
+        let ts = ev.ts;
+        if self.first_seen == NO_TIME || ts < self.first_seen {
+            self.first_seen = ts;
+        }
+        self.last_seen = self.last_seen.max(ts);
+        let horizon = self.last_seen_bucket_horizon(cfg);
+        let b = cfg.bucket_of(ts);
+        match &ev.body {
+            Body::Purchase(p) => {
+                self.purchase_count = self.purchase_count.saturating_add(1);
+                self.spend += p.amount;
+                self.quantity += p.quantity.unwrap_or(1.0);
+                if self.first_purchase == NO_TIME || ts < self.first_purchase {
+                    self.first_purchase = ts;
+                }
+                self.last_purchase = self.last_purchase.max(ts);
+                if let Some(c) = &p.category {
+                    bump(&mut self.categories, syms.intern(c));
+                }
+                if let Some(c) = &p.channel {
+                    bump(&mut self.channels, syms.intern(c));
+                }
+                if let Some(plan) = &p.plan {
+                    if ts >= self.plan_ts {
+                        self.plan = Some(syms.intern(plan));
+                        self.plan_ts = ts;
+                    }
+                }
+                if b >= horizon && cfg.bucket_ms > 0 {
+                    match self.purchase_buckets.binary_search_by_key(&b, |x| x.bucket) {
+                        Ok(i) => {
+                            let x = &mut self.purchase_buckets[i];
+                            x.count = x.count.saturating_add(1);
+                            x.spend += p.amount;
+                        }
+                        Err(i) => self.purchase_buckets.insert(
+                            i,
+                            PurchaseBucket {
+                                bucket: b,
+                                count: 1,
+                                spend: p.amount,
+                            },
+                        ),
+                    }
+                }
+            }
+            Body::Engagement { action } => {
+                self.engagement_count = self.engagement_count.saturating_add(1);
+                self.last_engagement = self.last_engagement.max(ts);
+                let a = syms.intern(action);
+                bump(&mut self.actions, a);
+                if b >= horizon && cfg.bucket_ms > 0 {
+                    let key = (b, a);
+                    match self
+                        .engagement_buckets
+                        .binary_search_by_key(&key, |x| (x.bucket, x.action))
+                    {
+                        Ok(i) => {
+                            self.engagement_buckets[i].count =
+                                self.engagement_buckets[i].count.saturating_add(1)
+                        }
+                        Err(i) => self.engagement_buckets.insert(
+                            i,
+                            EngagementBucket {
+                                bucket: b,
+                                action: a,
+                                count: 1,
+                            },
+                        ),
+                    }
+                }
+            }
+            Body::Profile { attributes } => {
+                for (name, value) in attributes {
+                    let Some(i) = cfg.attribute_index(name) else {
+                        continue;
+                    };
+                    self.attrs[i] = match value {
+                        Scalar::Num(n) => Some(AttrVal::Num(*n)),
+                        Scalar::Str(s) => Some(AttrVal::Str(CompactString::from(&**s))),
+                        Scalar::Bool(v) => Some(AttrVal::Bool(*v)),
+                        Scalar::Null | Scalar::Nested => None,
+                    };
+                }
+            }
+        }
+        self.prune(cfg);
+    }
+
+    /// The oldest bucket any window can still see at the customer's clock.
+    fn last_seen_bucket_horizon(&self, cfg: &StateConfig) -> u32 {
+        cfg.window_start(self.last_seen, cfg.max_buckets())
+    }
+
+    /// Drops buckets that no window can see any more. Called after every update.
+    pub fn prune(&mut self, cfg: &StateConfig) {
+        let horizon = self.last_seen_bucket_horizon(cfg);
+        if self
+            .purchase_buckets
+            .first()
+            .is_some_and(|x| x.bucket < horizon)
+        {
+            self.purchase_buckets.retain(|x| x.bucket >= horizon);
+        }
+        if self
+            .engagement_buckets
+            .first()
+            .is_some_and(|x| x.bucket < horizon)
+        {
+            self.engagement_buckets.retain(|x| x.bucket >= horizon);
+        }
+    }
+
+    /// Purchases (count, spend) in a window of `buckets` buckets at time `now`.
+    pub fn purchases_in(&self, cfg: &StateConfig, now: i64, buckets: u32) -> (u32, f64) {
+        let start = cfg.window_start(now, buckets);
+        let end = cfg.bucket_of(now);
+        let mut count = 0u32;
+        let mut spend = 0.0;
+        for x in self.purchase_buckets.iter().rev() {
+            if x.bucket < start {
+                break;
+            }
+            if x.bucket <= end {
+                count += x.count;
+                spend += x.spend;
+            }
+        }
+        (count, spend)
+    }
+
+    /// Engagements (of one action, or all when `action` is None) in a window at `now`.
+    pub fn engagements_in(
+        &self,
+        cfg: &StateConfig,
+        now: i64,
+        buckets: u32,
+        action: Option<Sym>,
+    ) -> u32 {
+        let start = cfg.window_start(now, buckets);
+        let end = cfg.bucket_of(now);
+        self.engagement_buckets
+            .iter()
+            .rev()
+            .take_while(|x| x.bucket >= start)
+            .filter(|x| x.bucket <= end && action.is_none_or(|a| a == x.action))
+            .map(|x| x.count)
+            .sum()
+    }
+
+    /// The most frequent symbol in a count list (ties: the one seen first).
+    pub fn top(list: &[(Sym, u32)]) -> Option<Sym> {
+        let mut best: Option<(Sym, u32)> = None;
+        for &(s, n) in list {
+            if best.is_none_or(|(_, bn)| n > bn) {
+                best = Some((s, n));
+            }
+        }
+        best.map(|(s, _)| s)
+    }
+
+    pub fn count_of(list: &[(Sym, u32)], sym: Option<Sym>) -> u32 {
+        sym.and_then(|s| list.iter().find(|(x, _)| *x == s))
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// An estimate of the heap and inline bytes this state uses.
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.purchase_buckets.capacity() * std::mem::size_of::<PurchaseBucket>()
+            + self.engagement_buckets.capacity() * std::mem::size_of::<EngagementBucket>()
+            + (self.categories.capacity() + self.channels.capacity() + self.actions.capacity()) * 8
+            + self.attrs.len() * std::mem::size_of::<Option<AttrVal>>()
+    }
+}
+
+fn scalar_kind(v: &Scalar<'_>) -> &'static str {
+    match v {
+        Scalar::Str(_) => "a string",
+        Scalar::Num(_) => "a number",
+        Scalar::Bool(_) => "a bool",
+        Scalar::Null => "null",
+        Scalar::Nested => "an object or array",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::decode;
+    use crate::time::{DAY_MS, HOUR_MS};
+
+    fn cfg() -> StateConfig {
+        StateConfig {
+            bucket_ms: HOUR_MS,
+            windows: vec![
+                Window {
+                    name: "7d".into(),
+                    ms: 7 * DAY_MS,
+                },
+                Window {
+                    name: "30d".into(),
+                    ms: 30 * DAY_MS,
+                },
+            ],
+            attributes: vec![
+                ("industry".into(), AttrType::String),
+                ("company_size".into(), AttrType::Number),
+            ],
+        }
+    }
+
+    fn apply(st: &mut CustomerState, syms: &Symbols, json: &str) {
+        let ev = decode(json.as_bytes()).unwrap();
+        CustomerState::validate(&cfg(), &ev).unwrap();
+        st.apply(&cfg(), syms, &ev);
+    }
+
+    fn purchase(ts: i64, amount: f64, cat: &str, channel: &str) -> String {
+        format!(
+            r#"{{"customer_id":"c","type":"purchase","timestamp":{ts},"amount":{amount},"category":"{cat}","channel":"{channel}","plan":"p{ts}"}}"#
+        )
+    }
+
+    #[test]
+    fn lifetime_aggregates() {
+        let syms = Symbols::new();
+        let mut st = CustomerState::new(&cfg());
+        apply(
+            &mut st,
+            &syms,
+            &purchase(10 * DAY_MS, 10.0, "books", "online"),
+        );
+        apply(
+            &mut st,
+            &syms,
+            &purchase(12 * DAY_MS, 30.0, "books", "store"),
+        );
+        apply(
+            &mut st,
+            &syms,
+            &purchase(11 * DAY_MS, 5.0, "toys", "online"),
+        );
+        assert_eq!(st.purchase_count, 3);
+        assert_eq!(st.spend, 45.0);
+        assert_eq!(st.first_purchase, 10 * DAY_MS);
+        assert_eq!(st.last_purchase, 12 * DAY_MS);
+        assert_eq!(st.last_seen, 12 * DAY_MS);
+        assert_eq!(
+            CustomerState::count_of(&st.categories, syms.get("books")),
+            2
+        );
+        assert_eq!(CustomerState::top(&st.channels), syms.get("online"));
+        // The plan follows event time, not arrival order.
+        assert_eq!(st.plan, syms.get(&format!("p{}", 12 * DAY_MS)));
+    }
+
+    #[test]
+    fn windows_slide_and_prune() {
+        let syms = Symbols::new();
+        let c = cfg();
+        let mut st = CustomerState::new(&c);
+        apply(&mut st, &syms, &purchase(0, 1.0, "a", "online"));
+        apply(&mut st, &syms, &purchase(5 * DAY_MS, 2.0, "a", "online"));
+        let now = 5 * DAY_MS;
+        assert_eq!(st.purchases_in(&c, now, 7 * 24), (2, 3.0));
+        // 7 days after the first purchase's bucket, it has left the 7d window.
+        assert_eq!(st.purchases_in(&c, 7 * DAY_MS, 7 * 24), (1, 2.0));
+        assert_eq!(st.purchases_in(&c, 7 * DAY_MS - 1, 7 * 24), (2, 3.0));
+        assert_eq!(st.purchases_in(&c, 7 * DAY_MS, 30 * 24), (2, 3.0));
+        // A purchase 40 days later prunes buckets older than the 30d window.
+        apply(&mut st, &syms, &purchase(40 * DAY_MS, 4.0, "a", "online"));
+        assert_eq!(st.purchase_buckets.len(), 1);
+        assert_eq!(st.purchase_count, 3);
+        // A very late purchase counts for the lifetime only.
+        apply(&mut st, &syms, &purchase(DAY_MS, 8.0, "a", "online"));
+        assert_eq!(st.purchase_buckets.len(), 1);
+        assert_eq!(st.purchase_count, 4);
+        assert_eq!(st.spend, 15.0);
+    }
+
+    #[test]
+    fn engagement_windows_per_action() {
+        let syms = Symbols::new();
+        let c = cfg();
+        let mut st = CustomerState::new(&c);
+        for (ts, a) in [
+            (0, "email_open"),
+            (HOUR_MS, "email_open"),
+            (2 * HOUR_MS, "page_view"),
+        ] {
+            apply(
+                &mut st,
+                &syms,
+                &format!(
+                    r#"{{"customer_id":"c","type":"engagement","timestamp":{ts},"action":"{a}"}}"#
+                ),
+            );
+        }
+        let now = 2 * HOUR_MS;
+        assert_eq!(
+            st.engagements_in(&c, now, 7 * 24, syms.get("email_open")),
+            2
+        );
+        assert_eq!(st.engagements_in(&c, now, 7 * 24, None), 3);
+        assert_eq!(st.engagement_count, 3);
+    }
+
+    #[test]
+    fn profile_attributes_typed() {
+        let syms = Symbols::new();
+        let c = cfg();
+        let mut st = CustomerState::new(&c);
+        apply(
+            &mut st,
+            &syms,
+            r#"{"customer_id":"c","type":"profile","timestamp":0,"attributes":{"industry":"finance","company_size":850,"unknown":1}}"#,
+        );
+        assert_eq!(st.attrs[0], Some(AttrVal::Str("finance".into())));
+        assert_eq!(st.attrs[1], Some(AttrVal::Num(850.0)));
+        apply(
+            &mut st,
+            &syms,
+            r#"{"customer_id":"c","type":"profile","timestamp":1,"attributes":{"industry":null}}"#,
+        );
+        assert_eq!(st.attrs[0], None);
+        let bad = decode(br#"{"customer_id":"c","type":"profile","timestamp":0,"attributes":{"company_size":"big"}}"#).unwrap();
+        let e = CustomerState::validate(&c, &bad).unwrap_err();
+        assert!(e.0.contains("`company_size` must be a number"), "{e}");
+    }
+}
