@@ -21,9 +21,14 @@
 //! Effects: [`pipeline`] (Kafka in and out), [`demo`] (embedded broker + generator),
 //! [`generate`] (synthetic customers). Configuration: [`config`].
 
+pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod event;
+pub mod generate;
+pub mod metrics;
 pub mod output;
+pub mod pipeline;
 pub mod rules;
 pub mod state;
 pub mod symbols;

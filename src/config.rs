@@ -1,0 +1,315 @@
+//! Application configuration: embedded defaults → TOML file → `MICROSEG_*` environment
+//! variables, validated at start-up with every problem reported at once.
+//!
+//! This module owns the configuration file format (README "Configuration") and its
+//! validation. The rules file it points to is loaded by [`crate::rules`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    pub group_id: String,
+    pub client_id: String,
+    /// Input topics (purchases, engagement, profiles…): the event type comes from each
+    /// message, so any topic may carry any type. They must be co-partitioned by customer id.
+    pub input_topics: Vec<String>,
+    pub output_topic: String,
+    pub dead_letter_topic: String,
+    /// Create the output and dead-letter topics at start-up if missing.
+    pub create_topics: bool,
+    /// Partitions for topics microseg creates.
+    pub create_partitions: i32,
+    /// Extra librdkafka properties for the consumer and the producer.
+    pub consumer: BTreeMap<String, String>,
+    pub producer: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "microseg".into(),
+            client_id: "microseg".into(),
+            input_topics: vec!["purchases".into(), "engagement".into(), "profiles".into()],
+            output_topic: "segment-changes".into(),
+            dead_letter_topic: "microseg-dead-letters".into(),
+            create_topics: true,
+            create_partitions: 3,
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    /// Rules file; a relative path is relative to the config file's directory.
+    pub file: PathBuf,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            file: PathBuf::from("segments.toml"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// How often offsets of fully delivered input are committed.
+    pub commit_interval_ms: u64,
+    /// On revocation and shutdown: how long to wait for in-flight output.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            commit_interval_ms: 1000,
+            drain_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `microseg=debug,rdkafka=warn`); `RUST_LOG` wins if set.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub rules: RulesConfig,
+    pub pipeline: PipelineConfig,
+    pub log: LogConfig,
+}
+
+/// A refused configuration, with every problem.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration {}:", self.file)?;
+        for p in &self.problems {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Environment variables that override the file, and the field each one sets.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("MICROSEG_KAFKA_BROKERS", "kafka.brokers"),
+    ("MICROSEG_KAFKA_GROUP_ID", "kafka.group_id"),
+    ("MICROSEG_KAFKA_CLIENT_ID", "kafka.client_id"),
+    (
+        "MICROSEG_KAFKA_INPUT_TOPICS",
+        "kafka.input_topics (comma-separated)",
+    ),
+    ("MICROSEG_KAFKA_OUTPUT_TOPIC", "kafka.output_topic"),
+    (
+        "MICROSEG_KAFKA_DEAD_LETTER_TOPIC",
+        "kafka.dead_letter_topic",
+    ),
+    ("MICROSEG_RULES_FILE", "rules.file"),
+    ("MICROSEG_LOG_LEVEL", "log.level"),
+    ("MICROSEG_LOG_FORMAT", "log.format"),
+];
+
+impl Config {
+    /// Loads a config file, applies environment overrides and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            problems: vec![format!("cannot read: {e}")],
+        })?;
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("MICROSEG_"))
+            .collect();
+        Config::from_toml(&file, &text, &env)
+    }
+
+    /// Parses config text; `env` holds `MICROSEG_*` overrides. The rules path is resolved
+    /// against the config file's directory.
+    pub fn from_toml(
+        file: &str,
+        text: &str,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            problems: vec![e.to_string().trim_end().replace('\n', "\n  ")],
+        })?;
+        let mut problems = Vec::new();
+        for (k, v) in env {
+            match k.as_str() {
+                "MICROSEG_KAFKA_BROKERS" => cfg.kafka.brokers = v.clone(),
+                "MICROSEG_KAFKA_GROUP_ID" => cfg.kafka.group_id = v.clone(),
+                "MICROSEG_KAFKA_CLIENT_ID" => cfg.kafka.client_id = v.clone(),
+                "MICROSEG_KAFKA_INPUT_TOPICS" => {
+                    cfg.kafka.input_topics = v
+                        .split(',')
+                        .map(|s| s.trim().to_owned())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                }
+                "MICROSEG_KAFKA_OUTPUT_TOPIC" => cfg.kafka.output_topic = v.clone(),
+                "MICROSEG_KAFKA_DEAD_LETTER_TOPIC" => cfg.kafka.dead_letter_topic = v.clone(),
+                "MICROSEG_RULES_FILE" => cfg.rules.file = PathBuf::from(v),
+                "MICROSEG_LOG_LEVEL" => cfg.log.level = v.clone(),
+                "MICROSEG_LOG_FORMAT" => cfg.log.format = v.clone(),
+                _ => problems.push(format!(
+                    "unknown environment variable {k} (known: {})",
+                    ENV_OVERRIDES
+                        .iter()
+                        .map(|(k, _)| *k)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            }
+        }
+        if cfg.rules.file.is_relative() {
+            if let Some(dir) = Path::new(file).parent() {
+                cfg.rules.file = dir.join(&cfg.rules.file);
+            }
+        }
+        cfg.validate(&mut problems);
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError {
+                file: file.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    fn validate(&self, problems: &mut Vec<String>) {
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            problems.push("kafka.brokers: must not be empty".into());
+        }
+        if k.group_id.trim().is_empty() {
+            problems.push("kafka.group_id: must not be empty".into());
+        }
+        if k.input_topics.is_empty() {
+            problems.push("kafka.input_topics: list at least one topic".into());
+        }
+        for (i, t) in k.input_topics.iter().enumerate() {
+            if k.input_topics[..i].contains(t) {
+                problems.push(format!("kafka.input_topics: {t:?} listed twice"));
+            }
+        }
+        for (name, t) in [
+            ("output_topic", &k.output_topic),
+            ("dead_letter_topic", &k.dead_letter_topic),
+        ] {
+            if t.is_empty() {
+                problems.push(format!("kafka.{name}: must not be empty"));
+            } else if k.input_topics.contains(t) {
+                problems.push(format!(
+                    "kafka.{name}: {t:?} is also an input topic (that would loop)"
+                ));
+            }
+        }
+        if k.create_partitions < 1 {
+            problems.push("kafka.create_partitions: must be at least 1".into());
+        }
+        for key in k.consumer.keys().chain(k.producer.keys()) {
+            if matches!(
+                key.as_str(),
+                "bootstrap.servers"
+                    | "group.id"
+                    | "enable.auto.commit"
+                    | "enable.auto.offset.store"
+            ) {
+                problems.push(format!("kafka.consumer/producer: {key:?} is managed by microseg; set it through the [kafka] fields"));
+            }
+        }
+        if self.pipeline.commit_interval_ms == 0 {
+            problems.push("pipeline.commit_interval_ms: must be at least 1".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            problems.push(format!(
+                "log.format: {:?} is not \"text\" or \"json\"",
+                self.log.format
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_env_overrides() {
+        let env = vec![
+            ("MICROSEG_KAFKA_BROKERS".to_string(), "k:1".to_string()),
+            (
+                "MICROSEG_KAFKA_INPUT_TOPICS".to_string(),
+                "a, b".to_string(),
+            ),
+        ];
+        let c =
+            Config::from_toml("config/microseg.toml", "[kafka]\ngroup_id = \"g\"\n", &env).unwrap();
+        assert_eq!(c.kafka.brokers, "k:1");
+        assert_eq!(c.kafka.group_id, "g");
+        assert_eq!(c.kafka.input_topics, vec!["a", "b"]);
+        assert_eq!(c.rules.file, PathBuf::from("config/segments.toml"));
+    }
+
+    #[test]
+    fn every_problem_listed() {
+        let text = "[kafka]\ninput_topics = [\"a\", \"a\"]\noutput_topic = \"a\"\ngroup_id = \"\"\n[pipeline]\ncommit_interval_ms = 0\n[log]\nformat = \"xml\"\n";
+        let e =
+            Config::from_toml("c.toml", text, &[("MICROSEG_NOPE".into(), "1".into())]).unwrap_err();
+        assert_eq!(e.problems.len(), 6, "{e}");
+        let unknown = Config::from_toml("c.toml", "[kafka]\nbrokerz = \"x\"\n", &[]).unwrap_err();
+        assert!(
+            unknown.to_string().contains("unknown field `brokerz`"),
+            "{unknown}"
+        );
+    }
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let c = Config::from_toml(
+            "config/microseg.toml",
+            include_str!("../config/microseg.toml"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.rules.file, PathBuf::from("config/segments.toml"));
+    }
+}

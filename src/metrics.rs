@@ -1,0 +1,170 @@
+//! Prometheus metrics: one registry per engine instance, `microseg_` prefix, no customer ids
+//! as labels. Handles for the hot path (per topic, per segment) are resolved once at start.
+//!
+//! This module owns metric names and their meaning (README "Operations").
+
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::engine::{Change, ChangeKind};
+use crate::rules::RuleSet;
+
+/// Result label of `microseg_events_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventResult {
+    Ok = 0,
+    DeadLettered = 1,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    events: Vec<[IntCounter; 2]>,
+    changes: IntCounterVec,
+    movements: IntCounterVec,
+    members: IntGaugeVec,
+    pub customers: IntGauge,
+    pub rebalances: IntCounterVec,
+    segmentation_names: Vec<String>,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // Metric definitions are static; a failure here is a programming error caught by tests.
+    r.unwrap_or_else(|e| panic!("metric definition: {e}"))
+}
+
+impl Metrics {
+    pub fn new(rules: &RuleSet, topics: &[String]) -> Metrics {
+        let registry = Registry::new();
+        let events_vec = must(IntCounterVec::new(
+            Opts::new(
+                "microseg_events_total",
+                "Input messages processed, by topic and result (ok, dead_lettered)",
+            ),
+            &["topic", "result"],
+        ));
+        let changes = must(IntCounterVec::new(Opts::new("microseg_changes_total", "Segment changes published, by segmentation (\"\" for independent segments) and change (entered, exited)"), &["segmentation", "change"]));
+        let movements = must(IntCounterVec::new(
+            Opts::new("microseg_movements_total", "Customers moving between the segments of a segmentation (from is \"\" on first assignment)"),
+            &["segmentation", "from", "to"],
+        ));
+        let members = must(IntGaugeVec::new(
+            Opts::new(
+                "microseg_segment_members",
+                "Customers currently in each segment on this instance",
+            ),
+            &["segmentation", "segment"],
+        ));
+        let customers = must(IntGauge::new(
+            "microseg_customers",
+            "Customers held in memory on this instance",
+        ));
+        let rebalances = must(IntCounterVec::new(
+            Opts::new(
+                "microseg_rebalances_total",
+                "Consumer group rebalances seen, by kind (assign, revoke)",
+            ),
+            &["kind"],
+        ));
+        for c in [
+            Box::new(events_vec.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(changes.clone()),
+            Box::new(movements.clone()),
+            Box::new(members.clone()),
+            Box::new(customers.clone()),
+            Box::new(rebalances.clone()),
+        ] {
+            must(registry.register(c));
+        }
+        let events = topics
+            .iter()
+            .map(|t| {
+                [
+                    events_vec.with_label_values(&[t, "ok"]),
+                    events_vec.with_label_values(&[t, "dead_lettered"]),
+                ]
+            })
+            .collect();
+        for s in &rules.segmentations {
+            for i in 0..=s.segments.len() {
+                members
+                    .with_label_values(&[&s.name, s.segment_name(i)])
+                    .set(0);
+            }
+        }
+        for r in &rules.segments {
+            members.with_label_values(&["", &r.name]).set(0);
+        }
+        Metrics {
+            registry,
+            events,
+            changes,
+            movements,
+            members,
+            customers,
+            rebalances,
+            segmentation_names: rules.segmentations.iter().map(|s| s.name.clone()).collect(),
+        }
+    }
+
+    pub fn event(&self, topic_idx: usize, result: EventResult) {
+        if let Some(c) = self.events.get(topic_idx) {
+            c[result as usize].inc();
+        }
+    }
+
+    /// Records one published change: counters, movement matrix and segment sizes.
+    pub fn change(&self, ch: &Change<'_>) {
+        let seg = ch
+            .segmentation
+            .map_or("", |i| self.segmentation_names[i].as_str());
+        let kind = match ch.kind {
+            ChangeKind::Entered => "entered",
+            ChangeKind::Exited => "exited",
+        };
+        self.changes.with_label_values(&[seg, kind]).inc();
+        let g = self.members.with_label_values(&[seg, ch.segment]);
+        match ch.kind {
+            ChangeKind::Entered => {
+                g.inc();
+                if ch.segmentation.is_some() {
+                    self.movements
+                        .with_label_values(&[seg, ch.previous.unwrap_or(""), ch.segment])
+                        .inc();
+                }
+            }
+            ChangeKind::Exited => g.dec(),
+        }
+    }
+
+    /// Current size of a segment (for the demo's display).
+    pub fn members(&self, segmentation: &str, segment: &str) -> i64 {
+        self.members
+            .with_label_values(&[segmentation, segment])
+            .get()
+    }
+
+    pub fn events_total(&self, result: EventResult) -> u64 {
+        self.events.iter().map(|c| c[result as usize].get()).sum()
+    }
+
+    pub fn changes_total(&self, kind: &str) -> u64 {
+        let mut n = 0;
+        for s in self
+            .segmentation_names
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(""))
+        {
+            n += self.changes.with_label_values(&[s, kind]).get();
+        }
+        n
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
