@@ -1,0 +1,55 @@
+//! The `microseg` binary as a user runs it: check-rules and generate.
+
+use std::process::Command;
+
+fn microseg(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_microseg")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().expect("run microseg")
+}
+
+#[test]
+fn check_rules_accepts_the_shipped_rules() {
+    let out = microseg(&["check-rules", "config/segments.toml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+}
+
+#[test]
+fn check_rules_lists_every_problem() {
+    let out = microseg(&["check-rules", "tests/data/bad_rules.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("2 problems"), "{err}");
+    assert!(err.contains("tests/data/bad_rules.toml:8:11: rule \"lifecycle/loyal\": unknown feature `purchases.lifetime_value`"), "{err}");
+    assert!(err.contains("tests/data/bad_rules.toml:12:34: rule \"lifecycle/active\": syntax error at column 24"), "{err}");
+}
+
+#[test]
+fn check_rules_refuses_a_missing_file() {
+    let out = microseg(&["check-rules", "no/such/file.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the rules file"));
+}
+
+#[test]
+fn run_refuses_a_bad_config_listing_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[kafka]\ninput_topics = []\noutput_topic = \"\"\n[log]\nformat = \"xml\"\n").unwrap();
+    let out = microseg(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in ["kafka.input_topics", "kafka.output_topic", "log.format"] {
+        assert!(err.contains(want), "missing {want} in {err}");
+    }
+}
+
+#[test]
+fn generate_prints_decodable_json_lines() {
+    let out = microseg(&["generate", "--customers", "5", "--events", "50"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 50);
+    for line in text.lines() {
+        microseg::event::decode(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+}
