@@ -3,13 +3,21 @@
 use std::process::Command;
 
 fn microseg(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_microseg")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().expect("run microseg")
+    Command::new(env!("CARGO_BIN_EXE_microseg"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run microseg")
 }
 
 #[test]
 fn check_rules_accepts_the_shipped_rules() {
     let out = microseg(&["check-rules", "config/segments.toml"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
 }
 
@@ -20,7 +28,12 @@ fn check_rules_lists_every_problem() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("2 problems"), "{err}");
     assert!(err.contains("tests/data/bad_rules.toml:8:11: rule \"lifecycle/loyal\": unknown feature `purchases.lifetime_value`"), "{err}");
-    assert!(err.contains("tests/data/bad_rules.toml:12:34: rule \"lifecycle/active\": syntax error at column 24"), "{err}");
+    assert!(
+        err.contains(
+            "tests/data/bad_rules.toml:12:34: rule \"lifecycle/active\": syntax error at column 24"
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -34,7 +47,11 @@ fn check_rules_refuses_a_missing_file() {
 fn run_refuses_a_bad_config_listing_every_problem() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[kafka]\ninput_topics = []\noutput_topic = \"\"\n[log]\nformat = \"xml\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[kafka]\ninput_topics = []\noutput_topic = \"\"\n[log]\nformat = \"xml\"\n",
+    )
+    .unwrap();
     let out = microseg(&["run", "--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);

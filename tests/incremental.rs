@@ -71,9 +71,20 @@ when = 'purchases.plan in ["annual", "biennial"] && coalesce(purchases.avg_order
 
 #[derive(Debug, Clone)]
 enum Ev {
-    Purchase { amount: u32, cat: u8, channel: u8, plan: u8 },
-    Engage { action: u8 },
-    Profile { industry: u8, size: u16, vip: bool },
+    Purchase {
+        amount: u32,
+        cat: u8,
+        channel: u8,
+        plan: u8,
+    },
+    Engage {
+        action: u8,
+    },
+    Profile {
+        industry: u8,
+        size: u16,
+        vip: bool,
+    },
 }
 
 fn json(customer: u8, ts: i64, ev: &Ev) -> String {
@@ -81,12 +92,26 @@ fn json(customer: u8, ts: i64, ev: &Ev) -> String {
     let chans = ["online", "store"];
     let plans = ["annual", "monthly", "biennial"];
     match ev {
-        Ev::Purchase { amount, cat, channel, plan } => format!(
+        Ev::Purchase {
+            amount,
+            cat,
+            channel,
+            plan,
+        } => format!(
             r#"{{"customer_id":"c{customer}","type":"purchase","timestamp":{ts},"amount":{amount},"category":"{}","channel":"{}","plan":"{}"}}"#,
-            cats[*cat as usize % 3], chans[*channel as usize % 2], plans[*plan as usize % 3]
+            cats[*cat as usize % 3],
+            chans[*channel as usize % 2],
+            plans[*plan as usize % 3]
         ),
-        Ev::Engage { action } => format!(r#"{{"customer_id":"c{customer}","type":"engagement","timestamp":{ts},"action":"{}"}}"#, ["open", "click"][*action as usize % 2]),
-        Ev::Profile { industry, size, vip } => format!(
+        Ev::Engage { action } => format!(
+            r#"{{"customer_id":"c{customer}","type":"engagement","timestamp":{ts},"action":"{}"}}"#,
+            ["open", "click"][*action as usize % 2]
+        ),
+        Ev::Profile {
+            industry,
+            size,
+            vip,
+        } => format!(
             r#"{{"customer_id":"c{customer}","type":"profile","timestamp":{ts},"attributes":{{"industry":"{}","size":{size},"vip":{vip}}}}}"#,
             ["finance", "retail"][*industry as usize % 2]
         ),
@@ -103,7 +128,14 @@ fn ev_strategy() -> impl Strategy<Value = Ev> {
 
 /// (customer, time step in minutes — sometimes negative for out-of-order, event)
 fn seq_strategy() -> impl Strategy<Value = Vec<(u8, i64, Ev)>> {
-    prop::collection::vec((0u8..3, prop_oneof![8 => 0i64..3000, 1 => 20_000i64..50_000, 1 => -3000i64..0], ev_strategy()), 1..80)
+    prop::collection::vec(
+        (
+            0u8..3,
+            prop_oneof![8 => 0i64..3000, 1 => 20_000i64..50_000, 1 => -3000i64..0],
+            ev_strategy(),
+        ),
+        1..80,
+    )
 }
 
 proptest! {

@@ -1,0 +1,565 @@
+//! Integration tests through a real Kafka-protocol broker (Nisshi, started per test).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{wait_for, Broker};
+use microseg::config::Config;
+use microseg::engine::Engine;
+use microseg::event::decode;
+use microseg::generate::Generator;
+use microseg::metrics::{EventResult, Metrics};
+use microseg::output::{change_json, dlq_headers, Cause};
+use microseg::pipeline::Pipeline;
+use microseg::rules::RuleSet;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+const RULES: &str = r#"
+[attributes]
+industry = "string"
+company_size = "number"
+
+[[segmentation]]
+name = "lifecycle"
+default = "prospect"
+  [[segmentation.segment]]
+  name = "lapsed"
+  when = "purchases.count > 0 && days_since(purchases.last) > 60"
+  [[segmentation.segment]]
+  name = "active"
+  when = "purchases.count_30d >= 1"
+
+[[segment]]
+name = "enterprise_finance"
+when = 'attr.industry == "finance" && attr.company_size > 500'
+
+[[segment]]
+name = "frequent"
+when = "purchases.count_30d >= 3"
+"#;
+
+fn config(broker: &Broker, group: &str, inputs: &[&str]) -> Config {
+    let mut c = Config::default();
+    c.kafka.brokers = broker.addr.clone();
+    c.kafka.group_id = group.into();
+    c.kafka.client_id = format!("{group}-client");
+    c.kafka.input_topics = inputs.iter().map(|s| s.to_string()).collect();
+    c.kafka
+        .consumer
+        .insert("session.timeout.ms".into(), "6000".into());
+    c.kafka
+        .consumer
+        .insert("heartbeat.interval.ms".into(), "500".into());
+    c.pipeline.commit_interval_ms = 200;
+    c
+}
+
+struct Running {
+    pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
+    stop: oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<Result<microseg::pipeline::RunSummary, String>>,
+}
+
+fn start(cfg: Config, rules: Arc<RuleSet>) -> Running {
+    let metrics = Arc::new(Metrics::new(&rules, &cfg.kafka.input_topics));
+    let pipeline = Arc::new(Pipeline::new(cfg, Engine::new(rules), metrics.clone()));
+    let (stop, rx) = oneshot::channel::<()>();
+    let p = pipeline.clone();
+    let handle = tokio::spawn(async move {
+        p.run(async {
+            let _ = rx.await;
+        })
+        .await
+        .map_err(|e| e.to_string())
+    });
+    Running {
+        pipeline,
+        metrics,
+        stop,
+        handle,
+    }
+}
+
+impl Running {
+    async fn stop(self) -> microseg::pipeline::RunSummary {
+        let _ = self.stop.send(());
+        self.handle.await.unwrap().unwrap()
+    }
+}
+
+fn day(d: i64) -> i64 {
+    1_767_225_600_000 + d * 86_400_000 // 2026-01-01 + d days
+}
+
+/// The subset of a change message a test pins down exactly.
+fn essentials(v: &Value) -> Value {
+    json!({
+        "segmentation": v["segmentation"], "segment": v["segment"], "change": v["change"],
+        "previous": v["previous"], "next": v["next"], "seq": v["seq"], "event_id": v["cause"]["event_id"],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_in_changes_out_and_bad_input_dead_lettered() {
+    let broker = Broker::start();
+    broker
+        .create_topics(&["purchases", "engagement", "profiles"], 3)
+        .await;
+    let rules = Arc::new(RuleSet::from_toml("test.toml", RULES).unwrap());
+    let run = start(
+        config(
+            &broker,
+            "g-golden",
+            &["purchases", "engagement", "profiles"],
+        ),
+        rules.clone(),
+    );
+    let p = run.pipeline.clone();
+    wait_for("partition assignment", Duration::from_secs(30), || {
+        p.assigned().len() == 9
+    })
+    .await;
+
+    let prod = broker.producer();
+    // Events of one customer on different topics are not ordered by Kafka; the test waits
+    // for each step's effect before sending the next one that depends on it.
+    let steps: Vec<(&str, &str, String, usize)> = vec![
+        (
+            "profiles",
+            "c-1",
+            format!(
+                r#"{{"event_id":"p1","customer_id":"c-1","type":"profile","timestamp":{},"attributes":{{"industry":"finance","company_size":900}}}}"#,
+                day(0)
+            ),
+            2,
+        ),
+        (
+            "purchases",
+            "c-1",
+            format!(
+                r#"{{"event_id":"b1","customer_id":"c-1","type":"purchase","timestamp":{},"amount":100}}"#,
+                day(1)
+            ),
+            4,
+        ),
+        (
+            "purchases",
+            "c-1",
+            format!(
+                r#"{{"event_id":"b2","customer_id":"c-1","type":"purchase","timestamp":{},"amount":50}}"#,
+                day(2)
+            ),
+            4,
+        ),
+        (
+            "purchases",
+            "c-1",
+            format!(
+                r#"{{"event_id":"b3","customer_id":"c-1","type":"purchase","timestamp":{},"amount":25,"channel":"online"}}"#,
+                day(3)
+            ),
+            5,
+        ),
+        (
+            "engagement",
+            "c-1",
+            format!(
+                r#"{{"event_id":"g1","customer_id":"c-1","type":"engagement","action":"login","timestamp":{}}}"#,
+                day(70)
+            ),
+            8,
+        ),
+        (
+            "purchases",
+            "c-2",
+            format!(
+                r#"{{"event_id":"x1","customer_id":"c-2","type":"purchase","timestamp":{},"amount":10}}"#,
+                day(0)
+            ),
+            9,
+        ),
+        (
+            "purchases",
+            "c-2",
+            r#"{"event_id":"x2","customer_id":"c-2","type":"purchase","amount":10"#.to_string(),
+            9,
+        ),
+        (
+            "profiles",
+            "c-3",
+            format!(
+                r#"{{"event_id":"y1","customer_id":"c-3","type":"profile","timestamp":{},"attributes":{{"company_size":"big"}}}}"#,
+                day(0)
+            ),
+            9,
+        ),
+    ];
+    let m = run.metrics.clone();
+    for (i, (topic, key, payload, changes_after)) in steps.iter().enumerate() {
+        broker.produce(&prod, topic, key, payload.as_bytes()).await;
+        let processed = i as u64 + 1;
+        let want = *changes_after as u64;
+        wait_for("the step to be processed", Duration::from_secs(30), || {
+            m.events_total(EventResult::Ok) + m.events_total(EventResult::DeadLettered) == processed
+                && m.changes_total("entered") + m.changes_total("exited") == want
+        })
+        .await;
+    }
+
+    let out = broker
+        .read(
+            "segment-changes",
+            9,
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+        )
+        .await;
+    assert_eq!(
+        out.len(),
+        9,
+        "{:#?}",
+        out.iter().map(|r| r.json()).collect::<Vec<_>>()
+    );
+    let mut by_customer: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for r in &out {
+        let v = r.json();
+        assert_eq!(
+            r.key.as_deref(),
+            v["customer_id"].as_str(),
+            "keyed by customer id"
+        );
+        assert_eq!(v["rules_version"], json!(rules.version));
+        by_customer
+            .entry(v["customer_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(v);
+    }
+    let c1: Vec<Value> = by_customer["c-1"].iter().map(essentials).collect();
+    let n = Value::Null;
+    let e = |seg: Value,
+             segment: &str,
+             change: &str,
+             previous: Value,
+             next: Value,
+             seq: u64,
+             ev: &str| {
+        json!({"segmentation": seg, "segment": segment, "change": change, "previous": previous, "next": next, "seq": seq, "event_id": ev})
+    };
+    let lc = json!("lifecycle");
+    assert_eq!(
+        c1,
+        vec![
+            e(
+                lc.clone(),
+                "prospect",
+                "entered",
+                n.clone(),
+                n.clone(),
+                1,
+                "p1"
+            ),
+            e(
+                n.clone(),
+                "enterprise_finance",
+                "entered",
+                n.clone(),
+                n.clone(),
+                2,
+                "p1"
+            ),
+            e(
+                lc.clone(),
+                "prospect",
+                "exited",
+                n.clone(),
+                json!("active"),
+                3,
+                "b1"
+            ),
+            e(
+                lc.clone(),
+                "active",
+                "entered",
+                json!("prospect"),
+                n.clone(),
+                4,
+                "b1"
+            ),
+            e(
+                n.clone(),
+                "frequent",
+                "entered",
+                n.clone(),
+                n.clone(),
+                5,
+                "b3"
+            ),
+            e(
+                lc.clone(),
+                "active",
+                "exited",
+                n.clone(),
+                json!("lapsed"),
+                6,
+                "g1"
+            ),
+            e(
+                lc.clone(),
+                "lapsed",
+                "entered",
+                json!("active"),
+                n.clone(),
+                7,
+                "g1"
+            ),
+            e(
+                n.clone(),
+                "frequent",
+                "exited",
+                n.clone(),
+                n.clone(),
+                8,
+                "g1"
+            ),
+        ]
+    );
+    let lapsed = &by_customer["c-1"][6];
+    assert_eq!(lapsed["at"], json!("2026-03-12T00:00:00Z"));
+    assert_eq!(lapsed["cause"]["kind"], json!("event"));
+    assert_eq!(lapsed["cause"]["topic"], json!("engagement"));
+    assert_eq!(
+        lapsed["because"],
+        json!({"purchases.count": 3, "days_since(purchases.last)": 67})
+    );
+    assert_eq!(
+        by_customer["c-2"]
+            .iter()
+            .map(essentials)
+            .collect::<Vec<_>>(),
+        vec![e(lc, "active", "entered", n.clone(), n, 1, "x1")]
+    );
+    assert!(
+        !by_customer.contains_key("c-3"),
+        "a refused event changes nothing"
+    );
+
+    let dead = broker
+        .read(
+            "microseg-dead-letters",
+            2,
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+        )
+        .await;
+    assert_eq!(dead.len(), 2);
+    let bad_json = dead
+        .iter()
+        .find(|r| r.key.as_deref() == Some("c-2"))
+        .expect("malformed JSON dead-lettered");
+    assert_eq!(
+        bad_json.payload,
+        steps[6].2.as_bytes(),
+        "original bytes kept"
+    );
+    assert!(
+        bad_json
+            .header(dlq_headers::REASON)
+            .unwrap()
+            .contains("invalid JSON"),
+        "{:?}",
+        bad_json.headers
+    );
+    assert_eq!(bad_json.header(dlq_headers::TOPIC), Some("purchases"));
+    assert!(bad_json
+        .header(dlq_headers::OFFSET)
+        .unwrap()
+        .parse::<i64>()
+        .is_ok());
+    assert!(bad_json
+        .header(dlq_headers::PARTITION)
+        .unwrap()
+        .parse::<i32>()
+        .is_ok());
+    let bad_type = dead
+        .iter()
+        .find(|r| r.key.as_deref() == Some("c-3"))
+        .expect("wrongly typed attribute dead-lettered");
+    assert!(bad_type
+        .header(dlq_headers::REASON)
+        .unwrap()
+        .contains("`company_size` must be a number"));
+    assert_eq!(run.metrics.events_total(EventResult::DeadLettered), 2);
+
+    let summary = run.stop().await;
+    assert_eq!(
+        (summary.events_ok, summary.dead_lettered, summary.changes),
+        (6, 2, 9)
+    );
+
+    // Everything processed was committed: the group's offsets equal the end of each partition.
+    let check: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .set("group.id", "g-golden")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for t in ["purchases", "engagement", "profiles"] {
+        for p in 0..3 {
+            tpl.add_partition(t, p);
+        }
+    }
+    let committed = check
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    for el in committed.elements() {
+        let (_, high) = check
+            .fetch_watermarks(el.topic(), el.partition(), Duration::from_secs(10))
+            .unwrap();
+        let got = match el.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        assert_eq!(
+            got,
+            high,
+            "committed offset of {}/{}",
+            el.topic(),
+            el.partition()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_partitions_and_emit_exactly_the_expected_changes() {
+    let broker = Broker::start();
+    broker.create_topics(&["events"], 6).await;
+    let rules = Arc::new(RuleSet::embedded_default());
+    let a = start(config(&broker, "g-pair", &["events"]), rules.clone());
+    let (pa, ma) = (a.pipeline.clone(), a.metrics.clone());
+    wait_for("first instance assigned", Duration::from_secs(30), || {
+        pa.assigned().len() == 6
+    })
+    .await;
+    let b = start(config(&broker, "g-pair", &["events"]), rules.clone());
+    let (pb, mb) = (b.pipeline.clone(), b.metrics.clone());
+    wait_for(
+        "partitions split between the instances",
+        Duration::from_secs(60),
+        || {
+            let (x, y) = (pa.assigned(), pb.assigned());
+            !x.is_empty()
+                && !y.is_empty()
+                && x.len() + y.len() == 6
+                && x.iter().all(|p| !y.contains(p))
+        },
+    )
+    .await;
+
+    // Generated customers, all event types on one topic: per-customer order is the partition
+    // order, so the expected stream is exact.
+    let mut g = Generator::new(11, 150, day(0), 20 * 60_000);
+    g.malformed_every = 401;
+    let events: Vec<_> = (0..3000).map(|_| g.next_event()).collect();
+    let prod = broker.producer();
+    let sends: Vec<_> = events
+        .iter()
+        .map(|ev| {
+            prod.send_result(
+                rdkafka::producer::FutureRecord::to("events")
+                    .key(ev.customer_id.as_str())
+                    .payload(ev.json.as_str()),
+            )
+            .unwrap_or_else(|(e, _)| panic!("{e}"))
+        })
+        .collect();
+    for s in sends {
+        s.await.unwrap().unwrap_or_else(|(e, _)| panic!("{e}"));
+    }
+
+    // Expected: the pure engine over each customer's events in production order.
+    let engine = Engine::new(rules.clone());
+    let mut customers: BTreeMap<String, microseg::engine::Customer> = BTreeMap::new();
+    let mut expected: Vec<Value> = Vec::new();
+    let mut bad = 0;
+    for ev in &events {
+        let Ok(d) = decode(ev.json.as_bytes()) else {
+            bad += 1;
+            continue;
+        };
+        let c = customers
+            .entry(ev.customer_id.clone())
+            .or_insert_with(|| engine.new_customer(0));
+        let mut out = Vec::new();
+        engine.apply(c, &d, &mut out).unwrap();
+        for ch in &out {
+            let v: Value = serde_json::from_slice(&change_json(
+                &rules,
+                &ev.customer_id,
+                Cause::Event {
+                    event_id: d.event_id.as_deref(),
+                    topic: "events",
+                    partition: 0,
+                    offset: 0,
+                },
+                ch,
+            ))
+            .unwrap();
+            expected.push(v);
+        }
+    }
+    assert!(
+        bad > 0 && expected.len() > 500,
+        "the scenario exercises dead letters and many changes"
+    );
+
+    let got = broker
+        .read(
+            "segment-changes",
+            expected.len(),
+            Duration::from_secs(90),
+            Duration::from_secs(2),
+        )
+        .await;
+    let strip = |mut v: Value| {
+        v["cause"]["partition"] = Value::Null;
+        v["cause"]["offset"] = Value::Null;
+        v
+    };
+    let key = |v: &Value| {
+        (
+            v["customer_id"].as_str().unwrap().to_owned(),
+            v["seq"].as_u64().unwrap(),
+        )
+    };
+    let mut got: Vec<Value> = got.iter().map(|r| strip(r.json())).collect();
+    let mut expected: Vec<Value> = expected.into_iter().map(strip).collect();
+    got.sort_by_key(key);
+    expected.sort_by_key(key);
+    assert_eq!(got.len(), expected.len());
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g, e);
+    }
+    let (ea, eb) = (
+        ma.events_total(EventResult::Ok),
+        mb.events_total(EventResult::Ok),
+    );
+    assert!(
+        ea > 0 && eb > 0,
+        "both instances processed events: {ea} and {eb}"
+    );
+    assert_eq!(
+        ea + eb
+            + ma.events_total(EventResult::DeadLettered)
+            + mb.events_total(EventResult::DeadLettered),
+        events.len() as u64
+    );
+    a.stop().await;
+    b.stop().await;
+}
