@@ -125,6 +125,14 @@ impl<'de: 'a, 'a> Deserialize<'de> for Id<'a> {
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
                 Ok(Id(Cow::Owned(v.to_string())))
             }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                // Spreadsheet exports write integer ids as 17850.0: use the integer text.
+                if v.is_finite() && v.fract() == 0.0 && v.abs() < 9.0e15 {
+                    Ok(Id(Cow::Owned((v as i64).to_string())))
+                } else {
+                    Err(E::custom(format!("id {v} is not an integer")))
+                }
+            }
         }
         d.deserialize_any(V(std::marker::PhantomData))
     }
@@ -452,6 +460,16 @@ mod tests {
     fn unknown_fields_ignored_and_numeric_ids_accepted() {
         let e = decode(br#"{"customer_id":17850,"type":"purchase","timestamp":0,"amount":5,"extra":{"x":[1,2]}}"#).unwrap();
         assert_eq!(e.customer_id, "17850");
+        let f = decode(br#"{"customer_id":17850.0,"type":"purchase","timestamp":"2010-12-01T08:26:00","amount":5}"#).unwrap();
+        assert_eq!(f.customer_id, "17850");
+        assert_eq!(
+            f.ts,
+            crate::time::parse_rfc3339("2010-12-01T08:26:00Z").unwrap(),
+            "no offset: UTC"
+        );
+        assert!(
+            decode(br#"{"customer_id":1.5,"type":"purchase","timestamp":0,"amount":5}"#).is_err()
+        );
         assert_eq!(e.event_id, None);
     }
 

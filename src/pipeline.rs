@@ -90,6 +90,14 @@ impl Progress {
         }
     }
 
+    /// Whether this input was already applied to the state this instance holds (a
+    /// redelivery after a rebalance that kept the partition here, or a failed commit).
+    fn already_applied(&self, pos: SourcePos) -> bool {
+        self.parts
+            .get(&(pos.topic, pos.partition))
+            .is_some_and(|p| pos.offset < p.next)
+    }
+
     fn delivered(&mut self, pos: SourcePos) {
         let p = self.part(pos.topic, pos.partition);
         if let Some(n) = p.inflight.get_mut(&pos.offset) {
@@ -490,6 +498,15 @@ impl Pipeline {
             partition: msg.partition(),
             offset: msg.offset(),
         };
+        if self.shared.progress().already_applied(pos) {
+            debug!(
+                topic = msg.topic(),
+                partition = pos.partition,
+                offset = pos.offset,
+                "skipping redelivered input already applied"
+            );
+            return Ok(());
+        }
         let payload = msg.payload().unwrap_or(&[]);
         // Outputs are fully built before anything is sent, so no map entry is held while
         // waiting for producer queue space.
@@ -635,6 +652,11 @@ mod tests {
         assert_eq!(pr.committable(None), vec![((0, 0), 3)]);
         pr.delivered(pos(0, 3));
         assert_eq!(pr.committable(None), vec![((0, 0), 4)]);
+        assert!(
+            pr.already_applied(pos(0, 3))
+                && !pr.already_applied(pos(0, 4))
+                && !pr.already_applied(pos(1, 0))
+        );
         pr.mark_committed(&[((0, 0), 4)]);
         assert!(pr.committable(None).is_empty(), "nothing new to commit");
         assert_eq!(pr.in_flight(), 0);

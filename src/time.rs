@@ -59,7 +59,7 @@ fn days_in_month(y: i64, m: u32) -> u32 {
 /// Fractions beyond milliseconds are truncated.
 pub fn parse_rfc3339(s: &str) -> Option<i64> {
     let b = s.as_bytes();
-    if b.len() < 20 {
+    if b.len() < 19 {
         return None;
     }
     let y = digits(b, 0, 4)? as i64;
@@ -104,22 +104,26 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
             ms *= 10;
         }
     }
-    let offset_min: i64 = match b.get(i)? {
-        b'Z' | b'z' if i + 1 == b.len() => 0,
-        c @ (b'+' | b'-') if i + 6 == b.len() && b[i + 3] == b':' => {
-            let oh = digits(b, i + 1, 2)? as i64;
-            let om = digits(b, i + 4, 2)? as i64;
-            if oh > 23 || om > 59 {
-                return None;
+    let offset_min: i64 = match b.get(i) {
+        // No offset: read as UTC (common in exports; documented in the README).
+        None => 0,
+        Some(c) => match c {
+            b'Z' | b'z' if i + 1 == b.len() => 0,
+            c @ (b'+' | b'-') if i + 6 == b.len() && b[i + 3] == b':' => {
+                let oh = digits(b, i + 1, 2)? as i64;
+                let om = digits(b, i + 4, 2)? as i64;
+                if oh > 23 || om > 59 {
+                    return None;
+                }
+                let off = oh * 60 + om;
+                if *c == b'-' {
+                    -off
+                } else {
+                    off
+                }
             }
-            let off = oh * 60 + om;
-            if *c == b'-' {
-                -off
-            } else {
-                off
-            }
-        }
-        _ => return None,
+            _ => return None,
+        },
     };
     let days = days_from_civil(y, mo, d);
     let secs =
@@ -196,7 +200,16 @@ mod tests {
             parse_rfc3339("2026-11-22T10:00:00.123456Z"),
             Some(1_795_341_600_123)
         );
-        assert_eq!(parse_rfc3339("2024-02-29T00:00:00Z").is_some(), true);
+        assert!(parse_rfc3339("2024-02-29T00:00:00Z").is_some());
+        assert_eq!(
+            parse_rfc3339("2026-11-22T10:00:00"),
+            Some(1_795_341_600_000),
+            "no offset: UTC"
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-22 10:00:00.250"),
+            Some(1_795_341_600_250)
+        );
     }
 
     #[test]
@@ -206,7 +219,6 @@ mod tests {
             "2026-11-22",
             "2026-13-01T00:00:00Z",
             "2025-02-29T00:00:00Z",
-            "2026-11-22T10:00:00",
             "2026-11-22T10:00:00.Z",
             "2026-11-22T25:00:00Z",
             "yesterday at noon!!",
