@@ -55,6 +55,9 @@ struct SourcePos {
 
 #[derive(Debug, Default)]
 struct PartProgress {
+    /// Inputs below this offset were processed by an earlier owner: they rebuild state
+    /// silently (no output) when this instance takes the partition over.
+    restore_until: i64,
     /// Next offset to process (last processed + 1); -1 before any.
     next: i64,
     /// Input offsets with undelivered output → number of outputs in flight.
@@ -75,6 +78,7 @@ impl Progress {
         self.parts
             .entry((topic, partition))
             .or_insert(PartProgress {
+                restore_until: 0,
                 next: -1,
                 inflight: BTreeMap::new(),
                 committed: -1,
@@ -96,6 +100,14 @@ impl Progress {
         self.parts
             .get(&(pos.topic, pos.partition))
             .is_some_and(|p| pos.offset < p.next)
+    }
+
+    /// Whether this input only rebuilds state (it was processed before a restart or by the
+    /// partition's previous owner).
+    fn restoring(&self, pos: SourcePos) -> bool {
+        self.parts
+            .get(&(pos.topic, pos.partition))
+            .is_some_and(|p| pos.offset < p.restore_until)
     }
 
     fn delivered(&mut self, pos: SourcePos) {
@@ -223,7 +235,7 @@ impl ConsumerContext for ConsumerCtx {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.shared
                 .metrics
@@ -242,16 +254,96 @@ impl ConsumerContext for ConsumerCtx {
                 .metrics
                 .customers
                 .set(self.shared.store.len() as i64);
-            {
+            let fresh: Vec<(u16, i32)> = {
                 let mut p = self.shared.progress();
                 p.parts.retain(|(_, part), _| keep.contains(part));
-            }
+                tpl.elements()
+                    .iter()
+                    .filter_map(|e| {
+                        self.shared
+                            .topics
+                            .iter()
+                            .position(|t| t == e.topic())
+                            .map(|i| (i as u16, e.partition()))
+                    })
+                    .filter(|k| !p.parts.contains_key(k))
+                    .collect()
+            };
+            self.restore_from_input(consumer, &fresh);
             info!(partitions = ?now, dropped_customers = before - self.shared.store.len(), "partitions assigned");
             *self
                 .shared
                 .assigned
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = now;
+        }
+    }
+}
+
+impl ConsumerCtx {
+    /// State restore until the changelog exists: a partition this instance holds no state for
+    /// is re-read from its beginning; inputs below the group's committed offset rebuild the
+    /// customers' state (and change sequence numbers) without output, then processing
+    /// continues normally. A replay after a restart or a move therefore re-emits the same
+    /// `(customer_id, seq)` with the same payload. Cost: reading the partition's history.
+    fn restore_from_input(&self, consumer: &BaseConsumer<Self>, fresh: &[(u16, i32)]) {
+        if fresh.is_empty() {
+            return;
+        }
+        let mut query = TopicPartitionList::new();
+        for (t, p) in fresh {
+            query.add_partition(&self.shared.topics[*t as usize], *p);
+        }
+        let committed = match consumer.committed_offsets(query, self.shared.drain_timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                return warn!(error = %e, "cannot read committed offsets; consuming from them without a state rebuild")
+            }
+        };
+        let mut rewind = TopicPartitionList::new();
+        let mut restoring = 0;
+        {
+            let mut p = self.shared.progress();
+            for e in committed.elements() {
+                let Some(t) = self.shared.topics.iter().position(|t| t == e.topic()) else {
+                    continue;
+                };
+                let part = p.part(t as u16, e.partition());
+                if let Offset::Offset(o) = e.offset() {
+                    if o > 0 {
+                        part.restore_until = o;
+                        part.committed = o;
+                        restoring += 1;
+                    }
+                }
+            }
+            if let Ok(all) = consumer.assignment() {
+                for e in all.elements() {
+                    let key = self
+                        .shared
+                        .topics
+                        .iter()
+                        .position(|t| t == e.topic())
+                        .map(|i| (i as u16, e.partition()));
+                    let offset = match key.and_then(|k| p.parts.get(&k).map(|pp| (k, pp))) {
+                        Some((k, pp)) if pp.restore_until > 0 && fresh.contains(&k) => {
+                            Offset::Beginning
+                        }
+                        _ => Offset::Stored,
+                    };
+                    let _ = rewind.add_partition_offset(e.topic(), e.partition(), offset);
+                }
+            }
+        }
+        if restoring == 0 {
+            return;
+        }
+        match consumer.assign(&rewind) {
+            Ok(()) => info!(
+                partitions = restoring,
+                "restoring state: re-reading partitions up to their committed offsets"
+            ),
+            Err(e) => warn!(error = %e, "cannot rewind for the state rebuild"),
         }
     }
 }
@@ -507,7 +599,31 @@ impl Pipeline {
             );
             return Ok(());
         }
+        let restoring = self.shared.progress().restoring(pos);
         let payload = msg.payload().unwrap_or(&[]);
+        if restoring {
+            // Rebuild only: the changes were published when this input was first processed.
+            if let Ok(ev) = decode(payload) {
+                let mut discard = Vec::new();
+                let cid = ev.customer_id.as_ref();
+                let known = match self.shared.store.get_mut(cid) {
+                    Some(mut c) => {
+                        let _ = self.engine.apply(&mut c, &ev, &mut discard);
+                        true
+                    }
+                    None => false,
+                };
+                if !known {
+                    let mut c = self.engine.new_customer(pos.partition);
+                    if self.engine.apply(&mut c, &ev, &mut discard).is_ok() {
+                        self.shared.store.insert(CompactString::from(cid), c);
+                        self.shared.metrics.customers.inc();
+                    }
+                }
+            }
+            self.shared.progress().processed(pos, 0);
+            return Ok(());
+        }
         // Outputs are fully built before anything is sent, so no map entry is held while
         // waiting for producer queue space.
         let decoded = decode(payload);
