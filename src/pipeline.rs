@@ -37,10 +37,11 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::engine::{Customer, Engine};
-use crate::event::decode;
+use crate::engine::{Change, Customer, Engine};
+use crate::event::{decode, Event};
 use crate::metrics::{EventResult, Metrics};
 use crate::output::{change_json, dlq_headers, Cause};
+use crate::state::Rejected;
 
 /// All customers held by this instance, keyed by customer id.
 pub type Store = DashMap<CompactString, Customer>;
@@ -163,6 +164,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// Index of an input topic (the `topic` of [`SourcePos`]).
+    fn topic_index(&self, topic: &str) -> Option<u16> {
+        self.topics
+            .iter()
+            .position(|t| t == topic)
+            .map(|i| i as u16)
+    }
+
     fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
         self.progress.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -214,10 +223,8 @@ impl ConsumerContext for ConsumerCtx {
                 .iter()
                 .filter_map(|e| {
                     self.shared
-                        .topics
-                        .iter()
-                        .position(|t| t == e.topic())
-                        .map(|i| (i as u16, e.partition()))
+                        .topic_index(e.topic())
+                        .map(|t| (t, e.partition()))
                 })
                 .collect();
             if let Err(e) = self.producer.flush(self.shared.drain_timeout) {
@@ -261,10 +268,8 @@ impl ConsumerContext for ConsumerCtx {
                     .iter()
                     .filter_map(|e| {
                         self.shared
-                            .topics
-                            .iter()
-                            .position(|t| t == e.topic())
-                            .map(|i| (i as u16, e.partition()))
+                            .topic_index(e.topic())
+                            .map(|t| (t, e.partition()))
                     })
                     .filter(|k| !p.parts.contains_key(k))
                     .collect()
@@ -305,10 +310,10 @@ impl ConsumerCtx {
         {
             let mut p = self.shared.progress();
             for e in committed.elements() {
-                let Some(t) = self.shared.topics.iter().position(|t| t == e.topic()) else {
+                let Some(t) = self.shared.topic_index(e.topic()) else {
                     continue;
                 };
-                let part = p.part(t as u16, e.partition());
+                let part = p.part(t, e.partition());
                 if let Offset::Offset(o) = e.offset() {
                     if o > 0 {
                         part.restore_until = o;
@@ -321,10 +326,8 @@ impl ConsumerCtx {
                 for e in all.elements() {
                     let key = self
                         .shared
-                        .topics
-                        .iter()
-                        .position(|t| t == e.topic())
-                        .map(|i| (i as u16, e.partition()));
+                        .topic_index(e.topic())
+                        .map(|t| (t, e.partition()));
                     let offset = match key.and_then(|k| p.parts.get(&k).map(|pp| (k, pp))) {
                         Some((k, pp)) if pp.restore_until > 0 && fresh.contains(&k) => {
                             Offset::Beginning
@@ -572,6 +575,26 @@ impl Pipeline {
         result.map(|()| summary)
     }
 
+    /// Applies an event to its customer in the store, creating the customer on its first
+    /// accepted event (a refused first event leaves no trace). The map entry is released
+    /// before returning, so callers may `.await` afterwards.
+    fn apply_event<'r>(
+        &'r self,
+        partition: i32,
+        ev: &Event<'_>,
+        changes: &mut Vec<Change<'r>>,
+    ) -> Result<(), Rejected> {
+        let cid = ev.customer_id.as_ref();
+        if let Some(mut c) = self.shared.store.get_mut(cid) {
+            return self.engine.apply(&mut c, ev, changes);
+        }
+        let mut c = self.engine.new_customer(partition);
+        self.engine.apply(&mut c, ev, changes)?;
+        self.shared.store.insert(CompactString::from(cid), c);
+        self.shared.metrics.customers.inc();
+        Ok(())
+    }
+
     /// Processes one input message: decode, apply, publish changes or a dead letter.
     async fn handle(
         &self,
@@ -579,14 +602,10 @@ impl Pipeline {
         msg: &BorrowedMessage<'_>,
         summary: &mut RunSummary,
     ) -> Result<(), PipelineError> {
-        let topic = self
-            .shared
-            .topics
-            .iter()
-            .position(|t| t == msg.topic())
-            .unwrap_or(0);
+        // Only subscribed topics are delivered, so the lookup cannot miss.
+        let topic = self.shared.topic_index(msg.topic()).unwrap_or(0);
         let pos = SourcePos {
-            topic: topic as u16,
+            topic,
             partition: msg.partition(),
             offset: msg.offset(),
         };
@@ -604,22 +623,8 @@ impl Pipeline {
         if restoring {
             // Rebuild only: the changes were published when this input was first processed.
             if let Ok(ev) = decode(payload) {
-                let mut discard = Vec::new();
-                let cid = ev.customer_id.as_ref();
-                let known = match self.shared.store.get_mut(cid) {
-                    Some(mut c) => {
-                        let _ = self.engine.apply(&mut c, &ev, &mut discard);
-                        true
-                    }
-                    None => false,
-                };
-                if !known {
-                    let mut c = self.engine.new_customer(pos.partition);
-                    if self.engine.apply(&mut c, &ev, &mut discard).is_ok() {
-                        self.shared.store.insert(CompactString::from(cid), c);
-                        self.shared.metrics.customers.inc();
-                    }
-                }
+                // A refused event was dead-lettered the first time; nothing to rebuild.
+                let _ = self.apply_event(pos.partition, &ev, &mut Vec::new());
             }
             self.shared.progress().processed(pos, 0);
             return Ok(());
@@ -632,19 +637,7 @@ impl Pipeline {
             Ok(ev) => {
                 let cid = ev.customer_id.as_ref();
                 let mut changes = Vec::new();
-                let applied = match self.shared.store.get_mut(cid) {
-                    Some(mut c) => self.engine.apply(&mut c, ev, &mut changes),
-                    None => {
-                        let mut c = self.engine.new_customer(pos.partition);
-                        let r = self.engine.apply(&mut c, ev, &mut changes);
-                        if r.is_ok() {
-                            self.shared.store.insert(CompactString::from(cid), c);
-                            self.shared.metrics.customers.inc();
-                        }
-                        r
-                    }
-                };
-                match applied {
+                match self.apply_event(pos.partition, ev, &mut changes) {
                     Err(rej) => (Vec::new(), Some(rej.0)),
                     Ok(()) => {
                         let cause = Cause::Event {
@@ -677,7 +670,9 @@ impl Pipeline {
         self.shared.progress().processed(pos, n);
         if let Some(reason) = dead {
             debug!(topic = msg.topic(), partition = pos.partition, offset = pos.offset, %reason, "dead-lettering");
-            self.shared.metrics.event(topic, EventResult::DeadLettered);
+            self.shared
+                .metrics
+                .event(topic as usize, EventResult::DeadLettered);
             summary.dead_lettered += 1;
             let headers = OwnedHeaders::new()
                 .insert(Header {
@@ -702,7 +697,7 @@ impl Pipeline {
                 .headers(headers);
             send(producer, rec, &self.shared).await?;
         } else {
-            self.shared.metrics.event(topic, EventResult::Ok);
+            self.shared.metrics.event(topic as usize, EventResult::Ok);
             summary.events_ok += 1;
         }
         for out in &outputs {

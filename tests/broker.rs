@@ -98,6 +98,55 @@ fn day(d: i64) -> i64 {
     1_767_225_600_000 + d * 86_400_000 // 2026-01-01 + d days
 }
 
+/// A change message without the fields that depend on where the input landed in Kafka.
+fn comparable(mut v: Value) -> Value {
+    v["cause"]["partition"] = Value::Null;
+    v["cause"]["offset"] = Value::Null;
+    v
+}
+
+fn change_key(v: &Value) -> (String, u64) {
+    (
+        v["customer_id"].as_str().unwrap().to_owned(),
+        v["seq"].as_u64().unwrap(),
+    )
+}
+
+/// The oracle: the pure engine over each customer's events in production order, as
+/// comparable change messages; plus how many events do not decode.
+fn expected_changes(
+    rules: &Arc<RuleSet>,
+    events: &[microseg::generate::Generated],
+) -> (Vec<Value>, usize) {
+    let engine = Engine::new(rules.clone());
+    let mut customers: BTreeMap<String, microseg::engine::Customer> = BTreeMap::new();
+    let mut expected = Vec::new();
+    let mut bad = 0;
+    for ev in events {
+        let Ok(d) = decode(ev.json.as_bytes()) else {
+            bad += 1;
+            continue;
+        };
+        let c = customers
+            .entry(ev.customer_id.clone())
+            .or_insert_with(|| engine.new_customer(0));
+        let mut out = Vec::new();
+        engine.apply(c, &d, &mut out).unwrap();
+        for ch in &out {
+            let cause = Cause::Event {
+                event_id: d.event_id.as_deref(),
+                topic: "events",
+                partition: 0,
+                offset: 0,
+            };
+            expected.push(comparable(
+                serde_json::from_slice(&change_json(rules, &ev.customer_id, cause, ch)).unwrap(),
+            ));
+        }
+    }
+    (expected, bad)
+}
+
 /// The subset of a change message a test pins down exactly.
 fn essentials(v: &Value) -> Value {
     json!({
@@ -484,36 +533,7 @@ async fn two_instances_share_partitions_and_emit_exactly_the_expected_changes() 
     }
 
     // Expected: the pure engine over each customer's events in production order.
-    let engine = Engine::new(rules.clone());
-    let mut customers: BTreeMap<String, microseg::engine::Customer> = BTreeMap::new();
-    let mut expected: Vec<Value> = Vec::new();
-    let mut bad = 0;
-    for ev in &events {
-        let Ok(d) = decode(ev.json.as_bytes()) else {
-            bad += 1;
-            continue;
-        };
-        let c = customers
-            .entry(ev.customer_id.clone())
-            .or_insert_with(|| engine.new_customer(0));
-        let mut out = Vec::new();
-        engine.apply(c, &d, &mut out).unwrap();
-        for ch in &out {
-            let v: Value = serde_json::from_slice(&change_json(
-                &rules,
-                &ev.customer_id,
-                Cause::Event {
-                    event_id: d.event_id.as_deref(),
-                    topic: "events",
-                    partition: 0,
-                    offset: 0,
-                },
-                ch,
-            ))
-            .unwrap();
-            expected.push(v);
-        }
-    }
+    let (mut expected, bad) = expected_changes(&rules, &events);
     assert!(
         bad > 0 && expected.len() > 500,
         "the scenario exercises dead letters and many changes"
@@ -527,21 +547,9 @@ async fn two_instances_share_partitions_and_emit_exactly_the_expected_changes() 
             Duration::from_secs(2),
         )
         .await;
-    let strip = |mut v: Value| {
-        v["cause"]["partition"] = Value::Null;
-        v["cause"]["offset"] = Value::Null;
-        v
-    };
-    let key = |v: &Value| {
-        (
-            v["customer_id"].as_str().unwrap().to_owned(),
-            v["seq"].as_u64().unwrap(),
-        )
-    };
-    let mut got: Vec<Value> = got.iter().map(|r| strip(r.json())).collect();
-    let mut expected: Vec<Value> = expected.into_iter().map(strip).collect();
-    got.sort_by_key(key);
-    expected.sort_by_key(key);
+    let mut got: Vec<Value> = got.iter().map(|r| comparable(r.json())).collect();
+    got.sort_by_key(change_key);
+    expected.sort_by_key(change_key);
     assert_eq!(got.len(), expected.len());
     for (g, e) in got.iter().zip(&expected) {
         assert_eq!(g, e);
@@ -612,36 +620,11 @@ async fn a_restarted_instance_continues_every_customer_sequence_exactly() {
     .await;
     b.stop().await;
 
-    let engine = Engine::new(rules.clone());
-    let mut customers: BTreeMap<String, microseg::engine::Customer> = BTreeMap::new();
-    let mut expected: BTreeMap<(String, u64), Value> = BTreeMap::new();
-    for ev in &events {
-        let Ok(d) = decode(ev.json.as_bytes()) else {
-            continue;
-        };
-        let c = customers
-            .entry(ev.customer_id.clone())
-            .or_insert_with(|| engine.new_customer(0));
-        let mut out = Vec::new();
-        engine.apply(c, &d, &mut out).unwrap();
-        for ch in &out {
-            let mut v: Value = serde_json::from_slice(&change_json(
-                &rules,
-                &ev.customer_id,
-                Cause::Event {
-                    event_id: d.event_id.as_deref(),
-                    topic: "events",
-                    partition: 0,
-                    offset: 0,
-                },
-                ch,
-            ))
-            .unwrap();
-            v["cause"]["partition"] = Value::Null;
-            v["cause"]["offset"] = Value::Null;
-            expected.insert((ev.customer_id.clone(), ch.seq), v);
-        }
-    }
+    let expected: BTreeMap<(String, u64), Value> = expected_changes(&rules, &events)
+        .0
+        .into_iter()
+        .map(|v| (change_key(&v), v))
+        .collect();
     let got = broker
         .read(
             "segment-changes",
@@ -652,13 +635,8 @@ async fn a_restarted_instance_continues_every_customer_sequence_exactly() {
         .await;
     let mut seen: BTreeMap<(String, u64), Value> = BTreeMap::new();
     for r in &got {
-        let mut v = r.json();
-        v["cause"]["partition"] = Value::Null;
-        v["cause"]["offset"] = Value::Null;
-        let k = (
-            v["customer_id"].as_str().unwrap().to_owned(),
-            v["seq"].as_u64().unwrap(),
-        );
+        let v = comparable(r.json());
+        let k = change_key(&v);
         if let Some(prev) = seen.get(&k) {
             assert_eq!(
                 prev, &v,
