@@ -99,6 +99,48 @@ impl Default for LogConfig {
     }
 }
 
+/// Which clock drives time-based rules (README "Time").
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockMode {
+    /// Time advances with a per-partition watermark over event timestamps (replayable).
+    #[default]
+    Event,
+    /// Time is the wall clock.
+    Processing,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeConfig {
+    pub clock: ClockMode,
+    /// Event time: how far behind the newest event of a partition an event may be and still
+    /// count in windows (the watermark is the newest event time minus this).
+    pub allowed_lateness_ms: i64,
+    /// Event time: after this long (wall clock) without input on a partition, its watermark
+    /// follows the wall clock, so timers of a quiet partition still fire.
+    pub idle_timeout_ms: i64,
+    /// Also copy late events (applied to lifetime aggregates only) to the dead-letter topic.
+    pub late_to_dead_letter: bool,
+    /// Event ids remembered per customer to drop duplicates (0: off).
+    pub dedup_ids: usize,
+    /// How often idle partitions and processing-time timers are checked.
+    pub tick_ms: u64,
+}
+
+impl Default for TimeConfig {
+    fn default() -> Self {
+        TimeConfig {
+            clock: ClockMode::Event,
+            allowed_lateness_ms: 5 * 60_000,
+            idle_timeout_ms: 30_000,
+            late_to_dead_letter: false,
+            dedup_ids: crate::engine::DEFAULT_DEDUP_IDS,
+            tick_ms: 200,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -106,6 +148,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub rules: RulesConfig,
     pub pipeline: PipelineConfig,
+    pub time: TimeConfig,
     pub log: LogConfig,
 }
 
@@ -258,6 +301,18 @@ impl Config {
         }
         if self.pipeline.commit_interval_ms == 0 {
             problems.push("pipeline.commit_interval_ms: must be at least 1".into());
+        }
+        let t = &self.time;
+        if t.allowed_lateness_ms < 0 {
+            problems.push("time.allowed_lateness_ms: must not be negative".into());
+        }
+        if t.idle_timeout_ms < 1 {
+            problems.push("time.idle_timeout_ms: must be at least 1".into());
+        }
+        if t.tick_ms == 0 || t.tick_ms > 1000 {
+            problems.push(
+                "time.tick_ms: must be between 1 and 1000 (timers fire within a tick)".into(),
+            );
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             problems.push(format!(

@@ -7,13 +7,25 @@
 //! independent segment) has a dependency mask (purchase / engagement / profile / time); an
 //! event re-evaluates only the units whose mask contains the event's kind or `time` (the
 //! customer's clock moved). A customer's first event evaluates everything.
+//!
+//! Time: after every evaluation the engine computes the customer's *timer*, the next instant
+//! at which a time-dependent rule can flip with no event (see [`crate::rules::timing`]). The
+//! caller keeps an index of timers and calls [`Engine::advance`] when one is due; the engine
+//! also fires a customer's due timers itself before applying an event with a later
+//! timestamp, so a change caused by time passing always carries the exact instant it
+//! happened. Which clock drives time (event time with a watermark, or processing time) is
+//! the caller's choice, passed as a [`Clock`].
+//!
+//! Late and duplicate events: an event older than the watermark counts in the lifetime
+//! aggregates only (see [`CustomerState::apply_with`]); an event whose `event_id` is among
+//! the customer's last `dedup` ids changes nothing.
 
 use serde::Serialize;
 
 use crate::event::{Event, EventKind};
 use crate::rules::compile::{deps, val_to_json, Atom, Ctx};
-use crate::rules::RuleSet;
-use crate::state::{CustomerState, Rejected, NO_TIME};
+use crate::rules::{fnv1a, RuleSet};
+use crate::state::{CustomerState, Rejected, NEVER, NO_TIME};
 use std::sync::Arc;
 
 /// "Not in any segment of this segmentation yet."
@@ -31,6 +43,10 @@ pub struct Customer {
     pub member: Box<[u64]>,
     /// Sequence number of the last change emitted for this customer (0: none yet).
     pub seq: u64,
+    /// When a time-dependent rule can next flip (`NEVER`: no timer).
+    pub timer: i64,
+    /// Hashes of the most recent event ids applied, oldest first (duplicate detection).
+    pub recent_ids: Vec<u64>,
 }
 
 impl Customer {
@@ -69,7 +85,35 @@ pub struct Change<'r> {
     pub seq: u64,
     /// The feature values behind the decision, in rule order.
     pub because: Vec<(&'r str, serde_json::Value)>,
+    /// Caused by time passing (a timer due at `at`) rather than by an event.
+    pub by_timer: bool,
 }
+
+/// Which clock an event is evaluated against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    /// Event time: `watermark` is the partition's watermark (`NO_TIME` before there is one).
+    /// An event older than it is late; evaluation happens at the later of the customer's
+    /// clock and the watermark.
+    Event { watermark: i64 },
+    /// Processing time: evaluation (and timers) at the wall clock `now`.
+    Processing { now: i64 },
+}
+
+/// What became of an accepted event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied to the state.
+    Applied,
+    /// Older than the watermark: applied to the lifetime aggregates only.
+    Late,
+    /// Its `event_id` was already applied for this customer: nothing changed.
+    Duplicate,
+}
+
+/// Most timers one call may fire for one customer before it evaluates straight at the target
+/// instant (only reached by rules re-checked periodically; see `rules::timing`).
+const MAX_FIRES: usize = 256;
 
 /// Every membership of a customer, evaluated from scratch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +126,12 @@ pub struct Memberships {
 #[derive(Debug, Clone)]
 pub struct Engine {
     pub rules: Arc<RuleSet>,
+    /// Event ids remembered per customer for duplicate detection (0: off).
+    pub dedup: usize,
 }
+
+/// Default number of event ids remembered per customer.
+pub const DEFAULT_DEDUP_IDS: usize = 8;
 
 fn kind_bit(k: EventKind) -> u8 {
     match k {
@@ -94,7 +143,15 @@ fn kind_bit(k: EventKind) -> u8 {
 
 impl Engine {
     pub fn new(rules: Arc<RuleSet>) -> Self {
-        Engine { rules }
+        Engine {
+            rules,
+            dedup: DEFAULT_DEDUP_IDS,
+        }
+    }
+
+    pub fn with_dedup(mut self, ids: usize) -> Self {
+        self.dedup = ids;
+        self
     }
 
     pub fn new_customer(&self, partition: i32) -> Customer {
@@ -104,6 +161,8 @@ impl Engine {
             segment: vec![NO_SEGMENT; self.rules.segmentations.len()].into_boxed_slice(),
             member: vec![0u64; self.rules.segments.len().div_ceil(64)].into_boxed_slice(),
             seq: 0,
+            timer: NEVER,
+            recent_ids: Vec::new(),
         }
     }
 
@@ -116,30 +175,134 @@ impl Engine {
         }
     }
 
-    /// Applies one event to a customer and appends the resulting changes to `out`.
-    /// A refused event (e.g. an attribute of the wrong type) changes nothing.
+    /// Applies one event at the customer's own clock (event time, no watermark) and appends
+    /// the resulting changes to `out`. A refused event (e.g. an attribute of the wrong type)
+    /// changes nothing.
     pub fn apply<'r>(
         &'r self,
         c: &mut Customer,
         ev: &Event<'_>,
         out: &mut Vec<Change<'r>>,
-    ) -> Result<(), Rejected> {
+    ) -> Result<Applied, Rejected> {
+        self.apply_at(c, ev, Clock::Event { watermark: NO_TIME }, out)
+    }
+
+    /// Applies one event under `clock`: fires the customer's timers due before it, applies
+    /// it (lifetime aggregates only if it is late), re-evaluates the rules it can affect and
+    /// sets the customer's next timer. A refused event changes nothing.
+    pub fn apply_at<'r>(
+        &'r self,
+        c: &mut Customer,
+        ev: &Event<'_>,
+        clock: Clock,
+        out: &mut Vec<Change<'r>>,
+    ) -> Result<Applied, Rejected> {
         CustomerState::validate(&self.rules.state, ev)?;
+        if !self.remember(c, ev.event_id.as_deref()) {
+            return Ok(Applied::Duplicate);
+        }
+        let (late, due_by) = match clock {
+            Clock::Event { watermark } => (ev.ts < watermark, ev.ts.max(watermark)),
+            Clock::Processing { now } => (false, now),
+        };
         let first = c.state.last_seen == NO_TIME;
-        c.state.apply(&self.rules.state, &self.rules.symbols, ev);
+        if !first {
+            self.advance(c, due_by, out);
+        }
+        c.state
+            .apply_with(&self.rules.state, &self.rules.symbols, ev, !late);
         let mask = if first {
             u8::MAX
         } else {
             kind_bit(ev.kind()) | deps::TIME
         };
-        let now = c.state.last_seen;
-        self.evaluate(c, mask, now, out);
-        Ok(())
+        let now = match clock {
+            Clock::Event { watermark } => c.state.last_seen.max(watermark),
+            Clock::Processing { now } => now,
+        };
+        self.evaluate(c, mask, now, false, out);
+        c.timer = self.next_timer(c, now).max(now.saturating_add(1));
+        Ok(if late {
+            Applied::Late
+        } else {
+            Applied::Applied
+        })
+    }
+
+    /// Records an event id; false if it is among the customer's recent ones (a duplicate).
+    fn remember(&self, c: &mut Customer, event_id: Option<&str>) -> bool {
+        let Some(id) = event_id.filter(|_| self.dedup > 0) else {
+            return true;
+        };
+        let h = fnv1a(id.as_bytes());
+        if c.recent_ids.contains(&h) {
+            return false;
+        }
+        if c.recent_ids.len() >= self.dedup {
+            c.recent_ids.remove(0);
+        }
+        if c.recent_ids.capacity() == 0 {
+            c.recent_ids.reserve_exact(self.dedup);
+        }
+        c.recent_ids.push(h);
+        true
+    }
+
+    /// Fires every timer of the customer due at or before `upto`, in order: each re-evaluates
+    /// the time-dependent rules at its due instant (changes marked `by_timer`, `at` = due) and
+    /// sets the next timer.
+    pub fn advance<'r>(&'r self, c: &mut Customer, upto: i64, out: &mut Vec<Change<'r>>) {
+        for _ in 0..MAX_FIRES {
+            let due = c.timer;
+            if due > upto {
+                return;
+            }
+            self.evaluate(c, deps::TIME, due, true, out);
+            c.timer = self.next_timer(c, due).max(due + 1);
+        }
+        if c.timer <= upto {
+            self.evaluate(c, deps::TIME, upto, true, out);
+            c.timer = self.next_timer(c, upto).max(upto.saturating_add(1));
+        }
+    }
+
+    /// The next instant after `now` at which one of the customer's time-dependent rules may
+    /// flip (`NEVER` if none can). For a segmentation only the rules up to the current winner
+    /// matter: a later rule cannot change the outcome unless one of those does first.
+    pub fn next_timer(&self, c: &Customer, now: i64) -> i64 {
+        let cx = self.ctx(&c.state, now);
+        let mut t = NEVER;
+        for (si, seg) in self.rules.segmentations.iter().enumerate() {
+            if seg.deps & deps::TIME == 0 {
+                continue;
+            }
+            let upto = (c.segment[si] as usize)
+                .saturating_add(1)
+                .min(seg.segments.len());
+            for r in &seg.segments[..upto] {
+                if r.deps & deps::TIME != 0 {
+                    t = t.min(r.expr.next_change(&cx));
+                }
+            }
+        }
+        for r in &self.rules.segments {
+            if r.deps & deps::TIME != 0 {
+                t = t.min(r.expr.next_change(&cx));
+            }
+        }
+        t
     }
 
     /// Re-evaluates the rule units whose dependencies intersect `mask` at time `now`, and
     /// records and appends every change.
-    pub fn evaluate<'r>(&'r self, c: &mut Customer, mask: u8, now: i64, out: &mut Vec<Change<'r>>) {
+    pub fn evaluate<'r>(
+        &'r self,
+        c: &mut Customer,
+        mask: u8,
+        now: i64,
+        by_timer: bool,
+        out: &mut Vec<Change<'r>>,
+    ) {
         let rules = &*self.rules;
         for (si, seg) in rules.segmentations.iter().enumerate() {
             let current = c.segment[si];
@@ -170,6 +333,7 @@ impl Engine {
                     at: now,
                     seq: c.seq,
                     because: because.clone(),
+                    by_timer,
                 });
             }
             c.seq += 1;
@@ -182,6 +346,7 @@ impl Engine {
                 at: now,
                 seq: c.seq,
                 because,
+                by_timer,
             });
             c.segment[si] = winner;
         }
@@ -208,6 +373,7 @@ impl Engine {
                 at: now,
                 seq: c.seq,
                 because: self.because(rule.atoms.iter(), &c.state, now),
+                by_timer,
             });
         }
     }
@@ -360,29 +526,40 @@ when = "purchases.count_30d >= 3"
     }
 
     #[test]
-    fn time_dependent_rules_are_correct_at_each_event() {
+    fn time_passing_fires_timers_at_the_exact_instant_before_the_next_event() {
         let e = engine();
         let mut c = e.new_customer(0);
         run(&e, &mut c, &purchase(0));
-        // 70 days later an engagement arrives: the lapse is seen then, and the window count
-        // (a purchase-and-time feature) is re-evaluated too.
+        // The 30-day window loses the purchase's bucket exactly 30 days later.
+        assert_eq!(c.timer, 30 * crate::time::DAY_MS);
+        // 70 days later an engagement arrives: first the two moves time caused, each at its
+        // own instant, then the event itself (which changes nothing more).
         let ch = run(
             &e,
             &mut c,
             r#"{"customer_id":"c","type":"engagement","timestamp":6048000000,"action":"login"}"#,
         );
-        let names: Vec<_> = ch.iter().map(|c| (c.segment, c.kind)).collect();
+        let got: Vec<_> = ch
+            .iter()
+            .map(|c| (c.segment, c.kind, c.at, c.by_timer))
+            .collect();
+        let d30 = 30 * crate::time::DAY_MS;
+        let d60 = 60 * crate::time::DAY_MS + 1; // days_since > 60: the first ms after 60 days
         assert_eq!(
-            names,
+            got,
             vec![
-                ("active", ChangeKind::Exited),
-                ("lapsed", ChangeKind::Entered)
+                ("active", ChangeKind::Exited, d30, true),
+                ("prospect", ChangeKind::Entered, d30, true),
+                ("prospect", ChangeKind::Exited, d60, true),
+                ("lapsed", ChangeKind::Entered, d60, true),
             ]
         );
         assert_eq!(
-            ch[1].because[1],
-            ("days_since(purchases.last)", serde_json::json!(70))
+            ch[3].because[1],
+            // 60 days and 1 ms, shown rounded to 6 decimals.
+            ("days_since(purchases.last)", serde_json::json!(60.0))
         );
+        assert_eq!(c.timer, NEVER, "nothing left that time can change");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod generate;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
+pub mod processor;
 pub mod rules;
 pub mod state;
 pub mod symbols;

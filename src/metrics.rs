@@ -15,16 +15,26 @@ use crate::rules::RuleSet;
 pub enum EventResult {
     Ok = 0,
     DeadLettered = 1,
+    /// Older than the watermark: applied to lifetime aggregates only.
+    Late = 2,
+    /// Its event id was already applied for the customer: ignored.
+    Duplicate = 3,
 }
+
+const RESULTS: [&str; 4] = ["ok", "dead_lettered", "late", "duplicate"];
 
 pub struct Metrics {
     pub registry: Registry,
-    events: Vec<[IntCounter; 2]>,
+    events: Vec<[IntCounter; 4]>,
     changes: IntCounterVec,
     movements: IntCounterVec,
     members: IntGaugeVec,
     pub customers: IntGauge,
     pub rebalances: IntCounterVec,
+    /// Timers fired (each re-evaluates one customer's time-dependent rules).
+    pub timers_fired: IntCounter,
+    /// Timers scheduled.
+    pub timers_pending: IntGauge,
     segmentation_names: Vec<String>,
 }
 
@@ -39,7 +49,7 @@ impl Metrics {
         let events_vec = must(IntCounterVec::new(
             Opts::new(
                 "microseg_events_total",
-                "Input messages processed, by topic and result (ok, dead_lettered)",
+                "Input messages processed, by topic and result (ok, dead_lettered, late, duplicate)",
             ),
             &["topic", "result"],
         ));
@@ -66,8 +76,18 @@ impl Metrics {
             ),
             &["kind"],
         ));
+        let timers_fired = must(IntCounter::new(
+            "microseg_timers_fired_total",
+            "Customer timers fired (time-dependent rules re-evaluated with no event)",
+        ));
+        let timers_pending = must(IntGauge::new(
+            "microseg_timers_pending",
+            "Customer timers scheduled on this instance",
+        ));
         for c in [
-            Box::new(events_vec.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(timers_fired.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(timers_pending.clone()),
+            Box::new(events_vec.clone()),
             Box::new(changes.clone()),
             Box::new(movements.clone()),
             Box::new(members.clone()),
@@ -78,12 +98,7 @@ impl Metrics {
         }
         let events = topics
             .iter()
-            .map(|t| {
-                [
-                    events_vec.with_label_values(&[t, "ok"]),
-                    events_vec.with_label_values(&[t, "dead_lettered"]),
-                ]
-            })
+            .map(|t| RESULTS.map(|r| events_vec.with_label_values(&[t, r])))
             .collect();
         for s in &rules.segmentations {
             for i in 0..=s.segments.len() {
@@ -103,6 +118,8 @@ impl Metrics {
             members,
             customers,
             rebalances,
+            timers_fired,
+            timers_pending,
             segmentation_names: rules.segmentations.iter().map(|s| s.name.clone()).collect(),
         }
     }

@@ -14,6 +14,11 @@
 //!   shutdown. A delivery that fails for good stops the pipeline without committing past it,
 //!   so a restart replays it (at-least-once).
 //!
+//! What happens to events and time (watermarks, timers) is decided by the Kafka-free
+//! [`Processor`]; this module feeds it messages and wall-clock ticks and publishes what it
+//! emits. A change caused by a timer is tracked for commits like the output of the input
+//! message that made it due (or, for a tick, of the partition's last processed message).
+//!
 //! Customer state is a `DashMap` shared with readers (the demo, the API); no map reference or
 //! lock is ever held across an `.await`.
 
@@ -23,7 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use compact_str::CompactString;
-use dashmap::DashMap;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -37,14 +41,13 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::engine::{Change, Customer, Engine};
-use crate::event::{decode, Event};
+use crate::engine::{Applied, Engine};
+use crate::event::decode;
 use crate::metrics::{EventResult, Metrics};
 use crate::output::{change_json, dlq_headers, Cause};
-use crate::state::Rejected;
-
-/// All customers held by this instance, keyed by customer id.
-pub type Store = DashMap<CompactString, Customer>;
+pub use crate::processor::Store;
+use crate::processor::{Emitted, Fired, Processor};
+use crate::time::format_rfc3339;
 
 /// Where an output record came from: (input topic index, partition, offset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +145,20 @@ impl Progress {
         }
     }
 
+    /// The last input processed on a partition (any input topic), to which output of a
+    /// timer fired by a tick is attributed.
+    fn last_processed(&self, partition: i32) -> Option<SourcePos> {
+        self.parts
+            .iter()
+            .filter(|((_, p), pp)| *p == partition && pp.next > 0)
+            .map(|((t, p), pp)| SourcePos {
+                topic: *t,
+                partition: *p,
+                offset: pp.next - 1,
+            })
+            .min_by_key(|s| (s.offset, s.topic))
+    }
+
     /// Outputs not yet delivered.
     pub fn in_flight(&self) -> u64 {
         self.parts
@@ -156,7 +173,7 @@ impl Progress {
 struct Shared {
     topics: Vec<String>,
     progress: Mutex<Progress>,
-    store: Arc<Store>,
+    processor: Processor,
     metrics: Arc<Metrics>,
     /// Input partitions currently assigned, as (topic, partition).
     assigned: Mutex<Vec<(String, i32)>>,
@@ -255,12 +272,14 @@ impl ConsumerContext for ConsumerCtx {
                 .map(|e| (e.topic().to_owned(), e.partition()))
                 .collect();
             let keep: HashSet<i32> = now.iter().map(|(_, p)| *p).collect();
-            let before = self.shared.store.len();
-            self.shared.store.retain(|_, c| keep.contains(&c.partition));
+            let dropped = self
+                .shared
+                .processor
+                .retain_partitions(|p| keep.contains(&p));
             self.shared
                 .metrics
                 .customers
-                .set(self.shared.store.len() as i64);
+                .set(self.shared.processor.store().len() as i64);
             let fresh: Vec<(u16, i32)> = {
                 let mut p = self.shared.progress();
                 p.parts.retain(|(_, part), _| keep.contains(part));
@@ -275,7 +294,7 @@ impl ConsumerContext for ConsumerCtx {
                     .collect()
             };
             self.restore_from_input(consumer, &fresh);
-            info!(partitions = ?now, dropped_customers = before - self.shared.store.len(), "partitions assigned");
+            info!(partitions = ?now, dropped_customers = dropped, "partitions assigned");
             *self
                 .shared
                 .assigned
@@ -392,7 +411,6 @@ pub struct RunSummary {
 /// A configured engine instance. Build with [`Pipeline::new`], then [`Pipeline::run`].
 pub struct Pipeline {
     cfg: Config,
-    engine: Engine,
     shared: Arc<Shared>,
 }
 
@@ -411,21 +429,31 @@ impl Pipeline {
         let shared = Arc::new(Shared {
             topics: cfg.kafka.input_topics.clone(),
             progress: Mutex::new(Progress::default()),
-            store: Arc::new(Store::new()),
+            processor: Processor::new(
+                engine.with_dedup(cfg.time.dedup_ids),
+                Arc::new(Store::new()),
+                &cfg.time,
+                cfg.kafka.input_topics.len(),
+            ),
             metrics,
             assigned: Mutex::new(Vec::new()),
             drain_timeout: Duration::from_millis(cfg.pipeline.drain_timeout_ms),
         });
-        Pipeline {
-            cfg,
-            engine,
-            shared,
-        }
+        Pipeline { cfg, shared }
     }
 
     /// The customer store (read it; never hold a reference across `.await`).
     pub fn store(&self) -> Arc<Store> {
-        self.shared.store.clone()
+        self.shared.processor.store().clone()
+    }
+
+    /// Timers scheduled over the assigned partitions.
+    pub fn timers_pending(&self) -> usize {
+        self.shared.processor.timers_pending()
+    }
+
+    fn engine(&self) -> &Engine {
+        self.shared.processor.engine()
     }
 
     /// Input partitions currently assigned to this instance.
@@ -528,11 +556,13 @@ impl Pipeline {
                 context: "subscribe",
                 source,
             })?;
-        info!(brokers = %k.brokers, group = %k.group_id, topics = ?topics, rules_version = %self.engine.rules.version, "pipeline started");
+        info!(brokers = %k.brokers, group = %k.group_id, topics = ?topics, rules_version = %self.engine().rules.version, clock = ?self.cfg.time.clock, "pipeline started");
 
         let mut tick =
             tokio::time::interval(Duration::from_millis(self.cfg.pipeline.commit_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut clock_tick = tokio::time::interval(Duration::from_millis(self.cfg.time.tick_ms));
+        clock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         let mut summary = RunSummary::default();
         let result = loop {
@@ -543,6 +573,11 @@ impl Pipeline {
                     let offsets = self.shared.progress().committable(None);
                     if let Err(e) = commit(&consumer, &self.shared, &offsets, CommitMode::Async) {
                         warn!(error = %e, "periodic commit failed; will retry");
+                    }
+                }
+                _ = clock_tick.tick() => {
+                    if let Err(e) = self.on_tick(&producer, &mut summary).await {
+                        break Err(e);
                     }
                 }
                 m = consumer.recv() => match m {
@@ -575,27 +610,83 @@ impl Pipeline {
         result.map(|()| summary)
     }
 
-    /// Applies an event to its customer in the store, creating the customer on its first
-    /// accepted event (a refused first event leaves no trace). The map entry is released
-    /// before returning, so callers may `.await` afterwards.
-    fn apply_event<'r>(
-        &'r self,
-        partition: i32,
-        ev: &Event<'_>,
-        changes: &mut Vec<Change<'r>>,
-    ) -> Result<(), Rejected> {
-        let cid = ev.customer_id.as_ref();
-        if let Some(mut c) = self.shared.store.get_mut(cid) {
-            return self.engine.apply(&mut c, ev, changes);
+    fn record_fired(&self, fired: Fired) {
+        self.shared.metrics.timers_fired.inc_by(fired.timers);
+        self.shared
+            .metrics
+            .customers
+            .add(fired.new_customers as i64);
+    }
+
+    /// Serializes emitted changes (counting them); `cause` is the event's, for changes it
+    /// caused (timer changes say so themselves).
+    fn serialize(
+        &self,
+        emitted: &[Emitted<'_>],
+        cause: Option<Cause<'_>>,
+        summary: &mut RunSummary,
+    ) -> Vec<(CompactString, Vec<u8>)> {
+        let rules = &self.engine().rules;
+        summary.changes += emitted.len() as u64;
+        emitted
+            .iter()
+            .map(|e| {
+                self.shared.metrics.change(&e.change);
+                let cause = match cause {
+                    Some(c) if !e.change.by_timer => c,
+                    _ => Cause::Timer,
+                };
+                let json = change_json(rules, &e.customer_id, cause, &e.change);
+                (e.customer_id.clone(), json)
+            })
+            .collect()
+    }
+
+    /// Lets time pass with no input: fires the timers of idle partitions (event time) or all
+    /// due timers (processing time), and publishes their changes.
+    async fn on_tick(
+        &self,
+        producer: &ThreadedProducer<ProducerCtx>,
+        summary: &mut RunSummary,
+    ) -> Result<(), PipelineError> {
+        let mut out = Vec::new();
+        let fired = self.shared.processor.tick(wall_ms(), &mut out);
+        self.record_fired(fired);
+        self.shared
+            .metrics
+            .timers_pending
+            .set(self.shared.processor.timers_pending() as i64);
+        if out.is_empty() {
+            return Ok(());
         }
-        let mut c = self.engine.new_customer(partition);
-        self.engine.apply(&mut c, ev, changes)?;
-        self.shared.store.insert(CompactString::from(cid), c);
-        self.shared.metrics.customers.inc();
+        let mut by_partition: BTreeMap<i32, Vec<Emitted<'_>>> = BTreeMap::new();
+        for (p, e) in out {
+            by_partition.entry(p).or_default().push(e);
+        }
+        for (p, emitted) in by_partition {
+            let outputs = self.serialize(&emitted, None, summary);
+            let pos = self
+                .shared
+                .progress()
+                .last_processed(p)
+                .unwrap_or(SourcePos {
+                    topic: 0,
+                    partition: p,
+                    offset: -1,
+                });
+            self.shared.progress().processed(pos, outputs.len() as u32);
+            for (key, out) in &outputs {
+                let rec = BaseRecord::with_opaque_to(&self.cfg.kafka.output_topic, Box::new(pos))
+                    .key(key.as_bytes())
+                    .payload(out.as_slice());
+                send(producer, rec, &self.shared).await?;
+            }
+        }
         Ok(())
     }
 
-    /// Processes one input message: decode, apply, publish changes or a dead letter.
+    /// Processes one input message: decode, let the processor fire due timers and apply it,
+    /// publish the changes and, for bad (or, if configured, late) input, a dead letter.
     async fn handle(
         &self,
         producer: &ThreadedProducer<ProducerCtx>,
@@ -620,60 +711,61 @@ impl Pipeline {
         }
         let restoring = self.shared.progress().restoring(pos);
         let payload = msg.payload().unwrap_or(&[]);
+        let proc = &self.shared.processor;
+        let mut emitted = Vec::new();
+        let mut fired = Fired::default();
+        let decoded = decode(payload);
+        let outcome = match &decoded {
+            Err(e) => Err(e.0.clone()),
+            Ok(ev) => proc
+                .event(
+                    topic as usize,
+                    pos.partition,
+                    ev,
+                    wall_ms(),
+                    &mut emitted,
+                    &mut fired,
+                )
+                .map_err(|r| r.0),
+        };
+        self.record_fired(fired);
         if restoring {
             // Rebuild only: the changes were published when this input was first processed.
-            if let Ok(ev) = decode(payload) {
-                // A refused event was dead-lettered the first time; nothing to rebuild.
-                let _ = self.apply_event(pos.partition, &ev, &mut Vec::new());
-            }
             self.shared.progress().processed(pos, 0);
             return Ok(());
         }
         // Outputs are fully built before anything is sent, so no map entry is held while
         // waiting for producer queue space.
-        let decoded = decode(payload);
-        let (outputs, dead): (Vec<Vec<u8>>, Option<String>) = match &decoded {
-            Err(e) => (Vec::new(), Some(e.0.clone())),
-            Ok(ev) => {
-                let cid = ev.customer_id.as_ref();
-                let mut changes = Vec::new();
-                match self.apply_event(pos.partition, ev, &mut changes) {
-                    Err(rej) => (Vec::new(), Some(rej.0)),
-                    Ok(()) => {
-                        let cause = Cause::Event {
-                            event_id: ev.event_id.as_deref(),
-                            topic: msg.topic(),
-                            partition: pos.partition,
-                            offset: pos.offset,
-                        };
-                        for ch in &changes {
-                            self.shared.metrics.change(ch);
-                        }
-                        summary.changes += changes.len() as u64;
-                        (
-                            changes
-                                .iter()
-                                .map(|ch| change_json(&self.engine.rules, cid, cause, ch))
-                                .collect(),
-                            None,
-                        )
-                    }
-                }
-            }
+        let cause = decoded.as_ref().ok().map(|ev| Cause::Event {
+            event_id: ev.event_id.as_deref(),
+            topic: msg.topic(),
+            partition: pos.partition,
+            offset: pos.offset,
+        });
+        let outputs = self.serialize(&emitted, cause, summary);
+        let (result, dead) = match outcome {
+            Err(reason) => (EventResult::DeadLettered, Some(reason)),
+            Ok(Applied::Applied) => (EventResult::Ok, None),
+            Ok(Applied::Duplicate) => (EventResult::Duplicate, None),
+            Ok(Applied::Late) => (
+                EventResult::Late,
+                self.cfg.time.late_to_dead_letter.then(|| {
+                    format!(
+                        "late event: older than the partition's watermark {}; applied to lifetime aggregates only",
+                        format_rfc3339(proc.watermark(pos.partition))
+                    )
+                }),
+            ),
         };
-        // Changes are keyed by the customer id from the body; dead letters keep the input key.
-        let key: &[u8] = match (&decoded, &dead) {
-            (Ok(ev), None) => ev.customer_id.as_bytes(),
-            _ => msg.key().unwrap_or(&[]),
-        };
+        self.shared.metrics.event(topic as usize, result);
+        match result {
+            EventResult::DeadLettered => summary.dead_lettered += 1,
+            _ => summary.events_ok += 1,
+        }
         let n = outputs.len() as u32 + dead.is_some() as u32;
         self.shared.progress().processed(pos, n);
         if let Some(reason) = dead {
             debug!(topic = msg.topic(), partition = pos.partition, offset = pos.offset, %reason, "dead-lettering");
-            self.shared
-                .metrics
-                .event(topic as usize, EventResult::DeadLettered);
-            summary.dead_lettered += 1;
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: dlq_headers::REASON,
@@ -692,22 +784,26 @@ impl Pipeline {
                     value: Some(&pos.offset.to_string()),
                 });
             let rec = BaseRecord::with_opaque_to(&self.cfg.kafka.dead_letter_topic, Box::new(pos))
-                .key(key)
+                .key(msg.key().unwrap_or(&[]))
                 .payload(payload)
                 .headers(headers);
             send(producer, rec, &self.shared).await?;
-        } else {
-            self.shared.metrics.event(topic as usize, EventResult::Ok);
-            summary.events_ok += 1;
         }
-        for out in &outputs {
+        for (key, out) in &outputs {
             let rec = BaseRecord::with_opaque_to(&self.cfg.kafka.output_topic, Box::new(pos))
-                .key(key)
+                .key(key.as_bytes())
                 .payload(out.as_slice());
             send(producer, rec, &self.shared).await?;
         }
         Ok(())
     }
+}
+
+/// Wall-clock time, epoch ms.
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Enqueues one record, waiting (without holding anything) while the producer queue is full:

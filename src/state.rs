@@ -122,6 +122,8 @@ pub struct CustomerState {
     /// Plan of the latest purchase (by event time) that named one.
     pub plan: Option<Sym>,
     plan_ts: i64,
+    /// Time of the latest profile event applied (older ones do not overwrite attributes).
+    profile_ts: i64,
     pub purchase_buckets: Vec<PurchaseBucket>,
     pub engagement_buckets: Vec<EngagementBucket>,
     pub categories: Vec<(Sym, u32)>,
@@ -138,6 +140,34 @@ fn bump(list: &mut Vec<(Sym, u32)>, sym: Sym) {
     }
 }
 
+/// "Never": no instant at which a time-dependent value changes.
+pub const NEVER: i64 = i64::MAX;
+
+/// Over bucket numbers in ascending order: the first instant after `now` at which one of them
+/// leaves (bucket `b` leaves a window of `w` buckets at `(b + w) * bucket_ms`) or enters (a
+/// bucket ahead of `now` enters at its start) the window.
+fn window_next(buckets: impl Iterator<Item = u32>, cfg: &StateConfig, now: i64, w: u32) -> i64 {
+    if cfg.bucket_ms <= 0 {
+        return NEVER;
+    }
+    let start = cfg.window_start(now, w);
+    let end = cfg.bucket_of(now);
+    let mut next = NEVER;
+    for b in buckets {
+        if b < start {
+            continue;
+        }
+        if b <= end {
+            if next == NEVER {
+                next = (b as i64 + w as i64) * cfg.bucket_ms;
+            }
+        } else {
+            return next.min(b as i64 * cfg.bucket_ms);
+        }
+    }
+    next
+}
+
 /// Why an event was refused by the state (it is not applied at all).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -152,6 +182,7 @@ impl CustomerState {
             last_purchase: NO_TIME,
             last_engagement: NO_TIME,
             plan_ts: NO_TIME,
+            profile_ts: NO_TIME,
             attrs: vec![None; cfg.attributes.len()].into_boxed_slice(),
             ..Default::default()
         }
@@ -187,6 +218,14 @@ impl CustomerState {
     /// Applies an already validated event. Events older than the longest window (relative to
     /// the customer's clock) still count in the lifetime aggregates but not in any window.
     pub fn apply(&mut self, cfg: &StateConfig, syms: &Symbols, ev: &Event<'_>) {
+        self.apply_with(cfg, syms, ev, true)
+    }
+
+    /// Applies an already validated event; with `windows = false` (an event later than the
+    /// allowed lateness) only to the lifetime aggregates, which stay correct whatever the
+    /// arrival order: counts and sums, first/last times (min/max), per-category/channel/action
+    /// counts, and plan and attributes only when newer than the values they would replace.
+    pub fn apply_with(&mut self, cfg: &StateConfig, syms: &Symbols, ev: &Event<'_>, windows: bool) {
         let ts = ev.ts;
         if self.first_seen == NO_TIME || ts < self.first_seen {
             self.first_seen = ts;
@@ -215,7 +254,7 @@ impl CustomerState {
                         self.plan_ts = ts;
                     }
                 }
-                if b >= horizon && cfg.bucket_ms > 0 {
+                if windows && b >= horizon && cfg.bucket_ms > 0 {
                     match self.purchase_buckets.binary_search_by_key(&b, |x| x.bucket) {
                         Ok(i) => {
                             let x = &mut self.purchase_buckets[i];
@@ -238,7 +277,7 @@ impl CustomerState {
                 self.last_engagement = self.last_engagement.max(ts);
                 let a = syms.intern(action);
                 bump(&mut self.actions, a);
-                if b >= horizon && cfg.bucket_ms > 0 {
+                if windows && b >= horizon && cfg.bucket_ms > 0 {
                     let key = (b, a);
                     match self
                         .engagement_buckets
@@ -260,6 +299,10 @@ impl CustomerState {
                 }
             }
             Body::Profile { attributes } => {
+                if ts < self.profile_ts {
+                    return self.prune(cfg);
+                }
+                self.profile_ts = ts;
                 for (name, value) in attributes {
                     let Some(i) = cfg.attribute_index(name) else {
                         continue;
@@ -316,6 +359,36 @@ impl CustomerState {
             }
         }
         (count, spend)
+    }
+
+    /// The next instant after `now` at which a window of `buckets` buckets over the purchase
+    /// buckets gains or loses one holding data (`NEVER` if none will).
+    pub fn purchases_window_next(&self, cfg: &StateConfig, now: i64, buckets: u32) -> i64 {
+        window_next(
+            self.purchase_buckets.iter().map(|x| x.bucket),
+            cfg,
+            now,
+            buckets,
+        )
+    }
+
+    /// Like [`Self::purchases_window_next`] for engagements (of one action, or all).
+    pub fn engagements_window_next(
+        &self,
+        cfg: &StateConfig,
+        now: i64,
+        buckets: u32,
+        action: Option<Sym>,
+    ) -> i64 {
+        window_next(
+            self.engagement_buckets
+                .iter()
+                .filter(|x| action.is_none_or(|a| a == x.action))
+                .map(|x| x.bucket),
+            cfg,
+            now,
+            buckets,
+        )
     }
 
     /// Engagements (of one action, or all when `action` is None) in a window at `now`.

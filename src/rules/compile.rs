@@ -404,38 +404,7 @@ impl Expr {
                 }
                 _ => Val::Missing,
             },
-            Expr::Cmp(op, a, b) => {
-                let (x, y) = (a.eval(cx), b.eval(cx));
-                if matches!(x, Val::Missing) || matches!(y, Val::Missing) {
-                    return Val::Bool(false);
-                }
-                let r = match (x, y) {
-                    (Val::Bool(p), Val::Bool(q)) => match op {
-                        CmpOp::Eq => p == q,
-                        CmpOp::Ne => p != q,
-                        _ => false,
-                    },
-                    (Val::Num(_) | Val::Time(_), _) => {
-                        let (Some(p), Some(q)) = (num(x), num(y)) else {
-                            return Val::Bool(false);
-                        };
-                        match op {
-                            CmpOp::Eq => p == q,
-                            CmpOp::Ne => p != q,
-                            CmpOp::Lt => p < q,
-                            CmpOp::Le => p <= q,
-                            CmpOp::Gt => p > q,
-                            CmpOp::Ge => p >= q,
-                        }
-                    }
-                    _ => match op {
-                        CmpOp::Eq => str_eq(&x, &y, cx.syms),
-                        CmpOp::Ne => !str_eq(&x, &y, cx.syms),
-                        _ => false,
-                    },
-                };
-                Val::Bool(r)
-            }
+            Expr::Cmp(op, a, b) => Val::Bool(Expr::eval_cmp(*op, a.eval(cx), b.eval(cx), cx)),
             Expr::InList {
                 item,
                 list,
@@ -486,6 +455,38 @@ impl Expr {
                     Val::Missing => args[1].eval(cx),
                     v => v,
                 },
+            },
+        }
+    }
+
+    /// `x op y` with the language's rules: a missing side makes any comparison false.
+    pub(crate) fn eval_cmp(op: CmpOp, x: Val<'_>, y: Val<'_>, cx: &Ctx<'_>) -> bool {
+        if matches!(x, Val::Missing) || matches!(y, Val::Missing) {
+            return false;
+        }
+        match (x, y) {
+            (Val::Bool(p), Val::Bool(q)) => match op {
+                CmpOp::Eq => p == q,
+                CmpOp::Ne => p != q,
+                _ => false,
+            },
+            (Val::Num(_) | Val::Time(_), _) => {
+                let (Some(p), Some(q)) = (num(x), num(y)) else {
+                    return false;
+                };
+                match op {
+                    CmpOp::Eq => p == q,
+                    CmpOp::Ne => p != q,
+                    CmpOp::Lt => p < q,
+                    CmpOp::Le => p <= q,
+                    CmpOp::Gt => p > q,
+                    CmpOp::Ge => p >= q,
+                }
+            }
+            _ => match op {
+                CmpOp::Eq => str_eq(&x, &y, cx.syms),
+                CmpOp::Ne => !str_eq(&x, &y, cx.syms),
+                _ => false,
             },
         }
     }

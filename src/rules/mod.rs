@@ -7,6 +7,7 @@
 
 pub mod compile;
 pub mod parse;
+pub mod timing;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -175,7 +176,7 @@ struct RulesFile {
 }
 
 /// FNV-1a, 64 bit: a stable content hash for `rules_version` (not for security).
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
     })

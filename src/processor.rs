@@ -1,0 +1,287 @@
+//! The deterministic heart of the pipeline, without Kafka: customers of the assigned
+//! partitions, each partition's clock (watermark) and its timer index.
+//!
+//! This module owns *when* things happen. For every input partition it keeps a
+//! [`PartitionClock`]:
+//!
+//! * **Event time** (default): each input topic's newest event time on the partition is
+//!   tracked; the watermark is the smallest of them over the topics heard from within
+//!   `idle_timeout_ms` (wall clock), minus `allowed_lateness_ms`, and never goes back. When
+//!   every topic of the partition has been silent for `idle_timeout_ms`, event time follows
+//!   the wall clock from the newest event on (newest event time + wall time since it
+//!   arrived), so a quiet partition's timers still fire. As long as input keeps flowing, the
+//!   watermark depends only on the input, so a replay gives byte-identical output.
+//! * **Processing time**: the wall clock; timers fire at the next tick after they are due.
+//!
+//! The timer index holds one entry per customer with a timer, `(due, customer id)`, ordered,
+//! so firing is in due order, ties by customer id, and never scans customers that are not
+//! due. Before an event is applied, every timer the event's watermark makes due fires (they
+//! happened before it); then the event is applied under the new watermark.
+//!
+//! Pure apart from reading the wall clock the caller passes in: the pipeline calls it with
+//! real time, the tests with a controlled one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use compact_str::CompactString;
+use dashmap::DashMap;
+
+use crate::config::{ClockMode, TimeConfig};
+use crate::engine::{Applied, Change, Clock, Customer, Engine};
+use crate::event::Event;
+use crate::state::{Rejected, NEVER, NO_TIME};
+
+/// All customers held by this instance, keyed by customer id.
+pub type Store = DashMap<CompactString, Customer>;
+
+/// One change of one customer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emitted<'r> {
+    pub customer_id: CompactString,
+    pub change: Change<'r>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TopicTime {
+    /// Newest event time seen on this topic's partition (`NO_TIME`: none yet).
+    max_ts: i64,
+    /// Wall time that event arrived.
+    wall: i64,
+}
+
+/// One input partition's clock and timers.
+#[derive(Debug)]
+pub struct PartitionClock {
+    topics: Vec<TopicTime>,
+    watermark: i64,
+    timers: BTreeSet<(i64, CompactString)>,
+}
+
+impl PartitionClock {
+    fn new(topics: usize) -> Self {
+        PartitionClock {
+            topics: vec![
+                TopicTime {
+                    max_ts: NO_TIME,
+                    wall: 0
+                };
+                topics.max(1)
+            ],
+            watermark: NO_TIME,
+            timers: BTreeSet::new(),
+        }
+    }
+
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    fn observe(&mut self, topic: usize, ts: i64, wall: i64) {
+        if let Some(t) = self.topics.get_mut(topic) {
+            if ts > t.max_ts {
+                t.max_ts = ts;
+            }
+            t.wall = wall;
+        }
+    }
+
+    /// Recomputes the event-time watermark at wall time `wall` (see the module docs).
+    fn update_watermark(&mut self, wall: i64, cfg: &TimeConfig) -> i64 {
+        let seen = self.topics.iter().filter(|t| t.max_ts != NO_TIME);
+        let active = seen
+            .clone()
+            .filter(|t| wall - t.wall < cfg.idle_timeout_ms)
+            .map(|t| t.max_ts)
+            .min();
+        let newest = match active {
+            Some(ts) => Some(ts),
+            None => seen.map(|t| t.max_ts.saturating_add(wall - t.wall)).max(),
+        };
+        if let Some(n) = newest {
+            self.watermark = self
+                .watermark
+                .max(n.saturating_sub(cfg.allowed_lateness_ms));
+        }
+        self.watermark
+    }
+
+    fn reschedule(&mut self, id: &str, old: i64, new: i64) {
+        if old == new {
+            return;
+        }
+        if old != NEVER {
+            self.timers.remove(&(old, CompactString::from(id)));
+        }
+        if new != NEVER {
+            self.timers.insert((new, CompactString::from(id)));
+        }
+    }
+
+    fn pop_due(&mut self, upto: i64) -> Option<(i64, CompactString)> {
+        if self.timers.first().is_some_and(|(due, _)| *due <= upto) {
+            self.timers.pop_first()
+        } else {
+            None
+        }
+    }
+}
+
+/// Engine + customers + per-partition clocks and timers.
+pub struct Processor {
+    engine: Engine,
+    store: Arc<Store>,
+    time: TimeConfig,
+    topics: usize,
+    clocks: Mutex<BTreeMap<i32, PartitionClock>>,
+}
+
+/// Counts of what a call did, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fired {
+    pub timers: u64,
+    pub new_customers: u64,
+}
+
+impl Processor {
+    pub fn new(engine: Engine, store: Arc<Store>, time: &TimeConfig, topics: usize) -> Self {
+        Processor {
+            engine,
+            store,
+            time: time.clone(),
+            topics,
+            clocks: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn clocks(&self) -> MutexGuard<'_, BTreeMap<i32, PartitionClock>> {
+        self.clocks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Processes one decoded event from input `topic` (index) and `partition`, received at
+    /// wall time `wall` (ms): fires the timers it makes due, then applies it. Changes are
+    /// appended to `out` in order (timers first). A refused event changes nothing but time.
+    pub fn event<'r>(
+        &'r self,
+        topic: usize,
+        partition: i32,
+        ev: &Event<'_>,
+        wall: i64,
+        out: &mut Vec<Emitted<'r>>,
+        fired: &mut Fired,
+    ) -> Result<Applied, Rejected> {
+        let mut clocks = self.clocks();
+        let clock = clocks
+            .entry(partition)
+            .or_insert_with(|| PartitionClock::new(self.topics));
+        let at = match self.time.clock {
+            ClockMode::Event => {
+                clock.observe(topic, ev.ts, wall);
+                let w = clock.update_watermark(wall, &self.time);
+                Clock::Event { watermark: w }
+            }
+            ClockMode::Processing => Clock::Processing { now: wall },
+        };
+        let upto = match at {
+            Clock::Event { watermark } => watermark,
+            Clock::Processing { now } => now,
+        };
+        self.fire_due(clock, upto, out, fired);
+
+        let cid = ev.customer_id.as_ref();
+        let mut changes = Vec::new();
+        let (old, new, applied) = if let Some(mut c) = self.store.get_mut(cid) {
+            let old = c.timer;
+            let applied = self.engine.apply_at(&mut c, ev, at, &mut changes)?;
+            (old, c.timer, applied)
+        } else {
+            let mut c = self.engine.new_customer(partition);
+            let applied = self.engine.apply_at(&mut c, ev, at, &mut changes)?;
+            let new = c.timer;
+            self.store.insert(CompactString::from(cid), c);
+            fired.new_customers += 1;
+            (NEVER, new, applied)
+        };
+        clock.reschedule(cid, old, new);
+        fired.timers += changes.iter().filter(|c| c.by_timer).count() as u64;
+        let id = CompactString::from(cid);
+        out.extend(changes.into_iter().map(|change| Emitted {
+            customer_id: id.clone(),
+            change,
+        }));
+        Ok(applied)
+    }
+
+    /// Fires every timer of the partition due at or before `upto`, in (due, customer) order.
+    fn fire_due<'r>(
+        &'r self,
+        clock: &mut PartitionClock,
+        upto: i64,
+        out: &mut Vec<Emitted<'r>>,
+        fired: &mut Fired,
+    ) {
+        while let Some((due, id)) = clock.pop_due(upto) {
+            let Some(mut c) = self.store.get_mut(&id) else {
+                continue;
+            };
+            let mut changes = Vec::new();
+            self.engine.advance(&mut c, due, &mut changes);
+            let next = c.timer;
+            drop(c);
+            if next != NEVER {
+                clock.timers.insert((next, id.clone()));
+            }
+            fired.timers += 1;
+            out.extend(changes.into_iter().map(|change| Emitted {
+                customer_id: id.clone(),
+                change,
+            }));
+        }
+    }
+
+    /// Advances time without input at wall time `wall`: in event time, the watermarks of
+    /// idle partitions; in processing time, the wall clock. Appends `(partition, change)`.
+    pub fn tick<'r>(&'r self, wall: i64, out: &mut Vec<(i32, Emitted<'r>)>) -> Fired {
+        let mut fired = Fired::default();
+        let mut clocks = self.clocks();
+        for (&p, clock) in clocks.iter_mut() {
+            let upto = match self.time.clock {
+                ClockMode::Event => clock.update_watermark(wall, &self.time),
+                ClockMode::Processing => wall,
+            };
+            let mut changes = Vec::new();
+            self.fire_due(clock, upto, &mut changes, &mut fired);
+            out.extend(changes.into_iter().map(|e| (p, e)));
+        }
+        fired
+    }
+
+    /// Keeps only the given partitions: their clocks, timers and customers. Returns how many
+    /// customers were dropped.
+    pub fn retain_partitions(&self, keep: impl Fn(i32) -> bool) -> usize {
+        self.clocks().retain(|p, _| keep(*p));
+        let before = self.store.len();
+        self.store.retain(|_, c| keep(c.partition));
+        before - self.store.len()
+    }
+
+    /// Timers currently scheduled, over all partitions.
+    pub fn timers_pending(&self) -> usize {
+        self.clocks().values().map(|c| c.timers.len()).sum()
+    }
+
+    /// A partition's watermark (`NO_TIME` if unknown).
+    pub fn watermark(&self, partition: i32) -> i64 {
+        self.clocks()
+            .get(&partition)
+            .map_or(NO_TIME, |c| c.watermark)
+    }
+}

@@ -1,0 +1,279 @@
+//! When does a rule change value as time passes, with no new event?
+//!
+//! This module owns the *next-change* analysis behind timers. Given a customer's state at
+//! instant `now`, [`Expr::next_change`] returns the earliest instant after `now` at which the
+//! expression's value may differ from its value at `now` if no event arrives ([`NEVER`] if it
+//! cannot). The answer may be early (the engine then re-evaluates, finds nothing changed and
+//! asks again) but never late, so a timer set to it never misses a flip.
+//!
+//! How: every numeric sub-expression is, until its next *breakpoint*, a linear function of
+//! time: `value + slope * (t - now)`. `days_since`/`hours_since` have a constant slope;
+//! windowed counts are constant until their oldest bucket leaves the window; `abs`, `min`,
+//! `max` break where their arguments cross; sums, differences and products or quotients by a
+//! time-independent value stay linear. A comparison of two linear pieces changes where their
+//! difference crosses zero, which is solved directly (then checked by evaluating around the
+//! solution, so float rounding cannot make the timer late); otherwise the analysis steps from
+//! breakpoint to breakpoint (at most [`MAX_STEPS`] per call). The product or quotient of two
+//! time-dependent values is not linear: comparisons over it are re-checked every
+//! [`RECHECK_MS`] (documented in the README as the one approximate case).
+
+use super::compile::{deps, ArithOp, CmpOp, Ctx, Expr, Feature, Func, Val};
+pub use crate::state::NEVER;
+use crate::time::{DAY_MS, HOUR_MS};
+
+/// Re-check period for comparisons over non-linear functions of time.
+pub const RECHECK_MS: i64 = 60_000;
+/// Breakpoints visited per call before answering with an early (but safe) instant.
+pub const MAX_STEPS: usize = 16;
+
+/// A numeric value over `[now, until)`: `value + slope * (t - now)` (ms), or missing
+/// (`value = None`) for the whole piece.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Piece {
+    value: Option<f64>,
+    slope: f64,
+    until: i64,
+}
+
+impl Piece {
+    fn constant(value: Option<f64>, until: i64) -> Piece {
+        Piece {
+            value,
+            slope: 0.0,
+            until,
+        }
+    }
+}
+
+/// The first instant after `now` at which `v1 + s1 * dt` reaches `v2 + s2 * dt`, rounded
+/// down (never later than the true crossing), if it comes before `until`.
+fn crossing(now: i64, v1: f64, s1: f64, v2: f64, s2: f64, until: i64) -> Option<i64> {
+    if s1 == s2 {
+        return None;
+    }
+    let dt = (v2 - v1) / (s1 - s2);
+    if !dt.is_finite() || dt <= 0.0 {
+        return None;
+    }
+    let t = now.saturating_add((dt.floor() as i64).max(1));
+    (t < until).then_some(t)
+}
+
+fn at<'a>(cx: &Ctx<'a>, now: i64) -> Ctx<'a> {
+    Ctx {
+        state: cx.state,
+        cfg: cx.cfg,
+        syms: cx.syms,
+        now,
+    }
+}
+
+fn num(v: Val<'_>) -> Option<f64> {
+    match v {
+        Val::Num(n) => Some(n),
+        Val::Time(t) => Some(t as f64),
+        _ => None,
+    }
+}
+
+impl Feature {
+    /// The next instant after `cx.now` at which this feature may change with no event.
+    fn next_change(&self, cx: &Ctx<'_>) -> i64 {
+        let (st, cfg, now) = (cx.state, cx.cfg, cx.now);
+        match *self {
+            Feature::PurchaseCountW(b) | Feature::PurchaseSpendW(b) => {
+                st.purchases_window_next(cfg, now, b)
+            }
+            Feature::EngagementCountW(b) => st.engagements_window_next(cfg, now, b, None),
+            Feature::ActionCountW(a, b) => st.engagements_window_next(cfg, now, b, Some(a)),
+            _ => NEVER,
+        }
+    }
+}
+
+impl Expr {
+    /// The earliest instant after `cx.now` at which this expression may change value if no
+    /// event arrives; never later than the true change. See the module docs.
+    pub fn next_change(&self, cx: &Ctx<'_>) -> i64 {
+        if self.deps() & deps::TIME == 0 {
+            return NEVER;
+        }
+        match self {
+            Expr::Lit(_) => NEVER,
+            Expr::Feature(f) => f.next_change(cx),
+            Expr::Not(e) => e.next_change(cx),
+            Expr::And(a, b) | Expr::Or(a, b) => {
+                // A conjunction changes only when a false side can turn true (or, when both
+                // are true, when either can change); dually for a disjunction.
+                let blocking = matches!(self, Expr::Or(..));
+                let (va, vb) = (a.eval_bool(cx), b.eval_bool(cx));
+                let (ta, tb) = (a.next_change(cx), b.next_change(cx));
+                match (va == blocking, vb == blocking) {
+                    (true, true) => ta.max(tb),
+                    (true, false) => ta,
+                    (false, true) => tb,
+                    (false, false) => ta.min(tb),
+                }
+            }
+            Expr::Cmp(op, a, b) => cmp_next_change(*op, a, b, cx),
+            Expr::InList { item, .. } => match item.piece(cx) {
+                Some(p) if p.slope == 0.0 || p.value.is_none() => p.until,
+                _ => cx.now.saturating_add(RECHECK_MS),
+            },
+            Expr::Call(Func::Has, args) => match args[0].piece(cx) {
+                Some(p) => p.until,
+                None => args[0].next_change(cx),
+            },
+            // Numeric expressions: until the end of the current linear piece, or right away
+            // when the value moves continuously.
+            _ => match self.piece(cx) {
+                Some(p) if p.slope == 0.0 || p.value.is_none() => p.until,
+                Some(_) => cx.now.saturating_add(1),
+                None => cx.now.saturating_add(RECHECK_MS),
+            },
+        }
+    }
+
+    /// This numeric expression as a linear piece starting at `cx.now`, or None when it is not
+    /// linear in time there (or not numeric).
+    fn piece(&self, cx: &Ctx<'_>) -> Option<Piece> {
+        if self.deps() & deps::TIME == 0 {
+            return match self.eval(cx) {
+                v @ (Val::Num(_) | Val::Time(_) | Val::Missing) => {
+                    Some(Piece::constant(num(v), NEVER))
+                }
+                _ => None,
+            };
+        }
+        match self {
+            Expr::Feature(f) => Some(Piece::constant(num(f.read(cx)), f.next_change(cx))),
+            Expr::Neg(e) => e.piece(cx).map(|p| Piece {
+                value: p.value.map(|v| -v),
+                slope: -p.slope,
+                until: p.until,
+            }),
+            Expr::Arith(op, a, b) => {
+                let (pa, pb) = (a.piece(cx)?, b.piece(cx)?);
+                let until = pa.until.min(pb.until);
+                let (Some(x), Some(y)) = (pa.value, pb.value) else {
+                    return Some(Piece::constant(None, until));
+                };
+                let (value, slope) = match op {
+                    ArithOp::Add => (x + y, pa.slope + pb.slope),
+                    ArithOp::Sub => (x - y, pa.slope - pb.slope),
+                    ArithOp::Mul if pb.slope == 0.0 => (x * y, pa.slope * y),
+                    ArithOp::Mul if pa.slope == 0.0 => (x * y, pb.slope * x),
+                    ArithOp::Div if pb.slope == 0.0 => {
+                        if y == 0.0 {
+                            return Some(Piece::constant(None, until));
+                        }
+                        (x / y, pa.slope / y)
+                    }
+                    _ => return None,
+                };
+                Some(Piece {
+                    value: Some(value),
+                    slope,
+                    until,
+                })
+            }
+            Expr::Call(f, args) => match f {
+                Func::DaysSince | Func::HoursSince => {
+                    let p = args[0].piece(cx)?;
+                    let unit = if *f == Func::DaysSince {
+                        DAY_MS
+                    } else {
+                        HOUR_MS
+                    } as f64;
+                    Some(match p.value {
+                        Some(t) => Piece {
+                            value: Some((cx.now as f64 - t) / unit),
+                            slope: 1.0 / unit,
+                            until: p.until,
+                        },
+                        None => Piece::constant(None, p.until),
+                    })
+                }
+                Func::Abs => {
+                    let p = args[0].piece(cx)?;
+                    let Some(v) = p.value else { return Some(p) };
+                    let flip = v < 0.0 || (v == 0.0 && p.slope < 0.0);
+                    let until = crossing(cx.now, v, p.slope, 0.0, 0.0, p.until).unwrap_or(p.until);
+                    Some(Piece {
+                        value: Some(v.abs()),
+                        slope: if flip { -p.slope } else { p.slope },
+                        until,
+                    })
+                }
+                Func::Min | Func::Max => {
+                    let (pa, pb) = (args[0].piece(cx)?, args[1].piece(cx)?);
+                    let until = pa.until.min(pb.until);
+                    let (Some(x), Some(y)) = (pa.value, pb.value) else {
+                        return Some(Piece::constant(None, until));
+                    };
+                    let until = crossing(cx.now, x, pa.slope, y, pb.slope, until).unwrap_or(until);
+                    // The side that is smaller now (or, if equal, from now on) is the minimum.
+                    let a_smaller = x < y || (x == y && pa.slope <= pb.slope);
+                    let take_a = a_smaller == (*f == Func::Min);
+                    let p = if take_a { pa } else { pb };
+                    Some(Piece { until, ..p })
+                }
+                Func::Coalesce => {
+                    let pa = args[0].piece(cx)?;
+                    if pa.value.is_some() {
+                        return Some(pa);
+                    }
+                    let pb = args[1].piece(cx)?;
+                    Some(Piece {
+                        until: pa.until.min(pb.until),
+                        ..pb
+                    })
+                }
+                Func::Has => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// Next change of `a op b`: walk the linear pieces of both sides, solving for the zero of
+/// their difference inside each piece.
+fn cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> i64 {
+    let cmp = |t: i64| Expr::cmp_at(op, a, b, &at(cx, t));
+    let initial = cmp(cx.now);
+    let mut t = cx.now;
+    for _ in 0..MAX_STEPS {
+        let c = at(cx, t);
+        let (Some(pa), Some(pb)) = (a.piece(&c), b.piece(&c)) else {
+            return t.saturating_add(RECHECK_MS);
+        };
+        let until = pa.until.min(pb.until);
+        if let (Some(x), Some(y)) = (pa.value, pb.value) {
+            if let Some(z) = crossing(t, x, pa.slope, y, pb.slope, until) {
+                // The outcome flips within a few ms of the crossing: find the first instant
+                // that differs; if rounding hides it, wake at the crossing anyway.
+                let from = (z - 2).max(t + 1);
+                return (from..=z + 2).find(|&s| cmp(s) != initial).unwrap_or(from);
+            }
+            // Equal values moving apart: `==`/`<=`/`>=` change at the next millisecond.
+            if x == y && pa.slope != pb.slope && cmp(t + 1) != initial {
+                return t + 1;
+            }
+        }
+        if until == NEVER {
+            return NEVER;
+        }
+        if cmp(until) != initial {
+            return until;
+        }
+        t = until;
+    }
+    t
+}
+
+impl Expr {
+    fn cmp_at(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> bool {
+        // Rebuilding the node would allocate; evaluate through a borrowed view instead.
+        Expr::eval_cmp(op, a.eval(cx), b.eval(cx), cx)
+    }
+}
