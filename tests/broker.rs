@@ -14,6 +14,7 @@ use microseg::generate::Generator;
 use microseg::metrics::{EventResult, Metrics};
 use microseg::output::{change_json, dlq_headers, Cause};
 use microseg::pipeline::Pipeline;
+use microseg::processor::{Fired, Processor, Store};
 use microseg::rules::RuleSet;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -57,6 +58,8 @@ fn config(broker: &Broker, group: &str, inputs: &[&str]) -> Config {
         .consumer
         .insert("heartbeat.interval.ms".into(), "500".into());
     c.pipeline.commit_interval_ms = 200;
+    // Tests compare exact change streams: time must advance with the input only.
+    c.time.idle_timeout_ms = 3_600_000;
     c
 }
 
@@ -100,8 +103,10 @@ fn day(d: i64) -> i64 {
 
 /// A change message without the fields that depend on where the input landed in Kafka.
 fn comparable(mut v: Value) -> Value {
-    v["cause"]["partition"] = Value::Null;
-    v["cause"]["offset"] = Value::Null;
+    if v["cause"]["kind"] == "event" {
+        v["cause"]["partition"] = Value::Null;
+        v["cause"]["offset"] = Value::Null;
+    }
     v
 }
 
@@ -112,35 +117,47 @@ fn change_key(v: &Value) -> (String, u64) {
     )
 }
 
-/// The oracle: the pure engine over each customer's events in production order, as
-/// comparable change messages; plus how many events do not decode.
+/// The oracle: the Kafka-free processor over each partition's events in partition order (the
+/// same watermarks and timers as the pipeline, with idle time never reached), as comparable
+/// change messages; plus how many events do not decode. `events` carries the partition each
+/// event landed in.
 fn expected_changes(
     rules: &Arc<RuleSet>,
-    events: &[microseg::generate::Generated],
+    cfg: &Config,
+    events: &[(microseg::generate::Generated, i32)],
 ) -> (Vec<Value>, usize) {
-    let engine = Engine::new(rules.clone());
-    let mut customers: BTreeMap<String, microseg::engine::Customer> = BTreeMap::new();
+    let mut parts: BTreeMap<i32, Processor> = BTreeMap::new();
     let mut expected = Vec::new();
     let mut bad = 0;
-    for ev in events {
+    for (ev, partition) in events {
         let Ok(d) = decode(ev.json.as_bytes()) else {
             bad += 1;
             continue;
         };
-        let c = customers
-            .entry(ev.customer_id.clone())
-            .or_insert_with(|| engine.new_customer(0));
+        let p = parts.entry(*partition).or_insert_with(|| {
+            Processor::new(
+                Engine::new(rules.clone()),
+                Arc::new(Store::new()),
+                &cfg.time,
+                1,
+            )
+        });
         let mut out = Vec::new();
-        engine.apply(c, &d, &mut out).unwrap();
-        for ch in &out {
-            let cause = Cause::Event {
-                event_id: d.event_id.as_deref(),
-                topic: "events",
-                partition: 0,
-                offset: 0,
+        let _ = p.event(0, *partition, &d, 0, &mut out, &mut Fired::default());
+        for e in &out {
+            let cause = if e.change.by_timer {
+                Cause::Timer
+            } else {
+                Cause::Event {
+                    event_id: d.event_id.as_deref(),
+                    topic: "events",
+                    partition: 0,
+                    offset: 0,
+                }
             };
             expected.push(comparable(
-                serde_json::from_slice(&change_json(rules, &ev.customer_id, cause, ch)).unwrap(),
+                serde_json::from_slice(&change_json(rules, &e.customer_id, cause, &e.change))
+                    .unwrap(),
             ));
         }
     }
@@ -223,7 +240,7 @@ async fn events_in_changes_out_and_bad_input_dead_lettered() {
                 r#"{{"event_id":"g1","customer_id":"c-1","type":"engagement","action":"login","timestamp":{}}}"#,
                 day(70)
             ),
-            8,
+            10,
         ),
         (
             "purchases",
@@ -232,13 +249,13 @@ async fn events_in_changes_out_and_bad_input_dead_lettered() {
                 r#"{{"event_id":"x1","customer_id":"c-2","type":"purchase","timestamp":{},"amount":10}}"#,
                 day(0)
             ),
-            9,
+            11,
         ),
         (
             "purchases",
             "c-2",
             r#"{"event_id":"x2","customer_id":"c-2","type":"purchase","amount":10"#.to_string(),
-            9,
+            11,
         ),
         (
             "profiles",
@@ -247,7 +264,7 @@ async fn events_in_changes_out_and_bad_input_dead_lettered() {
                 r#"{{"event_id":"y1","customer_id":"c-3","type":"profile","timestamp":{},"attributes":{{"company_size":"big"}}}}"#,
                 day(0)
             ),
-            9,
+            11,
         ),
     ];
     let m = run.metrics.clone();
@@ -265,14 +282,14 @@ async fn events_in_changes_out_and_bad_input_dead_lettered() {
     let out = broker
         .read(
             "segment-changes",
-            9,
+            11,
             Duration::from_secs(30),
             Duration::from_secs(1),
         )
         .await;
     assert_eq!(
         out.len(),
-        9,
+        11,
         "{:#?}",
         out.iter().map(|r| r.json()).collect::<Vec<_>>()
     );
@@ -299,7 +316,7 @@ async fn events_in_changes_out_and_bad_input_dead_lettered() {
              next: Value,
              seq: u64,
              ev: &str| {
-        json!({"segmentation": seg, "segment": segment, "change": change, "previous": previous, "next": next, "seq": seq, "event_id": ev})
+        json!({"segmentation": seg, "segment": segment, "change": change, "previous": previous, "next": next, "seq": seq, "event_id": if ev.is_empty() { Value::Null } else { json!(ev) }})
     };
     let lc = json!("lifecycle");
     assert_eq!(
@@ -350,42 +367,61 @@ async fn events_in_changes_out_and_bad_input_dead_lettered() {
                 5,
                 "b3"
             ),
+            // The engagement 70 days later first fires c-1's timers, each at its instant:
+            // they carry no event id.
+            e(n.clone(), "frequent", "exited", n.clone(), n.clone(), 6, ""),
             e(
                 lc.clone(),
                 "active",
                 "exited",
                 n.clone(),
+                json!("prospect"),
+                7,
+                ""
+            ),
+            e(
+                lc.clone(),
+                "prospect",
+                "entered",
+                json!("active"),
+                n.clone(),
+                8,
+                ""
+            ),
+            e(
+                lc.clone(),
+                "prospect",
+                "exited",
+                n.clone(),
                 json!("lapsed"),
-                6,
-                "g1"
+                9,
+                ""
             ),
             e(
                 lc.clone(),
                 "lapsed",
                 "entered",
-                json!("active"),
+                json!("prospect"),
                 n.clone(),
-                7,
-                "g1"
-            ),
-            e(
-                n.clone(),
-                "frequent",
-                "exited",
-                n.clone(),
-                n.clone(),
-                8,
-                "g1"
+                10,
+                ""
             ),
         ]
     );
-    let lapsed = &by_customer["c-1"][6];
-    assert_eq!(lapsed["at"], json!("2026-03-12T00:00:00Z"));
-    assert_eq!(lapsed["cause"]["kind"], json!("event"));
-    assert_eq!(lapsed["cause"]["topic"], json!("engagement"));
+    let c1 = &by_customer["c-1"];
+    // Purchases on days 1-3: `frequent` (3 in 30 days) ends when day 1 leaves the window,
+    // `active` when day 3 does, and `lapsed` starts 60 days (and 1 ms) after day 3.
+    for (i, at) in [
+        (5, "2026-02-01T00:00:00Z"),
+        (6, "2026-02-03T00:00:00Z"),
+        (9, "2026-03-05T00:00:00.001Z"),
+    ] {
+        assert_eq!(c1[i]["at"], json!(at), "{}", c1[i]);
+        assert_eq!(c1[i]["cause"], json!({"kind": "timer"}));
+    }
     assert_eq!(
-        lapsed["because"],
-        json!({"purchases.count": 3, "days_since(purchases.last)": 67})
+        c1[9]["because"],
+        json!({"purchases.count": 3, "days_since(purchases.last)": 60.0})
     );
     assert_eq!(
         by_customer["c-2"]
@@ -449,7 +485,7 @@ async fn events_in_changes_out_and_bad_input_dead_lettered() {
     let summary = run.stop().await;
     assert_eq!(
         (summary.events_ok, summary.dead_lettered, summary.changes),
-        (6, 2, 9)
+        (6, 2, 11)
     );
 
     // Everything processed was committed: the group's offsets equal the end of each partition.
@@ -490,7 +526,8 @@ async fn two_instances_share_partitions_and_emit_exactly_the_expected_changes() 
     let broker = Broker::start();
     broker.create_topics(&["events"], 6).await;
     let rules = Arc::new(RuleSet::embedded_default());
-    let a = start(config(&broker, "g-pair", &["events"]), rules.clone());
+    let cfg_pair = config(&broker, "g-pair", &["events"]);
+    let a = start(cfg_pair.clone(), rules.clone());
     let (pa, ma) = (a.pipeline.clone(), a.metrics.clone());
     wait_for("first instance assigned", Duration::from_secs(30), || {
         pa.assigned().len() == 6
@@ -528,12 +565,14 @@ async fn two_instances_share_partitions_and_emit_exactly_the_expected_changes() 
             .unwrap_or_else(|(e, _)| panic!("{e}"))
         })
         .collect();
-    for s in sends {
-        s.await.unwrap().unwrap_or_else(|(e, _)| panic!("{e}"));
+    let mut placed = Vec::new();
+    for (s, ev) in sends.into_iter().zip(&events) {
+        let d = s.await.unwrap().unwrap_or_else(|(e, _)| panic!("{e}"));
+        placed.push((ev.clone(), d.partition));
     }
 
-    // Expected: the pure engine over each customer's events in production order.
-    let (mut expected, bad) = expected_changes(&rules, &events);
+    // Expected: the Kafka-free processor over each partition's events in partition order.
+    let (mut expected, bad) = expected_changes(&rules, &cfg_pair, &placed);
     assert!(
         bad > 0 && expected.len() > 500,
         "the scenario exercises dead letters and many changes"
@@ -588,10 +627,12 @@ async fn a_restarted_instance_continues_every_customer_sequence_exactly() {
         pa.assigned().len() == 3
     })
     .await;
+    let mut placed = Vec::new();
     for ev in first {
-        broker
+        let p = broker
             .produce(&prod, "events", &ev.customer_id, ev.json.as_bytes())
             .await;
+        placed.push((ev.clone(), p));
     }
     wait_for("first half processed", Duration::from_secs(60), || {
         ma.events_total(EventResult::Ok) + ma.events_total(EventResult::DeadLettered)
@@ -609,9 +650,10 @@ async fn a_restarted_instance_continues_every_customer_sequence_exactly() {
     })
     .await;
     for ev in second {
-        broker
+        let p = broker
             .produce(&prod, "events", &ev.customer_id, ev.json.as_bytes())
             .await;
+        placed.push((ev.clone(), p));
     }
     wait_for("second half processed", Duration::from_secs(60), || {
         mb.events_total(EventResult::Ok) + mb.events_total(EventResult::DeadLettered)
@@ -620,11 +662,12 @@ async fn a_restarted_instance_continues_every_customer_sequence_exactly() {
     .await;
     b.stop().await;
 
-    let expected: BTreeMap<(String, u64), Value> = expected_changes(&rules, &events)
-        .0
-        .into_iter()
-        .map(|v| (change_key(&v), v))
-        .collect();
+    let expected: BTreeMap<(String, u64), Value> =
+        expected_changes(&rules, &config(&broker, "g-restart", &["events"]), &placed)
+            .0
+            .into_iter()
+            .map(|v| (change_key(&v), v))
+            .collect();
     let got = broker
         .read(
             "segment-changes",
@@ -653,4 +696,116 @@ async fn a_restarted_instance_continues_every_customer_sequence_exactly() {
     for (k, v) in &expected {
         assert_eq!(seen.get(k), Some(v), "change {k:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_passing_moves_customers_with_no_further_event_of_theirs() {
+    let broker = Broker::start();
+    // One partition: every customer shares the watermark.
+    broker.create_topics(&["events"], 1).await;
+    let rules = Arc::new(RuleSet::from_toml("test.toml", RULES).unwrap());
+    let mut cfg = config(&broker, "g-timer", &["events"]);
+    cfg.time.allowed_lateness_ms = 0;
+    cfg.time.idle_timeout_ms = 1_000;
+    let run = start(cfg, rules.clone());
+    let p = run.pipeline.clone();
+    wait_for("assignment", Duration::from_secs(30), || {
+        p.assigned().len() == 1
+    })
+    .await;
+    let prod = broker.producer();
+    let purchase = |id: &str, c: &str, ts: i64| {
+        format!(
+            r#"{{"event_id":"{id}","customer_id":"{c}","type":"purchase","timestamp":{ts},"amount":10}}"#
+        )
+    };
+    // 1. Event time: alice buys on day 0 and never again; bob's purchase on day 40 moves the
+    //    watermark past day 30, when alice's purchase leaves the 30-day window.
+    broker
+        .produce(
+            &prod,
+            "events",
+            "alice",
+            purchase("a1", "alice", day(0)).as_bytes(),
+        )
+        .await;
+    broker
+        .produce(
+            &prod,
+            "events",
+            "bob",
+            purchase("b1", "bob", day(40)).as_bytes(),
+        )
+        .await;
+    // 2. Idle: carol's purchase leaves the window at day 100 00:00; dave's, the newest event,
+    //    is 2 s before that. Nothing else arrives: after the 1 s idle timeout event time
+    //    follows the wall clock and passes day 100 about 2 s later.
+    broker
+        .produce(
+            &prod,
+            "events",
+            "carol",
+            purchase("c1", "carol", day(70)).as_bytes(),
+        )
+        .await;
+    broker
+        .produce(
+            &prod,
+            "events",
+            "dave",
+            purchase("d1", "dave", day(100) - 2_000).as_bytes(),
+        )
+        .await;
+
+    // Every purchase enters `active` (4). By timer: bob's day-40 event ends alice's window
+    // (2); carol's day-70 event lapses alice (2) and ends bob's window (2); then, with no
+    // event at all, idle time ends carol's window at day 100 (2) and lapses bob 1 ms later (2).
+    let out = broker
+        .read(
+            "segment-changes",
+            14,
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+        )
+        .await;
+    let msgs: Vec<Value> = out.iter().map(|r| r.json()).collect();
+    let timer: Vec<(&str, &str, &str, &str)> = msgs
+        .iter()
+        .filter(|v| v["cause"]["kind"] == "timer")
+        .map(|v| {
+            (
+                v["customer_id"].as_str().unwrap(),
+                v["segment"].as_str().unwrap(),
+                v["change"].as_str().unwrap(),
+                v["at"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let (d30, d60, d70, d100, d100_1) = (
+        "2026-01-31T00:00:00Z",
+        "2026-03-02T00:00:00.001Z",
+        "2026-03-12T00:00:00Z",
+        "2026-04-11T00:00:00Z",
+        "2026-04-11T00:00:00.001Z",
+    );
+    assert_eq!(
+        timer,
+        vec![
+            ("alice", "active", "exited", d30),
+            ("alice", "prospect", "entered", d30),
+            ("alice", "prospect", "exited", d60),
+            ("alice", "lapsed", "entered", d60),
+            ("bob", "active", "exited", d70),
+            ("bob", "prospect", "entered", d70),
+            ("carol", "active", "exited", d100),
+            ("carol", "prospect", "entered", d100),
+            ("bob", "prospect", "exited", d100_1),
+            ("bob", "lapsed", "entered", d100_1),
+        ],
+        "{msgs:#?}"
+    );
+    assert_eq!(msgs.len(), 14, "{msgs:#?}");
+    assert!(run.metrics.timers_fired.get() >= 5);
+    let summary = run.stop().await;
+    assert_eq!(summary.changes, 14);
 }

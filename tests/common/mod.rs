@@ -113,13 +113,15 @@ impl Broker {
             .unwrap()
     }
 
-    pub async fn produce(&self, p: &FutureProducer, topic: &str, key: &str, payload: &[u8]) {
+    /// Produces one record and returns the partition it landed in.
+    pub async fn produce(&self, p: &FutureProducer, topic: &str, key: &str, payload: &[u8]) -> i32 {
         p.send(
             FutureRecord::to(topic).key(key).payload(payload),
             Duration::from_secs(10),
         )
         .await
-        .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+        .unwrap_or_else(|(e, _)| panic!("produce: {e}"))
+        .partition
     }
 
     /// Reads `topic` from the start until `want` records arrived (or `timeout`), then keeps
