@@ -809,3 +809,59 @@ async fn time_passing_moves_customers_with_no_further_event_of_theirs() {
     let summary = run.stop().await;
     assert_eq!(summary.changes, 14);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processing_time_publishes_a_due_change_within_a_second() {
+    let broker = Broker::start();
+    broker.create_topics(&["events"], 1).await;
+    let rules = Arc::new(RuleSet::from_toml("test.toml", RULES).unwrap());
+    let mut cfg = config(&broker, "g-ptime", &["events"]);
+    cfg.time.clock = microseg::config::ClockMode::Processing;
+    let run = start(cfg, rules.clone());
+    let p = run.pipeline.clone();
+    wait_for("assignment", Duration::from_secs(30), || {
+        p.assigned().len() == 1
+    })
+    .await;
+    // A purchase 60 days minus 3 s ago: `lapsed` (days_since > 60) is due 3 s from now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let ts = now - 60 * 86_400_000 + 3_000;
+    let due = ts + 60 * 86_400_000 + 1;
+    let prod = broker.producer();
+    broker
+        .produce(
+            &prod,
+            "events",
+            "erin",
+            format!(r#"{{"event_id":"e1","customer_id":"erin","type":"purchase","timestamp":{ts},"amount":10}}"#)
+                .as_bytes(),
+        )
+        .await;
+    let out = broker
+        .read(
+            "segment-changes",
+            3,
+            Duration::from_secs(30),
+            Duration::from_millis(500),
+        )
+        .await;
+    let msgs: Vec<Value> = out.iter().map(|r| r.json()).collect();
+    assert_eq!(msgs.len(), 3, "{msgs:#?}");
+    assert_eq!(
+        (msgs[1]["segment"].as_str(), msgs[1]["change"].as_str()),
+        (Some("prospect"), Some("exited")),
+        "{msgs:#?}"
+    );
+    assert_eq!(msgs[1]["cause"]["kind"], "timer");
+    assert_eq!(msgs[1]["at"], json!(microseg::time::format_rfc3339(due)));
+    let published = out[1].timestamp.expect("record timestamp");
+    assert!(
+        (due..due + 1_000).contains(&published),
+        "due at {due}, published at {published} ({} ms late)",
+        published - due
+    );
+    run.stop().await;
+}

@@ -155,6 +155,7 @@ impl Broker {
             }
             match tokio::time::timeout(left, c.recv()).await {
                 Ok(Ok(m)) => out.push(Record {
+                    timestamp: m.timestamp().to_millis(),
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     payload: m.payload().unwrap_or(&[]).to_vec(),
                     headers: m
@@ -194,6 +195,8 @@ pub struct Record {
     pub payload: Vec<u8>,
     pub headers: Vec<(String, String)>,
     pub partition: i32,
+    /// The record's timestamp (producer create time), epoch ms.
+    pub timestamp: Option<i64>,
 }
 
 impl Record {
