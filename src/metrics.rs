@@ -35,6 +35,8 @@ pub struct Metrics {
     pub timers_fired: IntCounter,
     /// Timers scheduled.
     pub timers_pending: IntGauge,
+    /// Changes caused by timers (a subset of `changes`).
+    pub timer_changes: IntCounter,
     segmentation_names: Vec<String>,
 }
 
@@ -84,8 +86,13 @@ impl Metrics {
             "microseg_timers_pending",
             "Customer timers scheduled on this instance",
         ));
+        let timer_changes = must(IntCounter::new(
+            "microseg_timer_changes_total",
+            "Segment changes caused by time passing (a subset of microseg_changes_total)",
+        ));
         for c in [
             Box::new(timers_fired.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(timer_changes.clone()),
             Box::new(timers_pending.clone()),
             Box::new(events_vec.clone()),
             Box::new(changes.clone()),
@@ -120,6 +127,7 @@ impl Metrics {
             rebalances,
             timers_fired,
             timers_pending,
+            timer_changes,
             segmentation_names: rules.segmentations.iter().map(|s| s.name.clone()).collect(),
         }
     }
@@ -140,6 +148,9 @@ impl Metrics {
             ChangeKind::Exited => "exited",
         };
         self.changes.with_label_values(&[seg, kind]).inc();
+        if ch.by_timer {
+            self.timer_changes.inc();
+        }
         let g = self.members.with_label_values(&[seg, ch.segment]);
         match ch.kind {
             ChangeKind::Entered => {
@@ -159,6 +170,15 @@ impl Metrics {
         self.members
             .with_label_values(&[segmentation, segment])
             .get()
+    }
+
+    /// Input messages processed, whatever the result.
+    pub fn events_processed(&self) -> u64 {
+        self.events
+            .iter()
+            .flat_map(|c| c.iter())
+            .map(|c| c.get())
+            .sum()
     }
 
     pub fn events_total(&self, result: EventResult) -> u64 {
