@@ -10,14 +10,19 @@
 //! Kafka input topics ─► pipeline (consumer group) ─► event::decode ──bad──► dead-letter topic
 //!                                                      │
 //!                                                      ▼
-//!                        engine::Engine::apply  (state::CustomerState + rules::compile::Expr)
+//!            processor::Processor  per partition: watermark + timer index (due, customer)
+//!                │ fires due timers, then              │
+//!                ▼                                     ▼
+//!            engine::Engine::advance / apply_at (state::CustomerState + rules::compile::Expr;
+//!                                                rules::timing → the customer's next timer)
 //!                                                      │ changes
 //!                                                      ▼
 //!                        output::change_json ─► producer ─► segment-change topic
 //!                        offsets committed only up to messages whose outputs are delivered
 //! ```
 //!
-//! Pure logic (no I/O): [`time`], [`event`], [`state`], [`rules`], [`engine`], [`output`].
+//! Pure logic (no I/O): [`time`], [`event`], [`state`], [`rules`], [`engine`], [`output`],
+//! and [`processor`] (which only reads the wall time it is given).
 //! Effects: [`pipeline`] (Kafka in and out), [`demo`] (embedded broker + generator),
 //! [`generate`] (synthetic customers). Configuration: [`config`].
 
