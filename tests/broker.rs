@@ -707,6 +707,7 @@ async fn time_passing_moves_customers_with_no_further_event_of_theirs() {
     let mut cfg = config(&broker, "g-timer", &["events"]);
     cfg.time.allowed_lateness_ms = 0;
     cfg.time.idle_timeout_ms = 1_000;
+    cfg.time.late_to_dead_letter = true;
     let run = start(cfg, rules.clone());
     let p = run.pipeline.clone();
     wait_for("assignment", Duration::from_secs(30), || {
@@ -806,8 +807,57 @@ async fn time_passing_moves_customers_with_no_further_event_of_theirs() {
     );
     assert_eq!(msgs.len(), 14, "{msgs:#?}");
     assert!(run.metrics.timers_fired.get() >= 5);
+
+    // A redelivered event (same id) is counted as a duplicate and changes nothing; a purchase
+    // from long before the watermark is late: counted, reported on the dead-letter topic, and
+    // applied to lifetime aggregates only.
+    broker
+        .produce(
+            &prod,
+            "events",
+            "bob",
+            purchase("b1", "bob", day(40)).as_bytes(),
+        )
+        .await;
+    broker
+        .produce(
+            &prod,
+            "events",
+            "alice",
+            purchase("a2", "alice", day(1)).as_bytes(),
+        )
+        .await;
+    let m = run.metrics.clone();
+    wait_for(
+        "duplicate and late counted",
+        Duration::from_secs(30),
+        || m.events_total(EventResult::Duplicate) == 1 && m.events_total(EventResult::Late) == 1,
+    )
+    .await;
+    let dead = broker
+        .read(
+            "microseg-dead-letters",
+            1,
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+        )
+        .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].key.as_deref(), Some("alice"));
+    let reason = dead[0].header(dlq_headers::REASON).unwrap();
+    assert!(reason.starts_with("late event"), "{reason}");
+    let alice = p.store().get("alice").unwrap().clone();
+    assert_eq!(
+        alice.state.purchase_count, 2,
+        "late purchase counted in lifetime"
+    );
+    assert_eq!(
+        alice.state.purchase_buckets.len(),
+        1,
+        "and not in any window"
+    );
     let summary = run.stop().await;
-    assert_eq!(summary.changes, 14);
+    assert_eq!(summary.changes, 14, "neither changed a segment");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
