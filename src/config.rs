@@ -358,6 +358,23 @@ mod tests {
     }
 
     #[test]
+    fn time_settings_are_validated() {
+        let text = "[time]\nallowed_lateness_ms = -1\nidle_timeout_ms = 0\ntick_ms = 5000\n";
+        let e = Config::from_toml("c.toml", text, &[]).unwrap_err();
+        assert_eq!(e.problems.len(), 3, "{e}");
+        for field in ["allowed_lateness_ms", "idle_timeout_ms", "tick_ms"] {
+            assert!(e.to_string().contains(field), "{e}");
+        }
+        let bad_clock = Config::from_toml("c.toml", "[time]\nclock = \"wall\"\n", &[]).unwrap_err();
+        assert!(
+            bad_clock.to_string().contains("unknown variant `wall`"),
+            "{bad_clock}"
+        );
+        let ok = Config::from_toml("c.toml", "[time]\nclock = \"processing\"\n", &[]).unwrap();
+        assert_eq!(ok.time.clock, ClockMode::Processing);
+    }
+
+    #[test]
     fn shipped_config_is_valid() {
         let c = Config::from_toml(
             "config/microseg.toml",

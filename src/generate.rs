@@ -163,7 +163,7 @@ impl Generator {
         let event_id = format!("e-{}", self.seq);
         let mut ts = String::with_capacity(24);
         write_rfc3339(&mut ts, self.now);
-        if self.malformed_every > 0 && self.seq % self.malformed_every == 0 {
+        if self.malformed_every > 0 && self.seq.is_multiple_of(self.malformed_every) {
             let json = format!(
                 r#"{{"event_id":"{event_id}","customer_id":"{customer_id}","type":"purchase","timestamp":"{ts}","amount":"twelve euros"}}"#
             );

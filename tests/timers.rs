@@ -71,11 +71,10 @@ fn login(id: &str, customer: &str, ts: i64) -> String {
 
 /// Feeds one event (partition 0) at wall time `wall`; returns what it did and its changes as
 /// (customer, segment, change, at, by_timer).
-fn feed<'r>(
-    p: &'r Processor,
-    json: &str,
-    wall: i64,
-) -> (Applied, Vec<(String, String, ChangeKind, i64, bool)>) {
+/// (customer, segment, change, at, by_timer)
+type Row = (String, String, ChangeKind, i64, bool);
+
+fn feed(p: &Processor, json: &str, wall: i64) -> (Applied, Vec<Row>) {
     let ev = decode(json.as_bytes()).unwrap();
     let mut out = Vec::new();
     let applied = p
@@ -84,9 +83,7 @@ fn feed<'r>(
     (applied, summarize(out.iter()))
 }
 
-fn summarize<'a, 'r: 'a>(
-    out: impl Iterator<Item = &'a Emitted<'r>>,
-) -> Vec<(String, String, ChangeKind, i64, bool)> {
+fn summarize<'a, 'r: 'a>(out: impl Iterator<Item = &'a Emitted<'r>>) -> Vec<Row> {
     out.map(|e| {
         (
             e.customer_id.to_string(),
@@ -99,7 +96,7 @@ fn summarize<'a, 'r: 'a>(
     .collect()
 }
 
-fn tick(p: &Processor, wall: i64) -> Vec<(String, String, ChangeKind, i64, bool)> {
+fn tick(p: &Processor, wall: i64) -> Vec<Row> {
     let mut out = Vec::new();
     p.tick(wall, &mut out);
     summarize(out.iter().map(|(_, e)| e))
