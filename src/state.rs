@@ -121,9 +121,9 @@ pub struct CustomerState {
     pub last_engagement: i64,
     /// Plan of the latest purchase (by event time) that named one.
     pub plan: Option<Sym>,
-    plan_ts: i64,
+    pub(crate) plan_ts: i64,
     /// Time of the latest profile event applied (older ones do not overwrite attributes).
-    profile_ts: i64,
+    pub(crate) profile_ts: i64,
     pub purchase_buckets: Vec<PurchaseBucket>,
     pub engagement_buckets: Vec<EngagementBucket>,
     pub categories: Vec<(Sym, u32)>,
