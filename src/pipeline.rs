@@ -675,12 +675,7 @@ impl Pipeline {
                     offset: -1,
                 });
             self.shared.progress().processed(pos, outputs.len() as u32);
-            for (key, out) in &outputs {
-                let rec = BaseRecord::with_opaque_to(&self.cfg.kafka.output_topic, Box::new(pos))
-                    .key(key.as_bytes())
-                    .payload(out.as_slice());
-                send(producer, rec, &self.shared).await?;
-            }
+            self.publish(producer, pos, &outputs).await?;
         }
         Ok(())
     }
@@ -789,7 +784,17 @@ impl Pipeline {
                 .headers(headers);
             send(producer, rec, &self.shared).await?;
         }
-        for (key, out) in &outputs {
+        self.publish(producer, pos, &outputs).await
+    }
+
+    /// Sends serialized changes to the output topic, attributed to input `pos`.
+    async fn publish(
+        &self,
+        producer: &ThreadedProducer<ProducerCtx>,
+        pos: SourcePos,
+        outputs: &[(CompactString, Vec<u8>)],
+    ) -> Result<(), PipelineError> {
+        for (key, out) in outputs {
             let rec = BaseRecord::with_opaque_to(&self.cfg.kafka.output_topic, Box::new(pos))
                 .key(key.as_bytes())
                 .payload(out.as_slice());

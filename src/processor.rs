@@ -212,11 +212,13 @@ impl Processor {
         };
         clock.reschedule(cid, old, new);
         fired.timers += changes.iter().filter(|c| c.by_timer).count() as u64;
-        let id = CompactString::from(cid);
-        out.extend(changes.into_iter().map(|change| Emitted {
-            customer_id: id.clone(),
-            change,
-        }));
+        if !changes.is_empty() {
+            let id = CompactString::from(cid);
+            out.extend(changes.into_iter().map(|change| Emitted {
+                customer_id: id.clone(),
+                change,
+            }));
+        }
         Ok(applied)
     }
 

@@ -722,41 +722,19 @@ async fn time_passing_moves_customers_with_no_further_event_of_theirs() {
     };
     // 1. Event time: alice buys on day 0 and never again; bob's purchase on day 40 moves the
     //    watermark past day 30, when alice's purchase leaves the 30-day window.
-    broker
-        .produce(
-            &prod,
-            "events",
-            "alice",
-            purchase("a1", "alice", day(0)).as_bytes(),
-        )
-        .await;
-    broker
-        .produce(
-            &prod,
-            "events",
-            "bob",
-            purchase("b1", "bob", day(40)).as_bytes(),
-        )
-        .await;
+    for (id, c, ts) in [("a1", "alice", day(0)), ("b1", "bob", day(40))] {
+        broker
+            .produce(&prod, "events", c, purchase(id, c, ts).as_bytes())
+            .await;
+    }
     // 2. Idle: carol's purchase leaves the window at day 100 00:00; dave's, the newest event,
     //    is 2 s before that. Nothing else arrives: after the 1 s idle timeout event time
     //    follows the wall clock and passes day 100 about 2 s later.
-    broker
-        .produce(
-            &prod,
-            "events",
-            "carol",
-            purchase("c1", "carol", day(70)).as_bytes(),
-        )
-        .await;
-    broker
-        .produce(
-            &prod,
-            "events",
-            "dave",
-            purchase("d1", "dave", day(100) - 2_000).as_bytes(),
-        )
-        .await;
+    for (id, c, ts) in [("c1", "carol", day(70)), ("d1", "dave", day(100) - 2_000)] {
+        broker
+            .produce(&prod, "events", c, purchase(id, c, ts).as_bytes())
+            .await;
+    }
 
     // Every purchase enters `active` (4). By timer: bob's day-40 event ends alice's window
     // (2); carol's day-70 event lapses alice (2) and ends bob's window (2); then, with no
@@ -811,22 +789,11 @@ async fn time_passing_moves_customers_with_no_further_event_of_theirs() {
     // A redelivered event (same id) is counted as a duplicate and changes nothing; a purchase
     // from long before the watermark is late: counted, reported on the dead-letter topic, and
     // applied to lifetime aggregates only.
-    broker
-        .produce(
-            &prod,
-            "events",
-            "bob",
-            purchase("b1", "bob", day(40)).as_bytes(),
-        )
-        .await;
-    broker
-        .produce(
-            &prod,
-            "events",
-            "alice",
-            purchase("a2", "alice", day(1)).as_bytes(),
-        )
-        .await;
+    for (id, c, ts) in [("b1", "bob", day(40)), ("a2", "alice", day(1))] {
+        broker
+            .produce(&prod, "events", c, purchase(id, c, ts).as_bytes())
+            .await;
+    }
     let m = run.metrics.clone();
     wait_for(
         "duplicate and late counted",
