@@ -8,7 +8,8 @@
 //! little-endian bytes:
 //!
 //! ```text
-//! b'M' 1 | rules_version (string) | source_offset | partition | seq | timer
+//! b'M' 1 | rules_version (string) | source offsets (count; one per input topic)
+//! | partition | seq | timer
 //! | strings used by the record (count, then each string) — interned values are written
 //!   once here and referred to by index below, because symbol ids are local to a process
 //! | last_seen first_seen purchase_count engagement_count spend quantity first_purchase
@@ -42,8 +43,9 @@ pub struct CodecError(pub &'static str);
 #[derive(Debug, Clone, PartialEq)]
 pub struct Restored {
     pub customer: Customer,
-    /// The input offset (next to process) the state reflects.
-    pub source_offset: i64,
+    /// Per input topic (in configuration order), the next offset of the customer's partition
+    /// that the state does not reflect yet (-1: nothing read from that topic).
+    pub source_offsets: Vec<i64>,
     /// Written under other rules: memberships and timer were reset.
     pub rules_changed: bool,
 }
@@ -67,6 +69,12 @@ impl W<'_> {
     fn s(&mut self, s: &str) {
         self.u(s.len() as u64);
         self.0.extend_from_slice(s.as_bytes());
+    }
+    fn offsets(&mut self, v: &[i64]) {
+        self.u(v.len() as u64);
+        for o in v {
+            self.i(*o);
+        }
     }
 }
 
@@ -111,6 +119,10 @@ impl<'a> R<'a> {
         self.0 = &self.0[8..];
         Ok(v)
     }
+    fn offsets(&mut self) -> Result<Vec<i64>, CodecError> {
+        let n = self.len()?;
+        (0..n).map(|_| self.i()).collect()
+    }
     fn s(&mut self) -> Result<&'a str, CodecError> {
         let n = self.len()?;
         let (b, rest) = self.0.split_at(n);
@@ -119,8 +131,9 @@ impl<'a> R<'a> {
     }
 }
 
-/// Appends the changelog record of `c`, reflecting input up to `source_offset`, to `out`.
-pub fn encode(engine: &Engine, c: &Customer, source_offset: i64, out: &mut Vec<u8>) {
+/// Appends the changelog record of `c`, reflecting its partition's input up to
+/// `source_offsets` (per input topic, the next offset to process), to `out`.
+pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut Vec<u8>) {
     let rules = &engine.rules;
     let st = &c.state;
     // The record's own string table, in order of first use.
@@ -148,7 +161,7 @@ pub fn encode(engine: &Engine, c: &Customer, source_offset: i64, out: &mut Vec<u
     let mut w = W(out);
     w.0.extend_from_slice(&[MAGIC, VERSION]);
     w.s(&rules.version);
-    w.i(source_offset);
+    w.offsets(source_offsets);
     w.i(c.partition as i64);
     w.u(c.seq);
     w.i(c.timer);
@@ -231,7 +244,7 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
         return Err(CodecError("unknown record version"));
     }
     let rules_changed = r.s()? != rules.version;
-    let source_offset = r.i()?;
+    let source_offsets = r.offsets()?;
     let partition = i32::try_from(r.i()?).map_err(|_| CodecError("partition out of range"))?;
     let mut c = engine.new_customer(partition);
     c.seq = r.u()?;
@@ -340,9 +353,69 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
     }
     Ok(Restored {
         customer: c,
-        source_offset,
+        source_offsets,
         rules_changed,
     })
+}
+
+/// The key of a partition's checkpoint record: empty, which no customer id can be.
+pub const CHECKPOINT_KEY: &[u8] = b"";
+
+const CHECKPOINT_MAGIC: u8 = b'P';
+
+/// A partition's progress, written after the partition's customer records in every commit
+/// interval: the input offsets its state reflects, and its clock, so that a restore resumes
+/// the watermark (and idle detection) where it was.
+///
+/// ```text
+/// b'P' 1 | offsets (count; one per input topic) | watermark
+/// | topic clocks (count; newest event time, wall time it arrived)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    /// Per input topic, the next offset to process (-1: nothing read from it).
+    pub offsets: Vec<i64>,
+    pub watermark: i64,
+    /// Per input topic: the newest event time seen, and the wall time it arrived.
+    pub topics: Vec<(i64, i64)>,
+}
+
+impl Checkpoint {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut w = W(out);
+        w.0.extend_from_slice(&[CHECKPOINT_MAGIC, VERSION]);
+        w.offsets(&self.offsets);
+        w.i(self.watermark);
+        w.u(self.topics.len() as u64);
+        for (ts, wall) in &self.topics {
+            w.i(*ts);
+            w.i(*wall);
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Checkpoint, CodecError> {
+        let mut r = R(bytes);
+        if r.byte()? != CHECKPOINT_MAGIC {
+            return Err(CodecError("not a microseg checkpoint record"));
+        }
+        if r.byte()? != VERSION {
+            return Err(CodecError("unknown record version"));
+        }
+        let offsets = r.offsets()?;
+        let watermark = r.i()?;
+        let n = r.len()?;
+        let topics = (0..n)
+            .map(|_| Ok((r.i()?, r.i()?)))
+            .collect::<Result<Vec<_>, CodecError>>()?;
+        if !r.0.is_empty() {
+            return Err(CodecError("trailing bytes"));
+        }
+        Ok(Checkpoint {
+            offsets,
+            watermark,
+            topics,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -383,16 +456,17 @@ mod tests {
         let other = Engine::new(Arc::new(RuleSet::embedded_default()));
         for (i, c) in all.values().enumerate() {
             let mut bytes = Vec::new();
-            encode(&engine, c, 1000 + i as i64, &mut bytes);
+            let offsets = [1000 + i as i64, -1, 3];
+            encode(&engine, c, &offsets, &mut bytes);
             let back = decode(&engine, &bytes).unwrap();
             assert_eq!(back.customer, *c);
             assert_eq!(
-                (back.source_offset, back.rules_changed),
-                (1000 + i as i64, false)
+                (back.source_offsets, back.rules_changed),
+                (offsets.to_vec(), false)
             );
             let there = decode(&other, &bytes).unwrap();
             let mut again = Vec::new();
-            encode(&other, &there.customer, 1000 + i as i64, &mut again);
+            encode(&other, &there.customer, &offsets, &mut again);
             assert_eq!(
                 again, bytes,
                 "same bytes after a trip through another symbol table"
@@ -409,7 +483,7 @@ mod tests {
             .find(|c| c.seq > 2)
             .unwrap();
         let mut bytes = Vec::new();
-        encode(&engine, &c, 7, &mut bytes);
+        encode(&engine, &c, &[7], &mut bytes);
         let text = crate::rules::DEFAULT_RULES.replace(
             "days_since(purchases.last) > 60",
             "days_since(purchases.last) > 61",
@@ -432,7 +506,7 @@ mod tests {
         let engine = Engine::new(Arc::new(RuleSet::embedded_default()));
         let c = customers(&engine).into_values().next().unwrap();
         let mut bytes = Vec::new();
-        encode(&engine, &c, 1, &mut bytes);
+        encode(&engine, &c, &[1], &mut bytes);
         for n in 0..bytes.len() {
             assert!(decode(&engine, &bytes[..n]).is_err(), "truncated at {n}");
         }
@@ -448,5 +522,25 @@ mod tests {
             b[i] ^= 0xa5;
             let _ = decode(&engine, &b);
         }
+    }
+
+    #[test]
+    fn a_checkpoint_round_trips_and_is_not_a_customer() {
+        let cp = Checkpoint {
+            offsets: vec![12, -1, 0],
+            watermark: 1_767_225_600_000,
+            topics: vec![(1_767_225_900_000, 1_800_000_000_000), (NEVER, 0)],
+        };
+        let mut bytes = Vec::new();
+        cp.encode(&mut bytes);
+        assert_eq!(Checkpoint::decode(&bytes).unwrap(), cp);
+        for n in 0..bytes.len() {
+            assert!(Checkpoint::decode(&bytes[..n]).is_err(), "truncated at {n}");
+        }
+        let engine = Engine::new(Arc::new(RuleSet::embedded_default()));
+        assert!(decode(&engine, &bytes).is_err());
+        let mut customer = Vec::new();
+        encode(&engine, &engine.new_customer(0), &[1], &mut customer);
+        assert!(Checkpoint::decode(&customer).is_err());
     }
 }

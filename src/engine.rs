@@ -109,6 +109,9 @@ pub enum Applied {
     Late,
     /// Its `event_id` was already applied for this customer: nothing changed.
     Duplicate,
+    /// Replayed input that the customer's restored state already reflects (its changelog
+    /// record was written after this offset): nothing changed, nothing emitted.
+    Reflected,
 }
 
 /// Most timers one call may fire for one customer before it evaluates straight at the target
@@ -396,6 +399,17 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// Recomputes memberships and the timer from the state at `now` without emitting changes
+    /// or touching `seq`: for state restored from a changelog written under other rules.
+    pub fn reset_memberships(&self, c: &mut Customer, now: i64) {
+        let m = self.evaluate_all(&c.state, now);
+        c.segment = m.segment.into_boxed_slice();
+        for (i, on) in m.member.into_iter().enumerate() {
+            c.set_member(i, on);
+        }
+        c.timer = self.next_timer(c, now).max(now.saturating_add(1));
     }
 
     /// Every membership evaluated from scratch at `now` (for queries and as the reference the

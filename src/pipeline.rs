@@ -46,7 +46,7 @@ use crate::event::decode;
 use crate::metrics::{EventResult, Metrics};
 use crate::output::{change_json, dlq_headers, Cause};
 pub use crate::processor::Store;
-use crate::processor::{Emitted, Fired, Processor};
+use crate::processor::{Emitted, Fired, Processor, Source};
 use crate::time::format_rfc3339;
 
 /// Where an output record came from: (input topic index, partition, offset).
@@ -714,8 +714,11 @@ impl Pipeline {
             Err(e) => Err(e.0.clone()),
             Ok(ev) => proc
                 .event(
-                    topic as usize,
-                    pos.partition,
+                    Source {
+                        topic: topic as usize,
+                        partition: pos.partition,
+                        offset: pos.offset,
+                    },
                     ev,
                     wall_ms(),
                     &mut emitted,
@@ -742,6 +745,7 @@ impl Pipeline {
             Err(reason) => (EventResult::DeadLettered, Some(reason)),
             Ok(Applied::Applied) => (EventResult::Ok, None),
             Ok(Applied::Duplicate) => (EventResult::Duplicate, None),
+            Ok(Applied::Reflected) => (EventResult::Ok, None),
             Ok(Applied::Late) => (
                 EventResult::Late,
                 self.cfg.time.late_to_dead_letter.then(|| {

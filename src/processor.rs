@@ -21,12 +21,13 @@
 //! Pure apart from reading the wall clock the caller passes in: the pipeline calls it with
 //! real time, the tests with a controlled one.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use compact_str::CompactString;
 use dashmap::DashMap;
 
+use crate::changelog::{self, Checkpoint, CodecError, CHECKPOINT_KEY};
 use crate::config::{ClockMode, TimeConfig};
 use crate::engine::{Applied, Change, Clock, Customer, Engine};
 use crate::event::Event;
@@ -50,12 +51,20 @@ struct TopicTime {
     wall: i64,
 }
 
-/// One input partition's clock and timers.
+/// One input partition's clock, timers and changelog bookkeeping.
 #[derive(Debug)]
 pub struct PartitionClock {
     topics: Vec<TopicTime>,
     watermark: i64,
     timers: BTreeSet<(i64, CompactString)>,
+    /// Customers changed since their last changelog record.
+    dirty: HashSet<CompactString>,
+    /// Customers restored from a record newer than the partition's checkpoint (a commit
+    /// interval cut short by a crash) → per input topic, the first offset their state does
+    /// not reflect. Replayed input below it is skipped for them.
+    reflected: HashMap<CompactString, Box<[i64]>>,
+    /// The last checkpoint handed out, to skip writing an unchanged one.
+    last_checkpoint: Option<Checkpoint>,
 }
 
 impl PartitionClock {
@@ -70,7 +79,26 @@ impl PartitionClock {
             ],
             watermark: NO_TIME,
             timers: BTreeSet::new(),
+            dirty: HashSet::new(),
+            reflected: HashMap::new(),
+            last_checkpoint: None,
         }
+    }
+
+    fn checkpoint(&self, offsets: &[i64]) -> Checkpoint {
+        Checkpoint {
+            offsets: offsets.to_vec(),
+            watermark: self.watermark,
+            topics: self.topics.iter().map(|t| (t.max_ts, t.wall)).collect(),
+        }
+    }
+
+    /// Whether replayed input at `offset` of input `topic` is already in `id`'s state.
+    fn reflects(&self, id: &str, topic: usize, offset: i64) -> bool {
+        self.reflected
+            .get(id)
+            .and_then(|o| o.get(topic))
+            .is_some_and(|next| offset < *next)
     }
 
     pub fn watermark(&self) -> i64 {
@@ -127,6 +155,15 @@ impl PartitionClock {
     }
 }
 
+/// Where an input message was read: input topic (index in the configuration), partition,
+/// offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Source {
+    pub topic: usize,
+    pub partition: i32,
+    pub offset: i64,
+}
+
 /// Engine + customers + per-partition clocks and timers.
 pub struct Processor {
     engine: Engine,
@@ -166,18 +203,23 @@ impl Processor {
         self.clocks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Processes one decoded event from input `topic` (index) and `partition`, received at
-    /// wall time `wall` (ms): fires the timers it makes due, then applies it. Changes are
-    /// appended to `out` in order (timers first). A refused event changes nothing but time.
+    /// Processes one decoded event read at `src`, received at wall time `wall` (ms): fires
+    /// the timers it makes due, then applies it. Changes are appended to `out` in order
+    /// (timers first). A refused event changes nothing but time; replayed input that a
+    /// restored customer's state already reflects only moves time ([`Applied::Reflected`]).
     pub fn event<'r>(
         &'r self,
-        topic: usize,
-        partition: i32,
+        src: Source,
         ev: &Event<'_>,
         wall: i64,
         out: &mut Vec<Emitted<'r>>,
         fired: &mut Fired,
     ) -> Result<Applied, Rejected> {
+        let Source {
+            topic,
+            partition,
+            offset,
+        } = src;
         let mut clocks = self.clocks();
         let clock = clocks
             .entry(partition)
@@ -197,6 +239,9 @@ impl Processor {
         self.fire_due(clock, upto, out, fired);
 
         let cid = ev.customer_id.as_ref();
+        if clock.reflects(cid, topic, offset) {
+            return Ok(Applied::Reflected);
+        }
         let mut changes = Vec::new();
         let (old, new, applied) = if let Some(mut c) = self.store.get_mut(cid) {
             let old = c.timer;
@@ -211,6 +256,9 @@ impl Processor {
             (NEVER, new, applied)
         };
         clock.reschedule(cid, old, new);
+        if applied != Applied::Duplicate {
+            clock.dirty.insert(CompactString::from(cid));
+        }
         fired.timers += changes.iter().filter(|c| c.by_timer).count() as u64;
         if !changes.is_empty() {
             let id = CompactString::from(cid);
@@ -241,6 +289,7 @@ impl Processor {
             if next != NEVER {
                 clock.timers.insert((next, id.clone()));
             }
+            clock.dirty.insert(id.clone());
             fired.timers += 1;
             out.extend(changes.into_iter().map(|change| Emitted {
                 customer_id: id.clone(),
@@ -285,5 +334,153 @@ impl Processor {
         self.clocks()
             .get(&partition)
             .map_or(NO_TIME, |c| c.watermark)
+    }
+
+    /// The changelog records due for `partition`, whose state reflects its input up to
+    /// `offsets` (per input topic, the next offset to process): the latest record of every
+    /// customer changed since the last call, then the partition's checkpoint (key
+    /// [`CHECKPOINT_KEY`]) if anything moved. Marks those customers clean.
+    pub fn changelog(&self, partition: i32, offsets: &[i64]) -> Vec<(CompactString, Vec<u8>)> {
+        let mut clocks = self.clocks();
+        let Some(clock) = clocks.get_mut(&partition) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(CompactString, Vec<u8>)> = clock
+            .dirty
+            .drain()
+            .filter_map(|id| {
+                let c = self.store.get(&id)?;
+                let mut bytes = Vec::new();
+                changelog::encode(&self.engine, &c, offsets, &mut bytes);
+                drop(c);
+                Some((id, bytes))
+            })
+            .collect();
+        let cp = clock.checkpoint(offsets);
+        clock
+            .reflected
+            .retain(|_, reflected| ahead_of(reflected, offsets));
+        if !out.is_empty() || clock.last_checkpoint.as_ref() != Some(&cp) {
+            let mut bytes = Vec::new();
+            cp.encode(&mut bytes);
+            out.push((CompactString::default(), bytes));
+            clock.last_checkpoint = Some(cp);
+        }
+        out
+    }
+
+    /// Customers changed since their last changelog record, over all partitions.
+    pub fn dirty(&self) -> usize {
+        self.clocks().values().map(|c| c.dirty.len()).sum()
+    }
+
+    /// Starts rebuilding `partition` from its changelog, replacing whatever this instance
+    /// held for it. Feed every record in log order, then [`Restorer::finish`].
+    pub fn restorer(&self, partition: i32) -> Restorer<'_> {
+        self.retain_partitions(|p| p != partition);
+        Restorer {
+            processor: self,
+            partition,
+            clock: PartitionClock::new(self.topics),
+            checkpoint: None,
+            customers: 0,
+        }
+    }
+}
+
+/// Whether a customer's record reflects input beyond `checkpoint` on some input topic.
+fn ahead_of(record: &[i64], checkpoint: &[i64]) -> bool {
+    record.iter().zip(checkpoint).any(|(r, c)| r > c)
+}
+
+/// Rebuilds one partition from its changelog (see [`Processor::restorer`]).
+pub struct Restorer<'p> {
+    processor: &'p Processor,
+    partition: i32,
+    clock: PartitionClock,
+    checkpoint: Option<Checkpoint>,
+    customers: u64,
+}
+
+/// What a restore found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Customers of the partition now in memory.
+    pub customers: u64,
+    /// Per input topic, the next offset to process (-1: unknown; consume from the committed
+    /// offset). `None`: the changelog held no checkpoint.
+    pub offsets: Option<Vec<i64>>,
+}
+
+impl Restorer<'_> {
+    /// Applies one changelog record (`None` value: a tombstone, the customer is gone).
+    pub fn record(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), CodecError> {
+        let p = self.processor;
+        if key == CHECKPOINT_KEY {
+            let cp = Checkpoint::decode(value.unwrap_or(&[]))?;
+            for (t, (max_ts, wall)) in self.clock.topics.iter_mut().zip(&cp.topics) {
+                *t = TopicTime {
+                    max_ts: *max_ts,
+                    wall: *wall,
+                };
+            }
+            self.clock.watermark = cp.watermark;
+            // Records before a checkpoint are covered by it, except those of customers
+            // written ahead of it: a crash cut the interval short, and the replay that
+            // followed wrote this checkpoint before it caught up with them.
+            self.clock
+                .reflected
+                .retain(|_, offsets| ahead_of(offsets, &cp.offsets));
+            self.clock.last_checkpoint = Some(cp.clone());
+            self.checkpoint = Some(cp);
+            return Ok(());
+        }
+        let id = std::str::from_utf8(key).map_err(|_| CodecError("customer id is not UTF-8"))?;
+        let id = CompactString::from(id);
+        let old = match value {
+            None => {
+                self.clock.reflected.remove(&id);
+                p.store.remove(&id).map(|(_, c)| c)
+            }
+            Some(bytes) => {
+                let r = changelog::decode(&p.engine, bytes)?;
+                let mut c = r.customer;
+                c.partition = self.partition;
+                if r.rules_changed {
+                    let at = c.state.last_seen;
+                    p.engine.reset_memberships(&mut c, at);
+                }
+                if c.timer != NEVER {
+                    self.clock.timers.insert((c.timer, id.clone()));
+                }
+                self.clock
+                    .reflected
+                    .insert(id.clone(), r.source_offsets.into_boxed_slice());
+                p.store.insert(id.clone(), c)
+            }
+        };
+        match (&old, value) {
+            (None, Some(_)) => self.customers += 1,
+            (Some(_), None) => self.customers = self.customers.saturating_sub(1),
+            _ => {}
+        }
+        if let Some(o) = old.filter(|o| o.timer != NEVER) {
+            // The new record's timer may be the same entry: re-add it after removing.
+            self.clock.timers.remove(&(o.timer, id.clone()));
+            if let Some(c) = p.store.get(&id).filter(|c| c.timer != NEVER) {
+                self.clock.timers.insert((c.timer, id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs the partition's clock and timers; input may flow from here on.
+    pub fn finish(self) -> Restored {
+        let offsets = self.checkpoint.map(|c| c.offsets);
+        self.processor.clocks().insert(self.partition, self.clock);
+        Restored {
+            customers: self.customers,
+            offsets,
+        }
     }
 }

@@ -14,7 +14,7 @@ use microseg::generate::Generator;
 use microseg::metrics::{EventResult, Metrics};
 use microseg::output::{change_json, dlq_headers, Cause};
 use microseg::pipeline::Pipeline;
-use microseg::processor::{Fired, Processor, Store};
+use microseg::processor::{Fired, Processor, Source, Store};
 use microseg::rules::RuleSet;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -143,7 +143,17 @@ fn expected_changes(
             )
         });
         let mut out = Vec::new();
-        let _ = p.event(0, *partition, &d, 0, &mut out, &mut Fired::default());
+        let _ = p.event(
+            Source {
+                topic: 0,
+                partition: *partition,
+                offset: 0,
+            },
+            &d,
+            0,
+            &mut out,
+            &mut Fired::default(),
+        );
         for e in &out {
             let cause = if e.change.by_timer {
                 Cause::Timer

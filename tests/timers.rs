@@ -7,7 +7,7 @@ use microseg::config::{ClockMode, TimeConfig};
 use microseg::engine::{Applied, ChangeKind, Clock, Engine, Memberships};
 use microseg::event::decode;
 use microseg::output::{change_json, Cause};
-use microseg::processor::{Emitted, Fired, Processor, Store};
+use microseg::processor::{Emitted, Fired, Processor, Source, Store};
 use microseg::rules::RuleSet;
 use microseg::time::{DAY_MS, HOUR_MS};
 use proptest::prelude::*;
@@ -69,6 +69,15 @@ fn login(id: &str, customer: &str, ts: i64) -> String {
     )
 }
 
+/// Input read from partition 0 of the only input topic at `offset`.
+fn src(offset: i64) -> Source {
+    Source {
+        topic: 0,
+        partition: 0,
+        offset,
+    }
+}
+
 /// Feeds one event (partition 0) at wall time `wall`; returns what it did and its changes as
 /// (customer, segment, change, at, by_timer).
 /// (customer, segment, change, at, by_timer)
@@ -78,7 +87,7 @@ fn feed(p: &Processor, json: &str, wall: i64) -> (Applied, Vec<Row>) {
     let ev = decode(json.as_bytes()).unwrap();
     let mut out = Vec::new();
     let applied = p
-        .event(0, 0, &ev, wall, &mut out, &mut Fired::default())
+        .event(src(0), &ev, wall, &mut out, &mut Fired::default())
         .unwrap();
     (applied, summarize(out.iter()))
 }
@@ -283,7 +292,7 @@ fn run_once(events: &[microseg::generate::Generated], rules: &Arc<RuleSet>) -> V
         let mut out = Vec::new();
         // Wall time differs between runs: it must not matter while input flows.
         let wall = i as i64 * 3 + (rules.version.len() as i64);
-        let _ = p.event(0, 0, &ev, wall, &mut out, &mut Fired::default());
+        let _ = p.event(src(i as i64), &ev, wall, &mut out, &mut Fired::default());
         for e in &out {
             let cause = if e.change.by_timer {
                 Cause::Timer
