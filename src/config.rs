@@ -22,6 +22,10 @@ pub struct KafkaConfig {
     pub input_topics: Vec<String>,
     pub output_topic: String,
     pub dead_letter_topic: String,
+    /// Compacted topic holding each customer's latest state, co-partitioned with the input;
+    /// empty: `<group_id>-changelog`. Created at start-up if missing (whatever
+    /// `create_topics` says: it must match the input's partition count).
+    pub changelog_topic: String,
     /// Create the output and dead-letter topics at start-up if missing.
     pub create_topics: bool,
     /// Partitions for topics microseg creates.
@@ -40,6 +44,7 @@ impl Default for KafkaConfig {
             input_topics: vec!["purchases".into(), "engagement".into(), "profiles".into()],
             output_topic: "segment-changes".into(),
             dead_letter_topic: "microseg-dead-letters".into(),
+            changelog_topic: String::new(),
             create_topics: true,
             create_partitions: 3,
             consumer: BTreeMap::new(),
@@ -99,6 +104,28 @@ impl Default for LogConfig {
     }
 }
 
+/// What a crash may do to the output (README "Delivery guarantees").
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Output, then changelog, then offsets: a crash may re-emit changes already emitted
+    /// (same customer, seq and payload), never lose one.
+    #[default]
+    AtLeastOnce,
+    /// Output, changelog and offsets in one Kafka transaction per commit interval (Kafka
+    /// 2.5 or later); read the output with `isolation.level=read_committed`.
+    ExactlyOnce,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessingConfig {
+    pub guarantee: Guarantee,
+    /// Exactly-once: the producer's `transactional.id`; empty: `<group_id>-<client_id>`.
+    /// Must be stable across restarts of one instance and distinct between instances.
+    pub transactional_id: String,
+}
+
 /// Which clock drives time-based rules (README "Time").
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -148,6 +175,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub rules: RulesConfig,
     pub pipeline: PipelineConfig,
+    pub processing: ProcessingConfig,
     pub time: TimeConfig,
     pub log: LogConfig,
 }
@@ -183,6 +211,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
         "MICROSEG_KAFKA_DEAD_LETTER_TOPIC",
         "kafka.dead_letter_topic",
     ),
+    ("MICROSEG_KAFKA_CHANGELOG_TOPIC", "kafka.changelog_topic"),
+    ("MICROSEG_PROCESSING_GUARANTEE", "processing.guarantee"),
     ("MICROSEG_RULES_FILE", "rules.file"),
     ("MICROSEG_LOG_LEVEL", "log.level"),
     ("MICROSEG_LOG_FORMAT", "log.format"),
@@ -228,6 +258,14 @@ impl Config {
                 }
                 "MICROSEG_KAFKA_OUTPUT_TOPIC" => cfg.kafka.output_topic = v.clone(),
                 "MICROSEG_KAFKA_DEAD_LETTER_TOPIC" => cfg.kafka.dead_letter_topic = v.clone(),
+                "MICROSEG_KAFKA_CHANGELOG_TOPIC" => cfg.kafka.changelog_topic = v.clone(),
+                "MICROSEG_PROCESSING_GUARANTEE" => match v.as_str() {
+                    "at_least_once" => cfg.processing.guarantee = Guarantee::AtLeastOnce,
+                    "exactly_once" => cfg.processing.guarantee = Guarantee::ExactlyOnce,
+                    _ => problems.push(format!(
+                        "MICROSEG_PROCESSING_GUARANTEE: {v:?} is not \"at_least_once\" or \"exactly_once\""
+                    )),
+                },
                 "MICROSEG_RULES_FILE" => cfg.rules.file = PathBuf::from(v),
                 "MICROSEG_LOG_LEVEL" => cfg.log.level = v.clone(),
                 "MICROSEG_LOG_FORMAT" => cfg.log.format = v.clone(),
@@ -257,6 +295,24 @@ impl Config {
         }
     }
 
+    /// The changelog topic's name (`kafka.changelog_topic`, or `<group_id>-changelog`).
+    pub fn changelog_topic(&self) -> String {
+        if self.kafka.changelog_topic.is_empty() {
+            format!("{}-changelog", self.kafka.group_id)
+        } else {
+            self.kafka.changelog_topic.clone()
+        }
+    }
+
+    /// The transactional id of the exactly-once producer.
+    pub fn transactional_id(&self) -> String {
+        if self.processing.transactional_id.is_empty() {
+            format!("{}-{}", self.kafka.group_id, self.kafka.client_id)
+        } else {
+            self.processing.transactional_id.clone()
+        }
+    }
+
     fn validate(&self, problems: &mut Vec<String>) {
         let k = &self.kafka;
         if k.brokers.trim().is_empty() {
@@ -273,9 +329,11 @@ impl Config {
                 problems.push(format!("kafka.input_topics: {t:?} listed twice"));
             }
         }
+        let changelog = self.changelog_topic();
         for (name, t) in [
             ("output_topic", &k.output_topic),
             ("dead_letter_topic", &k.dead_letter_topic),
+            ("changelog_topic", &changelog),
         ] {
             if t.is_empty() {
                 problems.push(format!("kafka.{name}: must not be empty"));
@@ -284,6 +342,11 @@ impl Config {
                     "kafka.{name}: {t:?} is also an input topic (that would loop)"
                 ));
             }
+        }
+        if changelog == k.output_topic || changelog == k.dead_letter_topic {
+            problems.push(format!(
+                "kafka.changelog_topic: {changelog:?} is also the output or dead-letter topic"
+            ));
         }
         if k.create_partitions < 1 {
             problems.push("kafka.create_partitions: must be at least 1".into());
@@ -295,6 +358,7 @@ impl Config {
                     | "group.id"
                     | "enable.auto.commit"
                     | "enable.auto.offset.store"
+                    | "transactional.id"
             ) {
                 problems.push(format!("kafka.consumer/producer: {key:?} is managed by microseg; set it through the [kafka] fields"));
             }
@@ -372,6 +436,29 @@ mod tests {
         );
         let ok = Config::from_toml("c.toml", "[time]\nclock = \"processing\"\n", &[]).unwrap();
         assert_eq!(ok.time.clock, ClockMode::Processing);
+    }
+
+    #[test]
+    fn changelog_and_guarantee() {
+        let c = Config::from_toml("c.toml", "[kafka]\ngroup_id = \"g\"\n", &[]).unwrap();
+        assert_eq!(c.changelog_topic(), "g-changelog");
+        assert_eq!(c.processing.guarantee, Guarantee::AtLeastOnce);
+        assert_eq!(c.transactional_id(), "g-microseg");
+        let text = "[kafka]\ninput_topics = [\"a\"]\nchangelog_topic = \"a\"\n[processing]\nguarantee = \"exactly-once\"\n";
+        let e = Config::from_toml("c.toml", text, &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown variant `exactly-once`"),
+            "{e}"
+        );
+        let text = "[kafka]\ninput_topics = [\"a\"]\nchangelog_topic = \"a\"\n";
+        let e = Config::from_toml("c.toml", text, &[]).unwrap_err();
+        assert!(e.to_string().contains("changelog_topic"), "{e}");
+        let env = [(
+            "MICROSEG_PROCESSING_GUARANTEE".to_string(),
+            "exactly_once".to_string(),
+        )];
+        let c = Config::from_toml("c.toml", "", &env).unwrap();
+        assert_eq!(c.processing.guarantee, Guarantee::ExactlyOnce);
     }
 
     #[test]

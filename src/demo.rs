@@ -119,12 +119,12 @@ pub async fn run(
     // Simulated time runs fast: allow two wall seconds of it as lateness, so the three input
     // topics (consumed with some skew) do not make events late.
     cfg.time.allowed_lateness_ms = (opts.sim_days_per_sec * DAY_MS as f64 * 2.0) as i64;
-    for t in cfg
-        .kafka
-        .input_topics
-        .iter()
-        .chain([&cfg.kafka.output_topic, &cfg.kafka.dead_letter_topic])
-    {
+    let changelog = cfg.changelog_topic();
+    for t in cfg.kafka.input_topics.iter().chain([
+        &cfg.kafka.output_topic,
+        &cfg.kafka.dead_letter_topic,
+        &changelog,
+    ]) {
         mock.create_topic(t, opts.partitions, 1)
             .map_err(|e| format!("cannot create topic {t}: {e}"))?;
     }

@@ -37,6 +37,12 @@ pub struct Metrics {
     pub timers_pending: IntGauge,
     /// Changes caused by timers (a subset of `changes`).
     pub timer_changes: IntCounter,
+    /// Changelog records produced.
+    pub changelog_records: IntCounter,
+    /// Customers rebuilt from the changelog.
+    pub restored_customers: IntCounter,
+    /// Customers changed since their last changelog record.
+    pub dirty_customers: IntGauge,
     segmentation_names: Vec<String>,
 }
 
@@ -90,8 +96,23 @@ impl Metrics {
             "microseg_timer_changes_total",
             "Segment changes caused by time passing (a subset of microseg_changes_total)",
         ));
+        let changelog_records = must(IntCounter::new(
+            "microseg_changelog_records_total",
+            "Changelog records produced (latest state of changed customers, and partition checkpoints)",
+        ));
+        let restored_customers = must(IntCounter::new(
+            "microseg_restored_customers_total",
+            "Customers rebuilt from the changelog when partitions were assigned",
+        ));
+        let dirty_customers = must(IntGauge::new(
+            "microseg_changelog_dirty_customers",
+            "Customers changed since their last changelog record",
+        ));
         for c in [
             Box::new(timers_fired.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(changelog_records.clone()),
+            Box::new(restored_customers.clone()),
+            Box::new(dirty_customers.clone()),
             Box::new(timer_changes.clone()),
             Box::new(timers_pending.clone()),
             Box::new(events_vec.clone()),
@@ -128,6 +149,9 @@ impl Metrics {
             timers_fired,
             timers_pending,
             timer_changes,
+            changelog_records,
+            restored_customers,
+            dirty_customers,
             segmentation_names: rules.segmentations.iter().map(|s| s.name.clone()).collect(),
         }
     }
@@ -162,6 +186,40 @@ impl Metrics {
                 }
             }
             ChangeKind::Exited => g.dec(),
+        }
+    }
+
+    /// Sets every segment's size from the customers held (after a restore or a rebalance,
+    /// when customers arrive or leave without changes).
+    pub fn recount_members(&self, rules: &RuleSet, store: &crate::processor::Store) {
+        let mut seg: Vec<Vec<i64>> = rules
+            .segmentations
+            .iter()
+            .map(|s| vec![0; s.segments.len() + 1])
+            .collect();
+        let mut ind = vec![0i64; rules.segments.len()];
+        for c in store.iter() {
+            let (segment, member) = (&c.segment, &c.member);
+            for (si, &i) in segment.iter().enumerate() {
+                if let Some(n) = seg.get_mut(si).and_then(|v| v.get_mut(i as usize)) {
+                    *n += 1;
+                }
+            }
+            for (i, n) in ind.iter_mut().enumerate() {
+                if member.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0) {
+                    *n += 1;
+                }
+            }
+        }
+        for (s, counts) in rules.segmentations.iter().zip(&seg) {
+            for (i, n) in counts.iter().enumerate() {
+                self.members
+                    .with_label_values(&[&s.name, s.segment_name(i)])
+                    .set(*n);
+            }
+        }
+        for (r, n) in rules.segments.iter().zip(&ind) {
+            self.members.with_label_values(&["", &r.name]).set(*n);
         }
     }
 

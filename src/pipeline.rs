@@ -1,31 +1,46 @@
-//! The Kafka pipeline: consumer group in, engine, producer out, offsets committed only after
-//! delivery.
+//! The Kafka pipeline: consumer group in, engine, producer out, state in a changelog, offsets
+//! committed only after both.
 //!
 //! This module owns every effect of the running engine: the consumer (one group over the
 //! input topics, `range` assignment so co-partitioned topics land together), the producer
-//! (idempotent, keyed by customer id), the dead-letter path and the commit protocol:
+//! (idempotent, keyed by customer id), the dead-letter path, the changelog and the commit
+//! protocol.
 //!
-//! * every output record (change or dead letter) carries the position of the input message
-//!   that caused it as its delivery opaque;
-//! * a per-partition [`Progress`] tracks processed offsets and in-flight outputs; the
-//!   committable offset of a partition is its oldest input offset with undelivered output, or
-//!   the next offset to process when nothing is in flight;
-//! * offsets are committed on a timer, on revocation (after flushing the producer) and at
-//!   shutdown. A delivery that fails for good stops the pipeline without committing past it,
-//!   so a restart replays it (at-least-once).
+//! **Commit interval** (at-least-once, the default), in this order:
+//!
+//! 1. flush the producer: every change and dead letter produced so far is delivered;
+//! 2. write the latest record of every customer changed since the last interval, then each
+//!    partition's checkpoint (input offsets and clock), to the compacted changelog topic, in
+//!    the customer's input partition;
+//! 3. flush again: the changelog is delivered;
+//! 4. commit the input offsets.
+//!
+//! A step that does not finish in time (broker away) ends the interval there; the next one
+//! starts again at 1, so nothing is committed ahead of what it depends on. After a crash the
+//! new owner restores the changelog and replays from the checkpoint: it re-emits only changes
+//! already delivered, with the same `(customer_id, seq)` and payload, and loses none. In
+//! exactly-once mode the output, the changelog and the offsets of an interval are one Kafka
+//! transaction instead.
+//!
+//! **Restore**: when partitions are assigned, each one this instance holds no state for is
+//! rebuilt from its changelog partition (read to its end) before any of its input is
+//! processed, and consumption starts at the checkpoint. On revocation the interval above runs
+//! for everything, and partitions that moved away are dropped from memory.
 //!
 //! What happens to events and time (watermarks, timers) is decided by the Kafka-free
 //! [`Processor`]; this module feeds it messages and wall-clock ticks and publishes what it
-//! emits. A change caused by a timer is tracked for commits like the output of the input
-//! message that made it due (or, for a tick, of the partition's last processed message).
+//! emits. Every output record carries the input position that caused it as its delivery
+//! opaque, so [`Progress`] knows which input offsets are safe to commit.
 //!
 //! Customer state is a `DashMap` shared with readers (the demo, the API); no map reference or
-//! lock is ever held across an `.await`.
+//! lock is ever held across an `.await`. The commit interval and the rebalance callbacks
+//! block (librdkafka flushes) for at most the configured timeouts.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use compact_str::CompactString;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -40,7 +55,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Guarantee};
 use crate::engine::{Applied, Engine};
 use crate::event::decode;
 use crate::metrics::{EventResult, Metrics};
@@ -57,11 +72,17 @@ struct SourcePos {
     offset: i64,
 }
 
-#[derive(Debug, Default)]
+/// What a produced record is, for its delivery report.
+#[derive(Debug)]
+enum Sent {
+    /// A change or dead letter caused by this input.
+    Output(SourcePos),
+    /// A changelog record.
+    Changelog,
+}
+
+#[derive(Debug)]
 struct PartProgress {
-    /// Inputs below this offset were processed by an earlier owner: they rebuild state
-    /// silently (no output) when this instance takes the partition over.
-    restore_until: i64,
     /// Next offset to process (last processed + 1); -1 before any.
     next: i64,
     /// Input offsets with undelivered output → number of outputs in flight.
@@ -74,6 +95,8 @@ struct PartProgress {
 #[derive(Debug, Default)]
 pub struct Progress {
     parts: HashMap<(u16, i32), PartProgress>,
+    /// Changelog records produced and not yet delivered.
+    changelog_inflight: u64,
     failed: Option<String>,
 }
 
@@ -82,7 +105,6 @@ impl Progress {
         self.parts
             .entry((topic, partition))
             .or_insert(PartProgress {
-                restore_until: 0,
                 next: -1,
                 inflight: BTreeMap::new(),
                 committed: -1,
@@ -99,19 +121,12 @@ impl Progress {
     }
 
     /// Whether this input was already applied to the state this instance holds (a
-    /// redelivery after a rebalance that kept the partition here, or a failed commit).
+    /// redelivery after a rebalance that kept the partition here, a failed commit, or input
+    /// below a restored checkpoint).
     fn already_applied(&self, pos: SourcePos) -> bool {
         self.parts
             .get(&(pos.topic, pos.partition))
             .is_some_and(|p| pos.offset < p.next)
-    }
-
-    /// Whether this input only rebuilds state (it was processed before a restart or by the
-    /// partition's previous owner).
-    fn restoring(&self, pos: SourcePos) -> bool {
-        self.parts
-            .get(&(pos.topic, pos.partition))
-            .is_some_and(|p| pos.offset < p.restore_until)
     }
 
     fn delivered(&mut self, pos: SourcePos) {
@@ -124,12 +139,10 @@ impl Progress {
         }
     }
 
-    /// Offsets safe to commit that are newer than what was committed, restricted to `only`
-    /// when given.
-    fn committable(&self, only: Option<&HashSet<(u16, i32)>>) -> Vec<((u16, i32), i64)> {
+    /// Offsets safe to commit that are newer than what was committed.
+    fn committable(&self) -> Vec<((u16, i32), i64)> {
         self.parts
             .iter()
-            .filter(|(k, _)| only.is_none_or(|o| o.contains(k)))
             .filter_map(|(k, p)| {
                 let off = p.inflight.keys().next().copied().unwrap_or(p.next);
                 (off > p.committed && off >= 0).then_some((*k, off))
@@ -143,6 +156,17 @@ impl Progress {
                 p.committed = p.committed.max(*off);
             }
         }
+    }
+
+    /// Per input topic, the next offset to process on `partition` (-1: none read).
+    fn offsets(&self, partition: i32, topics: usize) -> Vec<i64> {
+        (0..topics)
+            .map(|t| {
+                self.parts
+                    .get(&(t as u16, partition))
+                    .map_or(-1, |p| p.next)
+            })
+            .collect()
     }
 
     /// The last input processed on a partition (any input topic), to which output of a
@@ -172,12 +196,20 @@ impl Progress {
 /// State shared by the pipeline task and the Kafka callbacks.
 struct Shared {
     topics: Vec<String>,
+    changelog_topic: String,
+    guarantee: Guarantee,
     progress: Mutex<Progress>,
     processor: Processor,
     metrics: Arc<Metrics>,
     /// Input partitions currently assigned, as (topic, partition).
     assigned: Mutex<Vec<(String, i32)>>,
+    /// Partitions being restored from the changelog (0: ready).
+    restoring: AtomicUsize,
+    /// Settings of the consumer that reads the changelog on restore.
+    restore_config: ClientConfig,
     drain_timeout: Duration,
+    /// How long one step of a commit interval may wait for deliveries.
+    flush_timeout: Duration,
 }
 
 impl Shared {
@@ -192,6 +224,101 @@ impl Shared {
     fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
         self.progress.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn fail(&self, reason: String) {
+        self.progress().failed.get_or_insert(reason);
+    }
+
+    /// Input partitions assigned (each partition once, whatever the number of input topics).
+    fn assigned_partitions(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self
+            .assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(_, p)| *p)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// One commit interval (see the module docs) over every assigned partition. Returns
+    /// whether offsets were committed; `Err` only for failures that must stop the pipeline.
+    fn commit_interval<C: ConsumerContext>(
+        &self,
+        consumer: &impl Consumer<C>,
+        producer: &ThreadedProducer<ProducerCtx>,
+        wait: Duration,
+    ) -> Result<bool, PipelineError> {
+        let exactly_once = self.guarantee == Guarantee::ExactlyOnce;
+        if !exactly_once {
+            // 1. Output delivered (and any changelog left over from an earlier interval).
+            let _ = producer.flush(wait);
+            let p = self.progress();
+            if p.in_flight() > 0 || p.changelog_inflight > 0 {
+                debug!(
+                    outputs = p.in_flight(),
+                    changelog = p.changelog_inflight,
+                    "commit interval: deliveries outstanding; trying again next interval"
+                );
+                return Ok(false);
+            }
+        }
+        // 2. Changelog: dirty customers, then each partition's checkpoint.
+        let mut records = 0u64;
+        for partition in self.assigned_partitions() {
+            let offsets = self.progress().offsets(partition, self.topics.len());
+            for (key, value) in self.processor.changelog(partition, &offsets) {
+                self.progress().changelog_inflight += 1;
+                let rec =
+                    BaseRecord::with_opaque_to(&self.changelog_topic, Box::new(Sent::Changelog))
+                        .partition(partition)
+                        .key(key.as_bytes())
+                        .payload(value.as_slice());
+                send_blocking(producer, rec, self)?;
+                records += 1;
+            }
+        }
+        self.metrics.changelog_records.inc_by(records);
+        let offsets = self.progress().committable();
+        if exactly_once {
+            // Output, changelog and offsets commit together.
+            let cgm = consumer.group_metadata().ok_or_else(|| {
+                PipelineError::Transaction("the consumer has no group metadata".into())
+            })?;
+            let tpl = offsets_tpl(self, &offsets).map_err(txn_error)?;
+            producer
+                .send_offsets_to_transaction(&tpl, &cgm, self.drain_timeout)
+                .map_err(txn_error)?;
+            producer
+                .commit_transaction(self.drain_timeout)
+                .map_err(txn_error)?;
+            producer.begin_transaction().map_err(txn_error)?;
+            self.progress().mark_committed(&offsets);
+            return Ok(true);
+        }
+        // 3. Changelog delivered.
+        if records > 0 {
+            let _ = producer.flush(wait);
+            if self.progress().changelog_inflight > 0 {
+                debug!("commit interval: changelog not delivered yet; not committing");
+                return Ok(false);
+            }
+        }
+        // 4. Offsets.
+        match commit(consumer, self, &offsets, CommitMode::Sync) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                warn!(error = %e, "offset commit failed; will retry next interval");
+                Ok(false)
+            }
+        }
+    }
+}
+
+fn txn_error(e: KafkaError) -> PipelineError {
+    PipelineError::Transaction(e.to_string())
 }
 
 /// Producer callbacks: delivery reports advance [`Progress`].
@@ -202,15 +329,16 @@ struct ProducerCtx {
 impl ClientContext for ProducerCtx {}
 
 impl ProducerContext for ProducerCtx {
-    type DeliveryOpaque = Box<SourcePos>;
+    type DeliveryOpaque = Box<Sent>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, pos: Box<SourcePos>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Sent>) {
         let mut p = self.shared.progress();
-        match result {
-            Ok(_) => p.delivered(*pos),
-            Err((e, msg)) => {
-                // Retries are librdkafka's job (idempotent producer); an error here is final.
-                // Keep the offset in flight so it is never committed, and stop.
+        match (result, *sent) {
+            (Ok(_), Sent::Output(pos)) => p.delivered(pos),
+            (Ok(_), Sent::Changelog) => p.changelog_inflight -= 1,
+            (Err((e, msg)), _) => {
+                // Retries are librdkafka's job (idempotent producer, no message timeout); an
+                // error here is final. Nothing is committed past it, and the pipeline stops.
                 error!(error = %e, topic = msg.topic(), "delivery failed for good; stopping without committing past it");
                 p.failed
                     .get_or_insert_with(|| format!("delivery to {} failed: {e}", msg.topic()));
@@ -219,7 +347,8 @@ impl ProducerContext for ProducerCtx {
     }
 }
 
-/// Consumer callbacks: commit on revocation, drop state of partitions that moved away.
+/// Consumer callbacks: a commit interval on revocation; restore of newly assigned
+/// partitions, and the state of partitions that moved away dropped, on assignment.
 struct ConsumerCtx {
     shared: Arc<Shared>,
     producer: ThreadedProducer<ProducerCtx>,
@@ -235,27 +364,21 @@ impl ConsumerContext for ConsumerCtx {
                 .rebalances
                 .with_label_values(&["revoke"])
                 .inc();
-            let revoked: HashSet<(u16, i32)> = tpl
-                .elements()
-                .iter()
-                .filter_map(|e| {
-                    self.shared
-                        .topic_index(e.topic())
-                        .map(|t| (t, e.partition()))
-                })
-                .collect();
-            if let Err(e) = self.producer.flush(self.shared.drain_timeout) {
-                warn!(error = %e, "revocation: producer flush did not finish; committing only delivered work");
+            let committed = match self.shared.commit_interval(
+                consumer,
+                &self.producer,
+                self.shared.drain_timeout,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.shared.fail(e.to_string());
+                    false
+                }
+            };
+            if !committed {
+                warn!("revocation: output, changelog or commit did not finish in time; the next owner replays from the last checkpoint");
             }
-            let offsets = self.shared.progress().committable(Some(&revoked));
-            if let Err(e) = commit(consumer, &self.shared, &offsets, CommitMode::Sync) {
-                warn!(error = %e, "revocation: commit failed; the next owner replays from the last commit");
-            }
-            info!(
-                partitions = tpl.count(),
-                committed = offsets.len(),
-                "partitions revoked"
-            );
+            info!(partitions = tpl.count(), committed, "partitions revoked");
         }
     }
 
@@ -276,98 +399,165 @@ impl ConsumerContext for ConsumerCtx {
                 .shared
                 .processor
                 .retain_partitions(|p| keep.contains(&p));
-            self.shared
-                .metrics
-                .customers
-                .set(self.shared.processor.store().len() as i64);
-            let fresh: Vec<(u16, i32)> = {
+            let fresh: Vec<i32> = {
                 let mut p = self.shared.progress();
                 p.parts.retain(|(_, part), _| keep.contains(part));
-                tpl.elements()
-                    .iter()
-                    .filter_map(|e| {
-                        self.shared
-                            .topic_index(e.topic())
-                            .map(|t| (t, e.partition()))
-                    })
-                    .filter(|k| !p.parts.contains_key(k))
-                    .collect()
+                let held: HashSet<i32> = p.parts.keys().map(|(_, part)| *part).collect();
+                let mut f: Vec<i32> = keep.iter().copied().filter(|x| !held.contains(x)).collect();
+                f.sort_unstable();
+                f
             };
-            self.restore_from_input(consumer, &fresh);
-            info!(partitions = ?now, dropped_customers = dropped, "partitions assigned");
+            info!(partitions = ?now, dropped_customers = dropped, restoring = ?fresh, "partitions assigned");
             *self
                 .shared
                 .assigned
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = now;
+            if !fresh.is_empty() {
+                if let Err(e) = self.restore(consumer, &fresh) {
+                    error!(error = %e, "restore failed; stopping");
+                    self.shared.fail(format!("restore failed: {e}"));
+                }
+            }
+            let store = self.shared.processor.store();
+            let m = &self.shared.metrics;
+            m.customers.set(store.len() as i64);
+            m.recount_members(&self.shared.processor.engine().rules, store);
+            m.timers_pending
+                .set(self.shared.processor.timers_pending() as i64);
+            info!(customers = store.len(), "ready");
         }
     }
 }
 
 impl ConsumerCtx {
-    /// State restore until the changelog exists: a partition this instance holds no state for
-    /// is re-read from its beginning; inputs below the group's committed offset rebuild the
-    /// customers' state (and change sequence numbers) without output, then processing
-    /// continues normally. A replay after a restart or a move therefore re-emits the same
-    /// `(customer_id, seq)` with the same payload. Cost: reading the partition's history.
-    fn restore_from_input(&self, consumer: &BaseConsumer<Self>, fresh: &[(u16, i32)]) {
-        if fresh.is_empty() {
-            return;
-        }
-        let mut query = TopicPartitionList::new();
-        for (t, p) in fresh {
-            query.add_partition(&self.shared.topics[*t as usize], *p);
-        }
-        let committed = match consumer.committed_offsets(query, self.shared.drain_timeout) {
-            Ok(c) => c,
-            Err(e) => {
-                return warn!(error = %e, "cannot read committed offsets; consuming from them without a state rebuild")
+    /// Rebuilds `partitions` from the changelog (each read to its end), then points the
+    /// consumer at their checkpoints. Runs inside the rebalance callback, so no input of
+    /// these partitions is processed before it returns.
+    fn restore(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) -> Result<(), String> {
+        let shared = &self.shared;
+        shared.restoring.store(partitions.len(), Ordering::SeqCst);
+        let _ready = ResetOnDrop(&shared.restoring);
+        let started = Instant::now();
+        let reader: BaseConsumer = shared
+            .restore_config
+            .create()
+            .map_err(|e| format!("changelog consumer: {e}"))?;
+        let topic = shared.changelog_topic.as_str();
+        let mut tpl = TopicPartitionList::new();
+        let mut open: HashSet<i32> = HashSet::new();
+        let mut ends: HashMap<i32, i64> = HashMap::new();
+        for &p in partitions {
+            let (low, high) = reader
+                .fetch_watermarks(topic, p, shared.drain_timeout)
+                .map_err(|e| format!("changelog {topic} partition {p}: {e}"))?;
+            if high > low {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)
+                    .map_err(|e| e.to_string())?;
+                open.insert(p);
+                ends.insert(p, high);
             }
-        };
-        let mut rewind = TopicPartitionList::new();
-        let mut restoring = 0;
-        {
-            let mut p = self.shared.progress();
-            for e in committed.elements() {
-                let Some(t) = self.shared.topic_index(e.topic()) else {
+        }
+        let mut restorers: HashMap<i32, crate::processor::Restorer<'_>> = partitions
+            .iter()
+            .map(|&p| (p, shared.processor.restorer(p)))
+            .collect();
+        let mut records = 0u64;
+        if !open.is_empty() {
+            reader.assign(&tpl).map_err(|e| e.to_string())?;
+            let mut last_log = Instant::now();
+            while !open.is_empty() {
+                let Some(m) = reader.poll(Duration::from_millis(500)) else {
                     continue;
                 };
-                let part = p.part(t, e.partition());
-                if let Offset::Offset(o) = e.offset() {
-                    if o > 0 {
-                        part.restore_until = o;
-                        part.committed = o;
-                        restoring += 1;
+                let m = match m {
+                    Ok(m) => m,
+                    Err(KafkaError::PartitionEOF(p)) => {
+                        open.remove(&p);
+                        continue;
                     }
+                    Err(e) => {
+                        warn!(error = %e, "changelog read error; retrying");
+                        continue;
+                    }
+                };
+                let p = m.partition();
+                if let Some(r) = restorers.get_mut(&p) {
+                    r.record(m.key().unwrap_or(&[]), m.payload())
+                        .map_err(|e| format!("{topic} partition {p} offset {}: {e}", m.offset()))?;
+                    records += 1;
+                }
+                if ends.get(&p).is_some_and(|end| m.offset() + 1 >= *end) {
+                    open.remove(&p);
+                }
+                if last_log.elapsed() > Duration::from_secs(5) {
+                    info!(records, "restoring…");
+                    last_log = Instant::now();
                 }
             }
-            if let Ok(all) = consumer.assignment() {
-                for e in all.elements() {
-                    let key = self
-                        .shared
-                        .topic_index(e.topic())
-                        .map(|t| (t, e.partition()));
-                    let offset = match key.and_then(|k| p.parts.get(&k).map(|pp| (k, pp))) {
-                        Some((k, pp)) if pp.restore_until > 0 && fresh.contains(&k) => {
-                            Offset::Beginning
-                        }
-                        _ => Offset::Stored,
-                    };
-                    let _ = rewind.add_partition_offset(e.topic(), e.partition(), offset);
-                }
+        }
+        // Input positions: the checkpoint where there is one, else the committed offset.
+        let mut seek = TopicPartitionList::new();
+        let mut customers = 0;
+        {
+            let mut progress = shared.progress();
+            let restored: HashMap<i32, Option<Vec<i64>>> = restorers
+                .into_iter()
+                .map(|(p, r)| {
+                    let done = r.finish();
+                    customers += done.customers;
+                    (p, done.offsets)
+                })
+                .collect();
+            let assigned = consumer.assignment().map_err(|e| e.to_string())?;
+            for e in assigned.elements() {
+                let (t, p) = (e.topic(), e.partition());
+                let checkpoint = shared.topic_index(t).and_then(|ti| {
+                    let o = restored.get(&p)?.as_ref()?.get(ti as usize).copied()?;
+                    (o >= 0).then_some((ti, o))
+                });
+                let offset = match checkpoint {
+                    Some((ti, o)) => {
+                        progress.part(ti, p).next = o;
+                        Offset::Offset(o)
+                    }
+                    None => Offset::Stored,
+                };
+                seek.add_partition_offset(t, p, offset)
+                    .map_err(|e| e.to_string())?;
             }
         }
-        if restoring == 0 {
-            return;
-        }
-        match consumer.assign(&rewind) {
-            Ok(()) => info!(
-                partitions = restoring,
-                "restoring state: re-reading partitions up to their committed offsets"
-            ),
-            Err(e) => warn!(error = %e, "cannot rewind for the state rebuild"),
-        }
+        consumer.assign(&seek).map_err(|e| e.to_string())?;
+        shared.metrics.restored_customers.inc_by(customers);
+        info!(
+            partitions = ?partitions,
+            records,
+            customers,
+            millis = started.elapsed().as_millis() as u64,
+            "restored from the changelog"
+        );
+        Ok(())
     }
+}
+
+/// Sets a counter back to zero when dropped.
+struct ResetOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for ResetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+}
+
+fn offsets_tpl(
+    shared: &Shared,
+    offsets: &[((u16, i32), i64)],
+) -> Result<TopicPartitionList, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), off) in offsets {
+        tpl.add_partition_offset(&shared.topics[*t as usize], *p, Offset::Offset(*off))?;
+    }
+    Ok(tpl)
 }
 
 fn commit<C: ConsumerContext>(
@@ -379,11 +569,7 @@ fn commit<C: ConsumerContext>(
     if offsets.is_empty() {
         return Ok(());
     }
-    let mut tpl = TopicPartitionList::new();
-    for ((t, p), off) in offsets {
-        tpl.add_partition_offset(&shared.topics[*t as usize], *p, Offset::Offset(*off))?;
-    }
-    consumer.commit(&tpl, mode)?;
+    consumer.commit(&offsets_tpl(shared, offsets)?, mode)?;
     shared.progress().mark_committed(offsets);
     Ok(())
 }
@@ -398,6 +584,12 @@ pub enum PipelineError {
     },
     #[error("output could not be delivered: {0} (offsets were not committed past it; a restart replays it)")]
     Delivery(String),
+    #[error("topics: {0}")]
+    Topics(String),
+    #[error("exactly-once: {0} (nothing of the open transaction is visible; a restart restores the last committed one)")]
+    Transaction(String),
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Counts reported when the pipeline stops.
@@ -437,9 +629,34 @@ impl Pipeline {
             ),
             metrics,
             assigned: Mutex::new(Vec::new()),
+            restoring: AtomicUsize::new(0),
+            restore_config: {
+                let mut c = client_config(&cfg, &BTreeMap::new());
+                // librdkafka wants a group id to assign partitions; this consumer never joins
+                // the group nor commits.
+                c.set("client.id", format!("{}-restore", cfg.kafka.client_id))
+                    .set("group.id", format!("{}-restore", cfg.kafka.group_id))
+                    .set("enable.auto.commit", "false")
+                    .set("enable.partition.eof", "true")
+                    .set("isolation.level", "read_committed");
+                c
+            },
+            changelog_topic: cfg.changelog_topic(),
+            guarantee: cfg.processing.guarantee,
             drain_timeout: Duration::from_millis(cfg.pipeline.drain_timeout_ms),
+            flush_timeout: Duration::from_millis(cfg.pipeline.commit_interval_ms.max(100)),
         });
         Pipeline { cfg, shared }
+    }
+
+    /// Whether this instance has partitions and none of them is restoring.
+    pub fn ready(&self) -> bool {
+        self.shared.restoring.load(Ordering::SeqCst) == 0 && !self.assigned().is_empty()
+    }
+
+    /// Customers changed since their last changelog record.
+    pub fn dirty(&self) -> usize {
+        self.shared.processor.dirty()
     }
 
     /// The customer store (read it; never hold a reference across `.await`).
@@ -505,13 +722,114 @@ impl Pipeline {
         }
     }
 
+    /// Checks that the input topics exist and are co-partitioned, and that the changelog topic
+    /// has their partition count, creating it (compacted) if missing.
+    async fn ensure_changelog(&self) -> Result<(), PipelineError> {
+        let cfg = self.cfg.clone();
+        let topic = self.cfg.changelog_topic();
+        let admin: AdminClient<DefaultClientContext> = client_config(&cfg, &BTreeMap::new())
+            .create()
+            .map_err(|source| PipelineError::Setup {
+                context: "admin client",
+                source,
+            })?;
+        let counts = move |names: Vec<String>| {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<Option<usize>>, PipelineError> {
+                let probe: BaseConsumer = client_config(&cfg, &BTreeMap::new())
+                    .set("allow.auto.create.topics", "false")
+                    .create()
+                    .map_err(|source| PipelineError::Setup {
+                        context: "metadata client",
+                        source,
+                    })?;
+                names
+                    .iter()
+                    .map(|n| {
+                        let md = probe
+                            .fetch_metadata(Some(n), Duration::from_secs(10))
+                            .map_err(|e| {
+                                PipelineError::Topics(format!("cannot read metadata of {n}: {e}"))
+                            })?;
+                        Ok(md
+                            .topics()
+                            .first()
+                            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+                            .map(|t| t.partitions().len()))
+                    })
+                    .collect()
+            })
+        };
+        let inputs = self.cfg.kafka.input_topics.clone();
+        let found = counts(inputs.clone())
+            .await
+            .map_err(|e| PipelineError::Topics(e.to_string()))??;
+        let mut partitions = None;
+        for (name, n) in inputs.iter().zip(&found) {
+            let Some(n) = *n else {
+                return Err(PipelineError::Topics(format!(
+                    "input topic {name:?} does not exist; create it (all input topics with the same partition count, keyed by customer id)"
+                )));
+            };
+            match partitions {
+                Some((first, m)) if m != n => {
+                    return Err(PipelineError::Topics(format!(
+                        "input topics are not co-partitioned: {first:?} has {m} partitions, {name:?} has {n}"
+                    )))
+                }
+                None => partitions = Some((name, n)),
+                _ => {}
+            }
+        }
+        let Some((_, want)) = partitions else {
+            return Ok(());
+        };
+        let mut have = counts(vec![topic.clone()])
+            .await
+            .map_err(|e| PipelineError::Topics(e.to_string()))??[0];
+        if have.is_none() {
+            let new = NewTopic::new(&topic, want as i32, TopicReplication::Fixed(1))
+                .set("cleanup.policy", "compact");
+            let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+            match admin.create_topics([&new], &opts).await {
+                Ok(results) => {
+                    for r in results {
+                        match r {
+                            Ok(t) => {
+                                info!(topic = %t, partitions = want, "created the changelog topic (compacted)")
+                            }
+                            Err((t, e)) => {
+                                warn!(topic = %t, error = %e, "could not create the changelog topic")
+                            }
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "could not create the changelog topic"),
+            }
+            have = counts(vec![topic.clone()])
+                .await
+                .map_err(|e| PipelineError::Topics(e.to_string()))??[0];
+        }
+        match have {
+            Some(n) if n == want => Ok(()),
+            Some(n) => Err(PipelineError::Topics(format!(
+                "changelog topic {topic:?} has {n} partitions but the input topics have {want}; it must be co-partitioned with the input (delete it or set kafka.changelog_topic to another name)"
+            ))),
+            None => Err(PipelineError::Topics(format!(
+                "changelog topic {topic:?} does not exist and could not be created; create it with {want} partitions and cleanup.policy=compact"
+            ))),
+        }
+    }
+
     /// Runs until `shutdown` resolves (then drains, flushes and commits) or a fatal error.
     pub async fn run(
         &self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<RunSummary, PipelineError> {
         self.ensure_topics().await;
+        self.ensure_changelog().await?;
         let k = &self.cfg.kafka;
+        let exactly_once = self.cfg.processing.guarantee == Guarantee::ExactlyOnce;
         let mut pc = client_config(&self.cfg, &k.producer);
         pc.set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random");
@@ -519,6 +837,9 @@ impl Pipeline {
             if !k.producer.contains_key(key) {
                 pc.set(key, default);
             }
+        }
+        if exactly_once {
+            pc.set("transactional.id", self.cfg.transactional_id());
         }
         let producer: ThreadedProducer<ProducerCtx> = pc
             .create_with_context(ProducerCtx {
@@ -528,6 +849,22 @@ impl Pipeline {
                 context: "producer",
                 source,
             })?;
+        if exactly_once {
+            let p = producer.clone();
+            let timeout = self.shared.drain_timeout;
+            tokio::task::spawn_blocking(move || {
+                p.init_transactions(timeout)?;
+                p.begin_transaction()
+            })
+            .await
+            .map_err(|e| PipelineError::Transaction(e.to_string()))?
+            .map_err(|e| {
+                PipelineError::Transaction(format!(
+                    "the broker refused transactions ({e}); processing.guarantee = \"exactly_once\" needs Kafka 2.5 or later with transactions enabled, otherwise use \"at_least_once\""
+                ))
+            })?;
+            info!(transactional_id = %self.cfg.transactional_id(), "exactly-once: transactions initialised");
+        }
         let mut cc = client_config(&self.cfg, &k.consumer);
         cc.set("group.id", &k.group_id)
             .set("enable.auto.commit", "false")
@@ -556,7 +893,7 @@ impl Pipeline {
                 context: "subscribe",
                 source,
             })?;
-        info!(brokers = %k.brokers, group = %k.group_id, topics = ?topics, rules_version = %self.engine().rules.version, clock = ?self.cfg.time.clock, "pipeline started");
+        info!(brokers = %k.brokers, group = %k.group_id, topics = ?topics, changelog = %self.shared.changelog_topic, guarantee = ?self.cfg.processing.guarantee, rules_version = %self.engine().rules.version, clock = ?self.cfg.time.clock, "pipeline started");
 
         let mut tick =
             tokio::time::interval(Duration::from_millis(self.cfg.pipeline.commit_interval_ms));
@@ -570,10 +907,10 @@ impl Pipeline {
                 biased;
                 _ = &mut shutdown => break Ok(()),
                 _ = tick.tick() => {
-                    let offsets = self.shared.progress().committable(None);
-                    if let Err(e) = commit(&consumer, &self.shared, &offsets, CommitMode::Async) {
-                        warn!(error = %e, "periodic commit failed; will retry");
+                    if let Err(e) = self.shared.commit_interval(&consumer, &producer, self.shared.flush_timeout) {
+                        break Err(e);
                     }
+                    self.shared.metrics.dirty_customers.set(self.shared.processor.dirty() as i64);
                 }
                 _ = clock_tick.tick() => {
                     if let Err(e) = self.on_tick(&producer, &mut summary).await {
@@ -590,16 +927,24 @@ impl Pipeline {
                 },
             }
             if let Some(f) = self.shared.progress().failed.clone() {
-                break Err(PipelineError::Delivery(f));
+                break Err(PipelineError::Failed(f));
             }
         };
-        // Drain: deliver what was produced, then commit what is safe.
-        if let Err(e) = producer.flush(self.shared.drain_timeout) {
-            warn!(error = %e, in_flight = self.shared.progress().in_flight(), "shutdown: producer flush incomplete");
-        }
-        let offsets = self.shared.progress().committable(None);
-        if let Err(e) = commit(&consumer, &self.shared, &offsets, CommitMode::Sync) {
-            warn!(error = %e, "shutdown: final commit failed");
+        // Drain: one last commit interval (output, changelog, offsets), if nothing failed.
+        if result.is_ok() {
+            match self
+                .shared
+                .commit_interval(&consumer, &producer, self.shared.drain_timeout)
+            {
+                Ok(true) => {}
+                Ok(false) => warn!(
+                    in_flight = self.shared.progress().in_flight(),
+                    "shutdown: output or changelog not delivered in time; a restart replays from the last checkpoint"
+                ),
+                Err(e) => warn!(error = %e, "shutdown: final commit failed"),
+            }
+        } else if exactly_once {
+            let _ = producer.abort_transaction(self.shared.drain_timeout);
         }
         info!(
             events = summary.events_ok,
@@ -704,7 +1049,6 @@ impl Pipeline {
             );
             return Ok(());
         }
-        let restoring = self.shared.progress().restoring(pos);
         let payload = msg.payload().unwrap_or(&[]);
         let proc = &self.shared.processor;
         let mut emitted = Vec::new();
@@ -727,11 +1071,6 @@ impl Pipeline {
                 .map_err(|r| r.0),
         };
         self.record_fired(fired);
-        if restoring {
-            // Rebuild only: the changes were published when this input was first processed.
-            self.shared.progress().processed(pos, 0);
-            return Ok(());
-        }
         // Outputs are fully built before anything is sent, so no map entry is held while
         // waiting for producer queue space.
         let cause = decoded.as_ref().ok().map(|ev| Cause::Event {
@@ -742,12 +1081,13 @@ impl Pipeline {
         });
         let outputs = self.serialize(&emitted, cause, summary);
         let (result, dead) = match outcome {
-            Err(reason) => (EventResult::DeadLettered, Some(reason)),
-            Ok(Applied::Applied) => (EventResult::Ok, None),
-            Ok(Applied::Duplicate) => (EventResult::Duplicate, None),
-            Ok(Applied::Reflected) => (EventResult::Ok, None),
+            Err(reason) => (Some(EventResult::DeadLettered), Some(reason)),
+            Ok(Applied::Applied) => (Some(EventResult::Ok), None),
+            Ok(Applied::Duplicate) => (Some(EventResult::Duplicate), None),
+            // Counted when first processed, before a crash; only its timers may fire now.
+            Ok(Applied::Reflected) => (None, None),
             Ok(Applied::Late) => (
-                EventResult::Late,
+                Some(EventResult::Late),
                 self.cfg.time.late_to_dead_letter.then(|| {
                     format!(
                         "late event: older than the partition's watermark {}; applied to lifetime aggregates only",
@@ -756,10 +1096,12 @@ impl Pipeline {
                 }),
             ),
         };
-        self.shared.metrics.event(topic as usize, result);
-        match result {
-            EventResult::DeadLettered => summary.dead_lettered += 1,
-            _ => summary.events_ok += 1,
+        if let Some(result) = result {
+            self.shared.metrics.event(topic as usize, result);
+            match result {
+                EventResult::DeadLettered => summary.dead_lettered += 1,
+                _ => summary.events_ok += 1,
+            }
         }
         let n = outputs.len() as u32 + dead.is_some() as u32;
         self.shared.progress().processed(pos, n);
@@ -782,10 +1124,13 @@ impl Pipeline {
                     key: dlq_headers::OFFSET,
                     value: Some(&pos.offset.to_string()),
                 });
-            let rec = BaseRecord::with_opaque_to(&self.cfg.kafka.dead_letter_topic, Box::new(pos))
-                .key(msg.key().unwrap_or(&[]))
-                .payload(payload)
-                .headers(headers);
+            let rec = BaseRecord::with_opaque_to(
+                &self.cfg.kafka.dead_letter_topic,
+                Box::new(Sent::Output(pos)),
+            )
+            .key(msg.key().unwrap_or(&[]))
+            .payload(payload)
+            .headers(headers);
             send(producer, rec, &self.shared).await?;
         }
         self.publish(producer, pos, &outputs).await
@@ -799,9 +1144,12 @@ impl Pipeline {
         outputs: &[(CompactString, Vec<u8>)],
     ) -> Result<(), PipelineError> {
         for (key, out) in outputs {
-            let rec = BaseRecord::with_opaque_to(&self.cfg.kafka.output_topic, Box::new(pos))
-                .key(key.as_bytes())
-                .payload(out.as_slice());
+            let rec = BaseRecord::with_opaque_to(
+                &self.cfg.kafka.output_topic,
+                Box::new(Sent::Output(pos)),
+            )
+            .key(key.as_bytes())
+            .payload(out.as_slice());
             send(producer, rec, &self.shared).await?;
         }
         Ok(())
@@ -819,7 +1167,7 @@ fn wall_ms() -> i64 {
 /// a full queue is backpressure, not an error.
 async fn send(
     producer: &ThreadedProducer<ProducerCtx>,
-    mut rec: BaseRecord<'_, [u8], [u8], Box<SourcePos>>,
+    mut rec: BaseRecord<'_, [u8], [u8], Box<Sent>>,
     shared: &Shared,
 ) -> Result<(), PipelineError> {
     loop {
@@ -832,6 +1180,29 @@ async fn send(
             Err((e, _)) => {
                 let reason = format!("cannot enqueue output: {e}");
                 shared.progress().failed.get_or_insert(reason.clone());
+                return Err(PipelineError::Delivery(reason));
+            }
+        }
+    }
+}
+
+/// [`send`] for the commit interval and the rebalance callbacks, which are not async.
+fn send_blocking(
+    producer: &ThreadedProducer<ProducerCtx>,
+    mut rec: BaseRecord<'_, [u8], [u8], Box<Sent>>,
+    shared: &Shared,
+) -> Result<(), PipelineError> {
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                rec = r;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((e, _)) => {
+                shared.progress().changelog_inflight -= 1;
+                let reason = format!("cannot enqueue a changelog record: {e}");
+                shared.fail(reason.clone());
                 return Err(PipelineError::Delivery(reason));
             }
         }
@@ -857,24 +1228,25 @@ mod tests {
         pr.processed(pos(0, 1), 2);
         pr.processed(pos(0, 2), 0);
         pr.processed(pos(0, 3), 1);
-        assert_eq!(pr.committable(None), vec![((0, 0), 1)]);
+        assert_eq!(pr.committable(), vec![((0, 0), 1)]);
         pr.delivered(pos(0, 1));
         assert_eq!(
-            pr.committable(None),
+            pr.committable(),
             vec![((0, 0), 1)],
             "one of two outputs still in flight"
         );
         pr.delivered(pos(0, 1));
-        assert_eq!(pr.committable(None), vec![((0, 0), 3)]);
+        assert_eq!(pr.committable(), vec![((0, 0), 3)]);
         pr.delivered(pos(0, 3));
-        assert_eq!(pr.committable(None), vec![((0, 0), 4)]);
+        assert_eq!(pr.committable(), vec![((0, 0), 4)]);
+        assert_eq!(pr.offsets(0, 2), vec![4, -1]);
         assert!(
             pr.already_applied(pos(0, 3))
                 && !pr.already_applied(pos(0, 4))
                 && !pr.already_applied(pos(1, 0))
         );
         pr.mark_committed(&[((0, 0), 4)]);
-        assert!(pr.committable(None).is_empty(), "nothing new to commit");
+        assert!(pr.committable().is_empty(), "nothing new to commit");
         assert_eq!(pr.in_flight(), 0);
     }
 }

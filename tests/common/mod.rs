@@ -37,9 +37,21 @@ fn nisshi_bin() -> PathBuf {
     home
 }
 
+/// Logs of the code under test, shown for failing tests: `RUST_LOG=microseg=debug`.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "microseg=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 impl Broker {
     /// Starts an in-memory broker on a free port and waits until it answers metadata requests.
     pub fn start() -> Broker {
+        init_logs();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
