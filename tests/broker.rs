@@ -6,20 +6,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{wait_for, Broker};
-use microseg::config::Config;
-use microseg::engine::Engine;
-use microseg::event::decode;
+use common::{change_key, comparable, config, day, expected_changes, start, wait_for, Broker};
 use microseg::generate::Generator;
-use microseg::metrics::{EventResult, Metrics};
-use microseg::output::{change_json, dlq_headers, Cause};
-use microseg::pipeline::Pipeline;
-use microseg::processor::{Fired, Processor, Source, Store};
+use microseg::metrics::EventResult;
+use microseg::output::dlq_headers;
 use microseg::rules::RuleSet;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
 
 const RULES: &str = r#"
 [attributes]
@@ -44,135 +38,6 @@ when = 'attr.industry == "finance" && attr.company_size > 500'
 name = "frequent"
 when = "purchases.count_30d >= 3"
 "#;
-
-fn config(broker: &Broker, group: &str, inputs: &[&str]) -> Config {
-    let mut c = Config::default();
-    c.kafka.brokers = broker.addr.clone();
-    c.kafka.group_id = group.into();
-    c.kafka.client_id = format!("{group}-client");
-    c.kafka.input_topics = inputs.iter().map(|s| s.to_string()).collect();
-    c.kafka
-        .consumer
-        .insert("session.timeout.ms".into(), "6000".into());
-    c.kafka
-        .consumer
-        .insert("heartbeat.interval.ms".into(), "500".into());
-    c.pipeline.commit_interval_ms = 200;
-    // Tests compare exact change streams: time must advance with the input only.
-    c.time.idle_timeout_ms = 3_600_000;
-    c
-}
-
-struct Running {
-    pipeline: Arc<Pipeline>,
-    metrics: Arc<Metrics>,
-    stop: oneshot::Sender<()>,
-    handle: tokio::task::JoinHandle<Result<microseg::pipeline::RunSummary, String>>,
-}
-
-fn start(cfg: Config, rules: Arc<RuleSet>) -> Running {
-    let metrics = Arc::new(Metrics::new(&rules, &cfg.kafka.input_topics));
-    let pipeline = Arc::new(Pipeline::new(cfg, Engine::new(rules), metrics.clone()));
-    let (stop, rx) = oneshot::channel::<()>();
-    let p = pipeline.clone();
-    let handle = tokio::spawn(async move {
-        p.run(async {
-            let _ = rx.await;
-        })
-        .await
-        .map_err(|e| e.to_string())
-    });
-    Running {
-        pipeline,
-        metrics,
-        stop,
-        handle,
-    }
-}
-
-impl Running {
-    async fn stop(self) -> microseg::pipeline::RunSummary {
-        let _ = self.stop.send(());
-        self.handle.await.unwrap().unwrap()
-    }
-}
-
-fn day(d: i64) -> i64 {
-    1_767_225_600_000 + d * 86_400_000 // 2026-01-01 + d days
-}
-
-/// A change message without the fields that depend on where the input landed in Kafka.
-fn comparable(mut v: Value) -> Value {
-    if v["cause"]["kind"] == "event" {
-        v["cause"]["partition"] = Value::Null;
-        v["cause"]["offset"] = Value::Null;
-    }
-    v
-}
-
-fn change_key(v: &Value) -> (String, u64) {
-    (
-        v["customer_id"].as_str().unwrap().to_owned(),
-        v["seq"].as_u64().unwrap(),
-    )
-}
-
-/// The oracle: the Kafka-free processor over each partition's events in partition order (the
-/// same watermarks and timers as the pipeline, with idle time never reached), as comparable
-/// change messages; plus how many events do not decode. `events` carries the partition each
-/// event landed in.
-fn expected_changes(
-    rules: &Arc<RuleSet>,
-    cfg: &Config,
-    events: &[(microseg::generate::Generated, i32)],
-) -> (Vec<Value>, usize) {
-    let mut parts: BTreeMap<i32, Processor> = BTreeMap::new();
-    let mut expected = Vec::new();
-    let mut bad = 0;
-    for (ev, partition) in events {
-        let Ok(d) = decode(ev.json.as_bytes()) else {
-            bad += 1;
-            continue;
-        };
-        let p = parts.entry(*partition).or_insert_with(|| {
-            Processor::new(
-                Engine::new(rules.clone()),
-                Arc::new(Store::new()),
-                &cfg.time,
-                1,
-            )
-        });
-        let mut out = Vec::new();
-        let _ = p.event(
-            Source {
-                topic: 0,
-                partition: *partition,
-                offset: 0,
-            },
-            &d,
-            0,
-            &mut out,
-            &mut Fired::default(),
-        );
-        for e in &out {
-            let cause = if e.change.by_timer {
-                Cause::Timer
-            } else {
-                Cause::Event {
-                    event_id: d.event_id.as_deref(),
-                    topic: "events",
-                    partition: 0,
-                    offset: 0,
-                }
-            };
-            expected.push(comparable(
-                serde_json::from_slice(&change_json(rules, &e.customer_id, cause, &e.change))
-                    .unwrap(),
-            ));
-        }
-    }
-    (expected, bad)
-}
 
 /// The subset of a change message a test pins down exactly.
 fn essentials(v: &Value) -> Value {
@@ -619,93 +484,6 @@ async fn two_instances_share_partitions_and_emit_exactly_the_expected_changes() 
     );
     a.stop().await;
     b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_instance_continues_every_customer_sequence_exactly() {
-    let broker = Broker::start();
-    broker.create_topics(&["events"], 3).await;
-    let rules = Arc::new(RuleSet::embedded_default());
-    let mut g = Generator::new(5, 80, day(0), 30 * 60_000);
-    let events: Vec<_> = (0..1600).map(|_| g.next_event()).collect();
-    let (first, second) = events.split_at(800);
-    let prod = broker.producer();
-
-    let a = start(config(&broker, "g-restart", &["events"]), rules.clone());
-    let (pa, ma) = (a.pipeline.clone(), a.metrics.clone());
-    wait_for("assignment", Duration::from_secs(30), || {
-        pa.assigned().len() == 3
-    })
-    .await;
-    let mut placed = Vec::new();
-    for ev in first {
-        let p = broker
-            .produce(&prod, "events", &ev.customer_id, ev.json.as_bytes())
-            .await;
-        placed.push((ev.clone(), p));
-    }
-    wait_for("first half processed", Duration::from_secs(60), || {
-        ma.events_total(EventResult::Ok) + ma.events_total(EventResult::DeadLettered)
-            == first.len() as u64
-    })
-    .await;
-    a.stop().await;
-
-    // A new instance in the same group: it rebuilds state up to the committed offsets, then
-    // continues where the first one stopped.
-    let b = start(config(&broker, "g-restart", &["events"]), rules.clone());
-    let (pb, mb) = (b.pipeline.clone(), b.metrics.clone());
-    wait_for("assignment", Duration::from_secs(30), || {
-        pb.assigned().len() == 3
-    })
-    .await;
-    for ev in second {
-        let p = broker
-            .produce(&prod, "events", &ev.customer_id, ev.json.as_bytes())
-            .await;
-        placed.push((ev.clone(), p));
-    }
-    wait_for("second half processed", Duration::from_secs(60), || {
-        mb.events_total(EventResult::Ok) + mb.events_total(EventResult::DeadLettered)
-            == second.len() as u64
-    })
-    .await;
-    b.stop().await;
-
-    let expected: BTreeMap<(String, u64), Value> =
-        expected_changes(&rules, &config(&broker, "g-restart", &["events"]), &placed)
-            .0
-            .into_iter()
-            .map(|v| (change_key(&v), v))
-            .collect();
-    let got = broker
-        .read(
-            "segment-changes",
-            expected.len(),
-            Duration::from_secs(60),
-            Duration::from_secs(2),
-        )
-        .await;
-    let mut seen: BTreeMap<(String, u64), Value> = BTreeMap::new();
-    for r in &got {
-        let v = comparable(r.json());
-        let k = change_key(&v);
-        if let Some(prev) = seen.get(&k) {
-            assert_eq!(
-                prev, &v,
-                "a duplicate (customer_id, seq) must carry the same payload"
-            );
-        }
-        seen.insert(k, v);
-    }
-    assert_eq!(
-        seen.len(),
-        expected.len(),
-        "no change lost or invented across the restart"
-    );
-    for (k, v) in &expected {
-        assert_eq!(seen.get(k), Some(v), "change {k:?}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,10 +16,33 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use microseg::config::Config;
+use microseg::engine::Engine;
+use microseg::event::decode;
+use microseg::metrics::Metrics;
+use microseg::output::{change_json, Cause};
+use microseg::pipeline::Pipeline;
+use microseg::processor::{Fired, Processor, Source, Store};
+use microseg::rules::RuleSet;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
 pub struct Broker {
     child: Child,
     pub addr: String,
+    storage: String,
     _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn nisshi_bin() -> PathBuf {
@@ -51,16 +74,39 @@ pub fn init_logs() {
 impl Broker {
     /// Starts an in-memory broker on a free port and waits until it answers metadata requests.
     pub fn start() -> Broker {
-        init_logs();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
         let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("nisshi.log")).unwrap();
-        let child = Command::new(nisshi_bin())
+        Broker::launch(free_port(), "memory://nisshi/".into(), dir)
+    }
+
+    /// Starts a broker that keeps topics, records and committed offsets in a SQLite file, so
+    /// it can be stopped and started again ([`Broker::stop`], [`Broker::restart`]).
+    pub fn start_persistent() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = format!("sqlite://{}", dir.path().join("nisshi.db").display());
+        Broker::launch(free_port(), storage, dir)
+    }
+
+    fn launch(port: u16, storage: String, dir: tempfile::TempDir) -> Broker {
+        init_logs();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Broker::spawn(&addr, &storage, dir.path());
+        let broker = Broker {
+            child,
+            addr,
+            storage,
+            _dir: dir,
+        };
+        broker.wait_up();
+        broker
+    }
+
+    fn spawn(addr: &str, storage: &str, dir: &std::path::Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("nisshi.log"))
+            .unwrap();
+        Command::new(nisshi_bin())
             .args([
                 "broker",
                 "--listener-url",
@@ -68,22 +114,20 @@ impl Broker {
                 "--advertised-listener-url",
                 &format!("tcp://{addr}"),
                 "--storage-engine",
-                "memory://nisshi/",
+                storage,
                 "--group-initial-rebalance-delay",
                 "0s",
             ])
-            .current_dir(dir.path())
+            .current_dir(dir)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
-            .expect("start nisshi");
-        let broker = Broker {
-            child,
-            addr,
-            _dir: dir,
-        };
+            .expect("start nisshi")
+    }
+
+    fn wait_up(&self) {
         let probe: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &broker.addr)
+            .set("bootstrap.servers", &self.addr)
             .create()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -91,11 +135,22 @@ impl Broker {
             assert!(
                 Instant::now() < deadline,
                 "nisshi did not come up on {}",
-                broker.addr
+                self.addr
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        broker
+    }
+
+    /// Kills the broker process (an outage).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the broker again on the same address and storage.
+    pub fn restart(&mut self) {
+        self.child = Broker::spawn(&self.addr, &self.storage, self._dir.path());
+        self.wait_up();
     }
 
     pub async fn create_topics(&self, names: &[&str], partitions: i32) {
@@ -243,5 +298,169 @@ pub async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn config(broker: &Broker, group: &str, inputs: &[&str]) -> Config {
+    let mut c = Config::default();
+    c.kafka.brokers = broker.addr.clone();
+    c.kafka.group_id = group.into();
+    c.kafka.client_id = format!("{group}-client");
+    c.kafka.input_topics = inputs.iter().map(|s| s.to_string()).collect();
+    c.kafka
+        .consumer
+        .insert("session.timeout.ms".into(), "6000".into());
+    c.kafka
+        .consumer
+        .insert("heartbeat.interval.ms".into(), "500".into());
+    c.pipeline.commit_interval_ms = 200;
+    // Tests compare exact change streams: time must advance with the input only.
+    c.time.idle_timeout_ms = 3_600_000;
+    c
+}
+
+pub struct Running {
+    pub pipeline: Arc<Pipeline>,
+    pub metrics: Arc<Metrics>,
+    stop: oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<Result<microseg::pipeline::RunSummary, String>>,
+}
+
+pub fn start(cfg: Config, rules: Arc<RuleSet>) -> Running {
+    let metrics = Arc::new(Metrics::new(&rules, &cfg.kafka.input_topics));
+    let pipeline = Arc::new(Pipeline::new(cfg, Engine::new(rules), metrics.clone()));
+    let (stop, rx) = oneshot::channel::<()>();
+    let p = pipeline.clone();
+    let handle = tokio::spawn(async move {
+        p.run(async {
+            let _ = rx.await;
+        })
+        .await
+        .map_err(|e| e.to_string())
+    });
+    Running {
+        pipeline,
+        metrics,
+        stop,
+        handle,
+    }
+}
+
+impl Running {
+    pub async fn stop(self) -> microseg::pipeline::RunSummary {
+        let _ = self.stop.send(());
+        self.handle.await.unwrap().unwrap()
+    }
+}
+
+pub fn day(d: i64) -> i64 {
+    1_767_225_600_000 + d * 86_400_000 // 2026-01-01 + d days
+}
+
+/// A change message without the fields that depend on where the input landed in Kafka.
+pub fn comparable(mut v: Value) -> Value {
+    if v["cause"]["kind"] == "event" {
+        v["cause"]["partition"] = Value::Null;
+        v["cause"]["offset"] = Value::Null;
+    }
+    v
+}
+
+pub fn change_key(v: &Value) -> (String, u64) {
+    (
+        v["customer_id"].as_str().unwrap().to_owned(),
+        v["seq"].as_u64().unwrap(),
+    )
+}
+
+/// The oracle: the Kafka-free processor over each partition's events in partition order (the
+/// same watermarks and timers as the pipeline, with idle time never reached), as comparable
+/// change messages; plus how many events do not decode. `events` carries the partition each
+/// event landed in.
+pub fn expected_changes(
+    rules: &Arc<RuleSet>,
+    cfg: &Config,
+    events: &[(microseg::generate::Generated, i32)],
+) -> (Vec<Value>, usize) {
+    let o = oracle(rules, cfg, events);
+    (o.changes, o.bad)
+}
+
+/// What a run without Kafka gives: the changes (comparable), the events that do not decode,
+/// and each partition's processor with the final customers.
+pub struct Oracle {
+    pub changes: Vec<Value>,
+    pub bad: usize,
+    pub parts: BTreeMap<i32, Processor>,
+}
+
+impl Oracle {
+    /// A customer's final state in the oracle.
+    pub fn customer(&self, id: &str) -> Option<microseg::engine::Customer> {
+        self.parts
+            .values()
+            .find_map(|p| p.store().get(id).map(|c| c.clone()))
+    }
+
+    pub fn customers(&self) -> usize {
+        self.parts.values().map(|p| p.store().len()).sum()
+    }
+}
+
+/// See [`expected_changes`].
+pub fn oracle(
+    rules: &Arc<RuleSet>,
+    cfg: &Config,
+    events: &[(microseg::generate::Generated, i32)],
+) -> Oracle {
+    let mut parts: BTreeMap<i32, Processor> = BTreeMap::new();
+    let mut expected = Vec::new();
+    let mut bad = 0;
+    for (ev, partition) in events {
+        let Ok(d) = decode(ev.json.as_bytes()) else {
+            bad += 1;
+            continue;
+        };
+        let p = parts.entry(*partition).or_insert_with(|| {
+            Processor::new(
+                Engine::new(rules.clone()),
+                Arc::new(Store::new()),
+                &cfg.time,
+                1,
+            )
+        });
+        let mut out = Vec::new();
+        let _ = p.event(
+            Source {
+                topic: 0,
+                partition: *partition,
+                offset: 0,
+            },
+            &d,
+            0,
+            &mut out,
+            &mut Fired::default(),
+        );
+        for e in &out {
+            let cause = if e.change.by_timer {
+                Cause::Timer
+            } else {
+                Cause::Event {
+                    event_id: d.event_id.as_deref(),
+                    topic: "events",
+                    partition: 0,
+                    offset: 0,
+                }
+            };
+            expected.push(comparable(
+                serde_json::from_slice(&change_json(rules, &e.customer_id, cause, &e.change))
+                    .unwrap(),
+            ));
+        }
+    }
+    Oracle {
+        changes: expected,
+        bad,
+        parts,
     }
 }

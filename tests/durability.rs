@@ -1,0 +1,464 @@
+//! State that survives restarts, crashes, rebalances and broker outages, through a real
+//! Kafka-protocol broker (Nisshi): after each, the change stream with duplicates dropped by
+//! `(customer_id, seq)` equals a run without incident, every duplicate is byte-identical, no
+//! customer's seq has a gap, and the changelog's final state of every customer equals a
+//! from-scratch computation over the whole input.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{comparable, config, day, oracle, start, wait_for, Broker};
+use microseg::changelog;
+use microseg::config::{Config, Guarantee};
+use microseg::engine::Engine;
+use microseg::generate::{Generated, Generator};
+use microseg::metrics::Metrics;
+use microseg::pipeline::Pipeline;
+use microseg::rules::RuleSet;
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
+
+const TOPIC: &str = "events";
+const PARTITIONS: i32 = 3;
+
+fn rules() -> Arc<RuleSet> {
+    Arc::new(RuleSet::embedded_default())
+}
+
+fn events(seed: u64, n: usize) -> Vec<Generated> {
+    let mut g = Generator::new(seed, 150, day(0), 20 * 60_000);
+    (0..n).map(|_| g.next_event()).collect()
+}
+
+/// An event as it landed: partition and offset.
+type Placed = (Generated, i32, i64);
+
+/// Produces `events` at about `per_sec`, surviving broker outages (no delivery timeout).
+async fn produce_steadily(addr: String, events: Vec<Generated>, per_sec: u64) -> Vec<Placed> {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &addr)
+        .set("partitioner", "murmur2_random")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "2")
+        .set("message.timeout.ms", "0")
+        .create()
+        .unwrap();
+    let started = Instant::now();
+    let mut placed = Vec::with_capacity(events.len());
+    for chunk in events.chunks(20) {
+        let sends: Vec<_> = chunk
+            .iter()
+            .map(|ev| {
+                p.send(
+                    FutureRecord::to(TOPIC)
+                        .key(&ev.customer_id)
+                        .payload(ev.json.as_bytes()),
+                    Duration::from_secs(300),
+                )
+            })
+            .collect();
+        for (ev, r) in chunk.iter().zip(futures::future::join_all(sends).await) {
+            let d = r.unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+            placed.push((ev.clone(), d.partition, d.offset));
+        }
+        let due = Duration::from_millis(placed.len() as u64 * 1000 / per_sec);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    placed
+}
+
+/// Waits until the group has committed every partition of the input to its end.
+async fn wait_caught_up(addr: &str, group: &str, timeout: Duration) {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition(TOPIC, p);
+        }
+        let committed = c.committed_offsets(tpl, Duration::from_secs(5));
+        let behind: Vec<(i32, i64, i64)> = (0..PARTITIONS)
+            .filter_map(|p| {
+                let (_, high) = c.fetch_watermarks(TOPIC, p, Duration::from_secs(5)).ok()?;
+                let at = committed
+                    .as_ref()
+                    .ok()
+                    .and_then(|t| t.find_partition(TOPIC, p))
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                (at < high).then_some((p, at, high))
+            })
+            .collect();
+        if behind.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "group {group} did not catch up: (partition, committed, end) {behind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Checks the properties every durability test asserts (module docs). Returns how many
+/// duplicates the output held.
+async fn verify(
+    broker: &Broker,
+    group: &str,
+    rules: &Arc<RuleSet>,
+    mut placed: Vec<Placed>,
+) -> usize {
+    placed.sort_by_key(|(_, p, o)| (*p, *o));
+    let input: Vec<(Generated, i32)> = placed.into_iter().map(|(g, p, _)| (g, p)).collect();
+    let o = oracle(rules, &config(broker, group, &[TOPIC]), &input);
+    assert!(o.changes.len() > 100, "the input moves customers");
+
+    let got = broker
+        .read(
+            "segment-changes",
+            o.changes.len(),
+            Duration::from_secs(90),
+            Duration::from_secs(2),
+        )
+        .await;
+    let mut seen: BTreeMap<(String, u64), Value> = BTreeMap::new();
+    let mut duplicates = 0;
+    for r in &got {
+        let v = r.json();
+        let k = (
+            v["customer_id"].as_str().unwrap().to_owned(),
+            v["seq"].as_u64().unwrap(),
+        );
+        if let Some(prev) = seen.get(&k) {
+            assert_eq!(prev, &v, "duplicate {k:?} with another payload");
+            duplicates += 1;
+        }
+        seen.insert(k, v);
+    }
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    for (id, seq) in seen.keys() {
+        let l = last.entry(id).or_default();
+        assert_eq!(*seq, *l + 1, "customer {id}: seq {seq} follows {l}");
+        *l = *seq;
+    }
+    let expected: BTreeMap<(String, u64), Value> = o
+        .changes
+        .iter()
+        .map(|v| {
+            let k = (
+                v["customer_id"].as_str().unwrap().to_owned(),
+                v["seq"].as_u64().unwrap(),
+            );
+            (k, v.clone())
+        })
+        .collect();
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !seen.contains_key(*k))
+        .take(5)
+        .collect();
+    assert!(missing.is_empty(), "changes lost, e.g. {missing:?}");
+    assert_eq!(seen.len(), expected.len(), "no change invented");
+    for (k, v) in seen {
+        assert_eq!(comparable(v), expected[&k], "change {k:?}");
+    }
+
+    // The changelog's latest record of each customer is the from-scratch final state.
+    let engine = Engine::new(rules.clone());
+    let records = broker
+        .read(
+            &format!("{group}-changelog"),
+            usize::MAX,
+            Duration::from_secs(5),
+            Duration::ZERO,
+        )
+        .await;
+    let mut latest: HashMap<String, Vec<u8>> = HashMap::new();
+    for r in records {
+        match r.key {
+            Some(k) if !k.is_empty() => {
+                latest.insert(k, r.payload);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        latest.len(),
+        o.customers(),
+        "one changelog entry per customer"
+    );
+    for (id, bytes) in &latest {
+        let c = changelog::decode(&engine, bytes).unwrap().customer;
+        let want = o.customer(id).unwrap();
+        assert_eq!(
+            engine.memberships(&c),
+            engine.evaluate_all(
+                &want.state,
+                want.state
+                    .last_seen
+                    .max(o.parts[&c.partition].watermark(c.partition))
+            ),
+            "customer {id}: final memberships"
+        );
+        assert_eq!(
+            c, want,
+            "customer {id}: state, memberships, seq, timer as without incident"
+        );
+    }
+    duplicates
+}
+
+fn engine_config_file(dir: &std::path::Path, broker: &Broker, group: &str) -> PathBuf {
+    let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/segments.toml");
+    let text = format!(
+        r#"
+[kafka]
+brokers = "{}"
+group_id = "{group}"
+client_id = "{group}-engine"
+input_topics = ["{TOPIC}"]
+[kafka.consumer]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+[pipeline]
+commit_interval_ms = 200
+[time]
+idle_timeout_ms = 3600000
+[rules]
+file = "{}"
+"#,
+        broker.addr,
+        rules.display()
+    );
+    let path = dir.join("microseg.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The `microseg run` process, logging to `log`.
+fn spawn_engine(config: &std::path::Path, log: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_microseg"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "microseg=info")
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start microseg")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_under_load_loses_nothing() {
+    let broker = Broker::start();
+    broker.create_topics(&[TOPIC], PARTITIONS).await;
+    let rules = rules();
+    let dir = tempfile::tempdir().unwrap();
+    let group = "g-crash";
+    let cfg = engine_config_file(dir.path(), &broker, group);
+    let log = dir.path().join("engine.log");
+
+    let producing = tokio::spawn(produce_steadily(broker.addr.clone(), events(11, 6000), 400));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xc4a5);
+    let mut engine = spawn_engine(&cfg, &log);
+    let mut kills = 0;
+    while !producing.is_finished() || kills < 3 {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..4000))).await;
+        engine.kill().unwrap(); // SIGKILL
+        engine.wait().unwrap();
+        kills += 1;
+        engine = spawn_engine(&cfg, &log);
+    }
+    let placed = producing.await.unwrap();
+    let result = async {
+        wait_caught_up(&broker.addr, group, Duration::from_secs(120)).await;
+        // A clean stop writes the last changelog records.
+        Command::new("kill")
+            .args(["-TERM", &engine.id().to_string()])
+            .status()
+            .unwrap();
+        let status = engine.wait().unwrap();
+        assert!(status.success(), "clean stop: {status}");
+        verify(&broker, group, &rules, placed).await
+    };
+    let duplicates = match tokio::time::timeout(Duration::from_secs(300), result).await {
+        Ok(d) => d,
+        Err(_) => {
+            let _ = engine.kill();
+            panic!(
+                "timed out; engine log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+    };
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.matches("restored from the changelog").count() > kills,
+        "every start restored"
+    );
+    eprintln!("{kills} SIGKILLs, {duplicates} duplicate changes re-emitted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_restart_restores_state_and_re_emits_nothing() {
+    let broker = Broker::start();
+    broker.create_topics(&[TOPIC], PARTITIONS).await;
+    let rules = rules();
+    let group = "g-restart";
+    let all = events(5, 1600);
+    let (first, second) = all.split_at(800);
+
+    let a = start(config(&broker, group, &[TOPIC]), rules.clone());
+    let placed_a = produce_steadily(broker.addr.clone(), first.to_vec(), 4000).await;
+    wait_caught_up(&broker.addr, group, Duration::from_secs(60)).await;
+    let held = a.pipeline.store().len();
+    a.stop().await;
+
+    let b = start(config(&broker, group, &[TOPIC]), rules.clone());
+    let (pb, mb) = (b.pipeline.clone(), b.metrics.clone());
+    wait_for("restored and ready", Duration::from_secs(30), || pb.ready()).await;
+    assert_eq!(pb.store().len(), held, "every customer restored");
+    assert_eq!(mb.restored_customers.get() as usize, held);
+    assert_eq!(mb.events_processed(), 0, "no input replayed");
+    let mut placed = placed_a;
+    placed.extend(produce_steadily(broker.addr.clone(), second.to_vec(), 4000).await);
+    wait_caught_up(&broker.addr, group, Duration::from_secs(60)).await;
+    assert_eq!(mb.events_processed(), second.len() as u64);
+    b.stop().await;
+    assert_eq!(
+        verify(&broker, group, &rules, placed).await,
+        0,
+        "a clean stop leaves nothing to re-emit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_joining_and_leaving_under_load_loses_nothing() {
+    let broker = Broker::start();
+    broker.create_topics(&[TOPIC], PARTITIONS).await;
+    let rules = rules();
+    let group = "g-rebalance";
+    let producing = tokio::spawn(produce_steadily(broker.addr.clone(), events(23, 5000), 500));
+    let a = start(config(&broker, group, &[TOPIC]), rules.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let b = start(config(&broker, group, &[TOPIC]), rules.clone());
+    let (pa, pb) = (a.pipeline.clone(), b.pipeline.clone());
+    wait_for("partitions shared", Duration::from_secs(30), || {
+        !pa.assigned().is_empty() && !pb.assigned().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        b.metrics.events_processed() > 0,
+        "the second instance worked"
+    );
+    b.stop().await;
+    wait_for("partitions back", Duration::from_secs(30), || {
+        pa.assigned().len() == PARTITIONS as usize
+    })
+    .await;
+    let placed = producing.await.unwrap();
+    wait_caught_up(&broker.addr, group, Duration::from_secs(60)).await;
+    assert!(
+        a.metrics.restored_customers.get() > 0,
+        "taken-back partitions were restored"
+    );
+    a.stop().await;
+    verify(&broker, group, &rules, placed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_under_load_loses_nothing() {
+    let mut broker = Broker::start_persistent();
+    broker.create_topics(&[TOPIC], PARTITIONS).await;
+    let rules = rules();
+    let group = "g-outage";
+    let mut cfg = config(&broker, group, &[TOPIC]);
+    // The broker is away for seconds, not for the group session.
+    cfg.kafka
+        .consumer
+        .insert("session.timeout.ms".into(), "30000".into());
+    let a = start(cfg, rules.clone());
+    let ma = a.metrics.clone();
+    let producing = tokio::spawn(produce_steadily(broker.addr.clone(), events(31, 4000), 500));
+    wait_for("processing under way", Duration::from_secs(30), || {
+        ma.events_processed() > 1000
+    })
+    .await;
+    broker.stop();
+    let at_stop = ma.events_processed();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    broker.restart();
+    let placed = producing.await.unwrap();
+    wait_caught_up(&broker.addr, group, Duration::from_secs(120)).await;
+    assert!(ma.events_processed() > at_stop, "processing resumed");
+    a.stop().await;
+    verify(&broker, group, &rules, placed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changelog_with_another_partition_count_is_refused_at_start_up() {
+    let broker = Broker::start();
+    broker.create_topics(&[TOPIC], PARTITIONS).await;
+    broker.create_topics(&["g-wrong-changelog"], 2).await;
+    let cfg = config(&broker, "g-wrong", &[TOPIC]);
+    let rules = rules();
+    let p = Pipeline::new(
+        cfg,
+        Engine::new(rules.clone()),
+        Arc::new(Metrics::new(&rules, &[TOPIC.into()])),
+    );
+    let err = tokio::time::timeout(Duration::from_secs(30), p.run(std::future::pending()))
+        .await
+        .expect("refused promptly")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("g-wrong-changelog")
+            && err.contains("has 2 partitions but the input topics have 3"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_is_refused_by_a_broker_without_transactions() {
+    let broker = Broker::start();
+    broker.create_topics(&[TOPIC], PARTITIONS).await;
+    let mut cfg: Config = config(&broker, "g-eos", &[TOPIC]);
+    cfg.processing.guarantee = Guarantee::ExactlyOnce;
+    cfg.pipeline.drain_timeout_ms = 10_000;
+    let rules = rules();
+    let p = Pipeline::new(
+        cfg,
+        Engine::new(rules.clone()),
+        Arc::new(Metrics::new(&rules, &[TOPIC.into()])),
+    );
+    let err = tokio::time::timeout(Duration::from_secs(60), p.run(std::future::pending()))
+        .await
+        .expect("refused promptly")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("refused transactions"), "{err}");
+    assert!(err.contains("at_least_once"), "says what to do: {err}");
+}
