@@ -25,6 +25,8 @@
 //! `seq` and recent ids, but not the memberships and timer, which only mean something under the
 //! rules that computed them: [`Restored::rules_changed`] tells the caller to re-evaluate.
 
+use std::sync::Arc;
+
 use compact_str::CompactString;
 
 use crate::engine::{Customer, Engine};
@@ -148,11 +150,16 @@ pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut V
         }
     };
     let plan = st.plan.map_or(0, |s| idx(s) + 1);
-    let actions: Vec<u64> = st
+    // In memory, engagement buckets are sorted by (bucket, action symbol id), and symbol ids
+    // are process-local: write them in (bucket, action name) order, so the bytes do not
+    // depend on the process; the reader sorts them by its own ids.
+    let mut buckets: Vec<(&EngagementBucket, Arc<str>)> = st
         .engagement_buckets
         .iter()
-        .map(|b| idx(b.action))
+        .map(|b| (b, rules.symbols.name(b.action)))
         .collect();
+    buckets.sort_by(|x, y| (x.0.bucket, &x.1).cmp(&(y.0.bucket, &y.1)));
+    let actions: Vec<u64> = buckets.iter().map(|(b, _)| idx(b.action)).collect();
     let lists: Vec<Vec<(u64, u32)>> = [&st.categories, &st.channels, &st.actions]
         .iter()
         .map(|l| l.iter().map(|(s, n)| (idx(*s), *n)).collect())
@@ -188,8 +195,8 @@ pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut V
         w.u(b.count as u64);
         w.f(b.spend);
     }
-    w.u(st.engagement_buckets.len() as u64);
-    for (b, a) in st.engagement_buckets.iter().zip(&actions) {
+    w.u(buckets.len() as u64);
+    for ((b, _), a) in buckets.iter().zip(&actions) {
         w.u(b.bucket as u64);
         w.u(*a);
         w.u(b.count as u64);
@@ -294,6 +301,7 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
             count: r.u32()?,
         });
     }
+    st.engagement_buckets.sort_by_key(|b| (b.bucket, b.action));
     for list in [&mut st.categories, &mut st.channels, &mut st.actions] {
         let n = r.len()?;
         list.reserve_exact(n);
@@ -452,8 +460,14 @@ mod tests {
         assert!(all
             .values()
             .any(|c| c.timer != NEVER && !c.recent_ids.is_empty()));
-        // Another process: same rules file, its own symbol table.
+        // Another process: same rules file, its own symbol table, which met the values in
+        // another order (so in-memory orders by symbol id differ).
         let other = Engine::new(Arc::new(RuleSet::embedded_default()));
+        let n = engine.rules.symbols.len() as Sym;
+        for id in (0..n).rev() {
+            other.rules.symbols.intern(&engine.rules.symbols.name(id));
+        }
+        let mut reordered = 0;
         for (i, c) in all.values().enumerate() {
             let mut bytes = Vec::new();
             let offsets = [1000 + i as i64, -1, 3];
@@ -465,6 +479,28 @@ mod tests {
                 (offsets.to_vec(), false)
             );
             let there = decode(&other, &bytes).unwrap();
+            let sorted = |cu: &Customer| {
+                cu.state
+                    .engagement_buckets
+                    .windows(2)
+                    .all(|w| (w[0].bucket, w[0].action) < (w[1].bucket, w[1].action))
+            };
+            assert!(
+                sorted(&there.customer),
+                "buckets sorted by the reader's ids"
+            );
+            reordered += (there
+                .customer
+                .state
+                .engagement_buckets
+                .iter()
+                .map(|b| other.rules.symbols.name(b.action))
+                .collect::<Vec<_>>()
+                != c.state
+                    .engagement_buckets
+                    .iter()
+                    .map(|b| engine.rules.symbols.name(b.action))
+                    .collect::<Vec<_>>()) as usize;
             let mut again = Vec::new();
             encode(&other, &there.customer, &offsets, &mut again);
             assert_eq!(
@@ -473,6 +509,7 @@ mod tests {
             );
             assert_eq!(other.memberships(&there.customer), engine.memberships(c));
         }
+        assert!(reordered > 0, "some bucket lists came out in another order");
     }
 
     #[test]
