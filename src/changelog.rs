@@ -366,8 +366,10 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
     })
 }
 
-/// The key of a partition's checkpoint record: empty, which no customer id can be.
-pub const CHECKPOINT_KEY: &[u8] = b"";
+/// The key of a partition's checkpoint record: one byte that is not UTF-8, so no customer id
+/// can be it (and not empty: librdkafka sends an empty key as null, which a compacted topic
+/// refuses).
+pub const CHECKPOINT_KEY: &[u8] = b"\xff";
 
 const CHECKPOINT_MAGIC: u8 = b'P';
 

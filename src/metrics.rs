@@ -43,6 +43,8 @@ pub struct Metrics {
     pub restored_customers: IntCounter,
     /// Customers changed since their last changelog record.
     pub dirty_customers: IntGauge,
+    /// Commit intervals completed (output, changelog and offsets committed).
+    pub commits: IntCounter,
     segmentation_names: Vec<String>,
 }
 
@@ -108,8 +110,13 @@ impl Metrics {
             "microseg_changelog_dirty_customers",
             "Customers changed since their last changelog record",
         ));
+        let commits = must(IntCounter::new(
+            "microseg_commit_intervals_total",
+            "Commit intervals completed: output delivered, changelog written, input offsets committed",
+        ));
         for c in [
             Box::new(timers_fired.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(commits.clone()),
             Box::new(changelog_records.clone()),
             Box::new(restored_customers.clone()),
             Box::new(dirty_customers.clone()),
@@ -152,6 +159,7 @@ impl Metrics {
             changelog_records,
             restored_customers,
             dirty_customers,
+            commits,
             segmentation_names: rules.segmentations.iter().map(|s| s.name.clone()).collect(),
         }
     }

@@ -274,7 +274,7 @@ impl Shared {
                 let rec =
                     BaseRecord::with_opaque_to(&self.changelog_topic, Box::new(Sent::Changelog))
                         .partition(partition)
-                        .key(key.as_bytes())
+                        .key(key.as_slice())
                         .payload(value.as_slice());
                 send_blocking(producer, rec, self)?;
                 records += 1;
@@ -296,6 +296,7 @@ impl Shared {
                 .map_err(txn_error)?;
             producer.begin_transaction().map_err(txn_error)?;
             self.progress().mark_committed(&offsets);
+            self.metrics.commits.inc();
             return Ok(true);
         }
         // 3. Changelog delivered.
@@ -308,7 +309,10 @@ impl Shared {
         }
         // 4. Offsets.
         match commit(consumer, self, &offsets, CommitMode::Sync) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.metrics.commits.inc();
+                Ok(true)
+            }
             Err(e) => {
                 warn!(error = %e, "offset commit failed; will retry next interval");
                 Ok(false)
@@ -336,6 +340,18 @@ impl ProducerContext for ProducerCtx {
         match (result, *sent) {
             (Ok(_), Sent::Output(pos)) => p.delivered(pos),
             (Ok(_), Sent::Changelog) => p.changelog_inflight -= 1,
+            (
+                Err((
+                    KafkaError::MessageProduction(
+                        RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight,
+                    ),
+                    _,
+                )),
+                _,
+            ) => {
+                // An aborted transaction: the pipeline already stopped with the reason.
+                debug!("record purged with its aborted transaction");
+            }
             (Err((e, msg)), _) => {
                 // Retries are librdkafka's job (idempotent producer, no message timeout); an
                 // error here is final. Nothing is committed past it, and the pipeline stops.
@@ -364,6 +380,9 @@ impl ConsumerContext for ConsumerCtx {
                 .rebalances
                 .with_label_values(&["revoke"])
                 .inc();
+            if let Some(reason) = self.shared.progress().failed.clone() {
+                return info!(partitions = tpl.count(), %reason, "partitions revoked after a failure; nothing committed");
+            }
             let committed = match self.shared.commit_interval(
                 consumer,
                 &self.producer,
@@ -902,6 +921,7 @@ impl Pipeline {
         clock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         let mut summary = RunSummary::default();
+        let mut consumer_errors = ErrorLog::default();
         let result = loop {
             tokio::select! {
                 biased;
@@ -923,7 +943,7 @@ impl Pipeline {
                             break Err(e);
                         }
                     }
-                    Err(e) => warn!(error = %e, "consumer error"),
+                    Err(e) => consumer_errors.report(&e),
                 },
             }
             if let Some(f) = self.shared.progress().failed.clone() {
@@ -943,8 +963,14 @@ impl Pipeline {
                 ),
                 Err(e) => warn!(error = %e, "shutdown: final commit failed"),
             }
-        } else if exactly_once {
-            let _ = producer.abort_transaction(self.shared.drain_timeout);
+        } else {
+            // Nothing more is committed, not even on the revocation that closing causes.
+            if let Err(e) = &result {
+                self.shared.fail(e.to_string());
+            }
+            if exactly_once {
+                let _ = producer.abort_transaction(self.shared.drain_timeout);
+            }
         }
         info!(
             events = summary.events_ok,
@@ -1153,6 +1179,31 @@ impl Pipeline {
             send(producer, rec, &self.shared).await?;
         }
         Ok(())
+    }
+}
+
+/// Logs consumer errors without flooding: librdkafka reports a broker outage many times a
+/// second while it retries. A new kind of error is logged at once, a repeat at most every
+/// 10 s with the count in between.
+#[derive(Default)]
+struct ErrorLog {
+    last: Option<(String, Instant)>,
+    repeats: u64,
+}
+
+impl ErrorLog {
+    fn report(&mut self, e: &KafkaError) {
+        let text = e.to_string();
+        match &self.last {
+            Some((t, at)) if *t == text && at.elapsed() < Duration::from_secs(10) => {
+                self.repeats += 1;
+            }
+            _ => {
+                warn!(error = %text, repeats = self.repeats, "consumer error (librdkafka retries)");
+                self.last = Some((text, Instant::now()));
+                self.repeats = 0;
+            }
+        }
     }
 }
 

@@ -340,12 +340,12 @@ impl Processor {
     /// `offsets` (per input topic, the next offset to process): the latest record of every
     /// customer changed since the last call, then the partition's checkpoint (key
     /// [`CHECKPOINT_KEY`]) if anything moved. Marks those customers clean.
-    pub fn changelog(&self, partition: i32, offsets: &[i64]) -> Vec<(CompactString, Vec<u8>)> {
+    pub fn changelog(&self, partition: i32, offsets: &[i64]) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut clocks = self.clocks();
         let Some(clock) = clocks.get_mut(&partition) else {
             return Vec::new();
         };
-        let mut out: Vec<(CompactString, Vec<u8>)> = clock
+        let mut out: Vec<(Vec<u8>, Vec<u8>)> = clock
             .dirty
             .drain()
             .filter_map(|id| {
@@ -353,7 +353,7 @@ impl Processor {
                 let mut bytes = Vec::new();
                 changelog::encode(&self.engine, &c, offsets, &mut bytes);
                 drop(c);
-                Some((id, bytes))
+                Some((id.as_bytes().to_vec(), bytes))
             })
             .collect();
         let cp = clock.checkpoint(offsets);
@@ -363,7 +363,7 @@ impl Processor {
         if !out.is_empty() || clock.last_checkpoint.as_ref() != Some(&cp) {
             let mut bytes = Vec::new();
             cp.encode(&mut bytes);
-            out.push((CompactString::default(), bytes));
+            out.push((CHECKPOINT_KEY.to_vec(), bytes));
             clock.last_checkpoint = Some(cp);
         }
         out

@@ -82,7 +82,8 @@ impl Broker {
     /// it can be stopped and started again ([`Broker::stop`], [`Broker::restart`]).
     pub fn start_persistent() -> Broker {
         let dir = tempfile::tempdir().unwrap();
-        let storage = format!("sqlite://{}", dir.path().join("nisshi.db").display());
+        // Nisshi resolves the path against its working directory (the temporary one).
+        let storage = "sqlite://nisshi.db".to_owned();
         Broker::launch(free_port(), storage, dir)
     }
 
@@ -200,53 +201,63 @@ impl Broker {
         timeout: Duration,
         settle: Duration,
     ) -> Vec<Record> {
-        let c: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
-            .set("group.id", format!("reader-{}", rand_suffix()))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        c.subscribe(&[topic]).unwrap();
-        let mut out = Vec::new();
-        let mut deadline = Instant::now() + timeout;
-        let mut settling = false;
-        loop {
-            if out.len() >= want && !settling {
-                settling = true;
-                deadline = Instant::now() + settle;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match tokio::time::timeout(left, c.recv()).await {
-                Ok(Ok(m)) => out.push(Record {
-                    timestamp: m.timestamp().to_millis(),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    payload: m.payload().unwrap_or(&[]).to_vec(),
-                    headers: m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|x| {
-                                    (
-                                        x.key.to_owned(),
-                                        String::from_utf8_lossy(x.value.unwrap_or(&[]))
-                                            .into_owned(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    partition: m.partition(),
-                }),
-                Ok(Err(e)) => panic!("read {topic}: {e}"),
-                Err(_) => break,
-            }
-        }
-        out
+        read_topic(&self.addr, topic, want, timeout, settle).await
     }
+}
+
+/// [`Broker::read`] for any bootstrap address (e.g. librdkafka's mock cluster).
+pub async fn read_topic(
+    addr: &str,
+    topic: &str,
+    want: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Record> {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("group.id", format!("reader-{}", rand_suffix()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let mut deadline = Instant::now() + timeout;
+    let mut settling = false;
+    loop {
+        if out.len() >= want && !settling {
+            settling = true;
+            deadline = Instant::now() + settle;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(left, c.recv()).await {
+            Ok(Ok(m)) => out.push(Record {
+                timestamp: m.timestamp().to_millis(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: m.payload().unwrap_or(&[]).to_vec(),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| {
+                                (
+                                    x.key.to_owned(),
+                                    String::from_utf8_lossy(x.value.unwrap_or(&[])).into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                partition: m.partition(),
+            }),
+            Ok(Err(e)) => panic!("read {topic}: {e}"),
+            Err(_) => break,
+        }
+    }
+    out
 }
 
 impl Drop for Broker {
@@ -347,6 +358,17 @@ pub fn start(cfg: Config, rules: Arc<RuleSet>) -> Running {
 }
 
 impl Running {
+    /// Waits for the pipeline to stop by itself (an error).
+    pub async fn finished(
+        self,
+        timeout: Duration,
+    ) -> Result<microseg::pipeline::RunSummary, String> {
+        tokio::time::timeout(timeout, self.handle)
+            .await
+            .expect("the pipeline stops")
+            .unwrap()
+    }
+
     pub async fn stop(self) -> microseg::pipeline::RunSummary {
         let _ = self.stop.send(());
         self.handle.await.unwrap().unwrap()
