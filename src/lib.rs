@@ -26,6 +26,7 @@
 //! Effects: [`pipeline`] (Kafka in and out), [`demo`] (embedded broker + generator),
 //! [`generate`] (synthetic customers). Configuration: [`config`].
 
+pub mod bench;
 pub mod changelog;
 pub mod config;
 pub mod demo;

@@ -19,6 +19,11 @@ use microseg::pipeline::Pipeline;
 use microseg::rules::RuleSet;
 use microseg::time::{parse_rfc3339, DAY_MS};
 
+/// mimalloc: the state is many small allocations; restore and churn measured faster with it
+/// than with the system allocator (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "microseg",
@@ -56,6 +61,21 @@ enum Command {
         /// Simulated days per real second.
         #[arg(long, default_value_t = 5.0)]
         sim_speed: f64,
+    },
+    /// Measure and print JSON lines (one per measurement, with the machine): today, restore
+    /// from the changelog in memory and, with --brokers, through a real broker.
+    Bench {
+        /// A small run (20 000 customers) that checks the harness.
+        #[arg(long)]
+        quick: bool,
+        /// Customers to restore (default 1 000 000).
+        #[arg(long)]
+        customers: Option<usize>,
+        /// Kafka bootstrap servers for the through-Kafka measurement.
+        #[arg(long)]
+        brokers: Option<String>,
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
     },
     /// Check a rules file: exit 0 if valid, otherwise list every problem and exit 1.
     CheckRules { file: PathBuf },
@@ -210,6 +230,27 @@ async fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("demo failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Bench {
+            quick,
+            customers,
+            brokers,
+            partitions,
+        } => {
+            let opts = microseg::bench::BenchOptions {
+                customers: customers.unwrap_or(if quick { 20_000 } else { 1_000_000 }),
+                brokers,
+                partitions: partitions.max(1),
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+            };
+            init_logs("warn", false);
+            match microseg::bench::run(opts, Arc::new(RuleSet::embedded_default())).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("bench failed: {e}");
                     ExitCode::FAILURE
                 }
             }

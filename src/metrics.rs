@@ -4,7 +4,7 @@
 //! This module owns metric names and their meaning (README "Operations").
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::engine::{Change, ChangeKind};
@@ -45,6 +45,8 @@ pub struct Metrics {
     pub dirty_customers: IntGauge,
     /// Commit intervals completed (output, changelog and offsets committed).
     pub commits: IntCounter,
+    /// Duration of the last restore from the changelog.
+    pub last_restore_seconds: Gauge,
     segmentation_names: Vec<String>,
 }
 
@@ -114,9 +116,14 @@ impl Metrics {
             "microseg_commit_intervals_total",
             "Commit intervals completed: output delivered, changelog written, input offsets committed",
         ));
+        let last_restore_seconds = must(Gauge::new(
+            "microseg_last_restore_seconds",
+            "How long the last restore of assigned partitions from the changelog took",
+        ));
         for c in [
             Box::new(timers_fired.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(commits.clone()),
+            Box::new(last_restore_seconds.clone()),
             Box::new(changelog_records.clone()),
             Box::new(restored_customers.clone()),
             Box::new(dirty_customers.clone()),
@@ -160,6 +167,7 @@ impl Metrics {
             restored_customers,
             dirty_customers,
             commits,
+            last_restore_seconds,
             segmentation_names: rules.segmentations.iter().map(|s| s.name.clone()).collect(),
         }
     }

@@ -458,9 +458,9 @@ impl ConsumerCtx {
         shared.restoring.store(partitions.len(), Ordering::SeqCst);
         let _ready = ResetOnDrop(&shared.restoring);
         let started = Instant::now();
-        let reader: BaseConsumer = shared
+        let reader: BaseConsumer<RestoreCtx> = shared
             .restore_config
-            .create()
+            .create_with_context(RestoreCtx)
             .map_err(|e| format!("changelog consumer: {e}"))?;
         let topic = shared.changelog_topic.as_str();
         let mut tpl = TopicPartitionList::new();
@@ -548,6 +548,10 @@ impl ConsumerCtx {
         }
         consumer.assign(&seek).map_err(|e| e.to_string())?;
         shared.metrics.restored_customers.inc_by(customers);
+        shared
+            .metrics
+            .last_restore_seconds
+            .set(started.elapsed().as_secs_f64());
         info!(
             partitions = ?partitions,
             records,
@@ -558,6 +562,23 @@ impl ConsumerCtx {
         Ok(())
     }
 }
+
+/// The changelog reader's callbacks: reaching the end of a partition is how a restore ends,
+/// not an error worth a log line.
+struct RestoreCtx;
+
+impl ClientContext for RestoreCtx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error {
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF) => {
+                debug!(reason, "changelog partition end")
+            }
+            e => warn!(error = %e, reason, "changelog reader"),
+        }
+    }
+}
+
+impl ConsumerContext for RestoreCtx {}
 
 /// Sets a counter back to zero when dropped.
 struct ResetOnDrop<'a>(&'a AtomicUsize);

@@ -1,4 +1,4 @@
-//! The `microseg` binary as a user runs it: check-rules and generate.
+//! The `microseg` binary as a user runs it: check-rules, generate and bench.
 
 use std::process::Command;
 
@@ -69,4 +69,30 @@ fn generate_prints_decodable_json_lines() {
     for line in text.lines() {
         microseg::event::decode(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}"));
     }
+}
+
+#[test]
+fn bench_quick_prints_one_json_line_per_measurement_with_the_machine() {
+    let out = microseg(&["bench", "--quick", "--customers", "3000"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "without --brokers only the in-memory restore: {text}"
+    );
+    let v = &lines[0];
+    assert_eq!(v["measurement"], "restore_in_memory");
+    assert_eq!(v["customers"], 3000);
+    assert!(v["restore_customers_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(v["command"].as_str().unwrap().contains("bench --quick"));
 }

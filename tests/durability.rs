@@ -588,3 +588,27 @@ async fn exactly_once_commits_each_interval_as_a_transaction_on_the_mock_cluster
         changelog.iter().map(|r| r.key.clone()).collect::<Vec<_>>()
     );
 }
+
+/// The restore figure in the README comes from `microseg bench --brokers`: it restores every
+/// customer it loaded through a real broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_restore_benchmark_restores_every_customer_through_the_broker() {
+    let broker = Broker::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_microseg"))
+        .args(["bench", "--customers", "3000", "--brokers", &broker.addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let kafka: Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["measurement"] == "restore_kafka")
+        .unwrap_or_else(|| panic!("no restore_kafka line: {text}"));
+    assert_eq!(kafka["customers"], 3000, "{kafka}");
+    assert!(kafka["seconds"].as_f64().unwrap() > 0.0);
+}

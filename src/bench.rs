@@ -1,0 +1,283 @@
+//! `microseg bench`: measurements printed as JSON lines, one per measurement, each with the
+//! command and the machine, so that anyone can rerun them (BENCHMARKS.md, README "Restore").
+//!
+//! This module owns the benchmark harness. Today it measures restore from the changelog:
+//!
+//! * `restore_in_memory`: changelog records already in memory → customers, timers and
+//!   checkpoints rebuilt by the processor's restorer, one core (the codec's and the
+//!   restorer's limit);
+//! * `restore_kafka` (with `--brokers`): the same records in a compacted changelog topic on a
+//!   real broker; a pipeline joins a fresh group, restores every partition before consuming
+//!   and reports ready. The figure is the time the pipeline spent restoring (from
+//!   assignment to ready), so the group join is not counted.
+//!
+//! Customer states come from generated input (all event types, windows, attributes): a pool
+//! of distinct states is built by the engine and assigned round-robin to the benchmark's
+//! customer ids, so record sizes and decode work are those of real customers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+use serde_json::json;
+
+use crate::changelog::{self, Checkpoint, CHECKPOINT_KEY};
+use crate::config::Config;
+use crate::engine::{Customer, Engine};
+use crate::event::decode;
+use crate::generate::Generator;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::processor::{Processor, Store};
+use crate::rules::RuleSet;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Customers to restore.
+    pub customers: usize,
+    /// Kafka bootstrap servers for the through-Kafka measurement (skipped without).
+    pub brokers: Option<String>,
+    pub partitions: i32,
+    /// The command line, echoed in every result.
+    pub command: String,
+}
+
+/// The machine, as reported with every measurement.
+pub fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    json!({
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu": cpu,
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+    })
+}
+
+/// Distinct realistic customer states built from generated input.
+fn state_pool(engine: &Engine, n: usize) -> Vec<Customer> {
+    let mut g = Generator::new(7, n, 1_767_225_600_000, 60_000);
+    let mut pool: Vec<Option<Customer>> = vec![None; n];
+    let mut out = Vec::new();
+    for _ in 0..n * 25 {
+        let ev = g.next_event();
+        let Ok(d) = decode(ev.json.as_bytes()) else {
+            continue;
+        };
+        let idx: usize = ev.customer_id.trim_start_matches("c-").parse().unwrap_or(0);
+        let c = pool[idx % n].get_or_insert_with(|| engine.new_customer(0));
+        let _ = engine.apply(c, &d, &mut out);
+        out.clear();
+    }
+    pool.into_iter().flatten().collect()
+}
+
+/// The changelog of `customers` customers over `partitions` partitions: (partition, key,
+/// value), customers first, then one checkpoint per partition.
+fn records(engine: &Engine, customers: usize, partitions: i32) -> Vec<(i32, Vec<u8>, Vec<u8>)> {
+    let pool = state_pool(engine, 2000.min(customers.max(1)));
+    let encoded: Vec<Vec<u8>> = pool
+        .iter()
+        .map(|c| {
+            let mut b = Vec::new();
+            changelog::encode(engine, c, &[0], &mut b);
+            b
+        })
+        .collect();
+    let mut out: Vec<(i32, Vec<u8>, Vec<u8>)> = (0..customers)
+        .map(|i| {
+            let key = format!("b-{i}").into_bytes();
+            let p = (crate::rules::fnv1a(&key) % partitions.max(1) as u64) as i32;
+            (p, key, encoded[i % encoded.len()].clone())
+        })
+        .collect();
+    for p in 0..partitions {
+        let mut b = Vec::new();
+        Checkpoint {
+            offsets: vec![0],
+            watermark: 1_767_225_600_000,
+            topics: vec![(1_767_225_600_000, 0)],
+        }
+        .encode(&mut b);
+        out.push((p, CHECKPOINT_KEY.to_vec(), b));
+    }
+    out
+}
+
+fn emit(name: &str, opts: &BenchOptions, fields: serde_json::Value) {
+    let mut v = json!({
+        "measurement": name,
+        "command": opts.command,
+        "machine": machine(),
+    });
+    if let (Some(o), Some(f)) = (v.as_object_mut(), fields.as_object()) {
+        for (k, x) in f {
+            o.insert(k.clone(), x.clone());
+        }
+    }
+    println!("{v}");
+}
+
+/// Runs the restore measurements.
+pub async fn run(opts: BenchOptions, rules: Arc<RuleSet>) -> Result<(), String> {
+    let engine = Engine::new(rules.clone());
+    let recs = records(&engine, opts.customers, opts.partitions);
+    let bytes: usize = recs.iter().map(|(_, k, v)| k.len() + v.len()).sum();
+
+    // In memory, one core.
+    let processor = Processor::new(
+        Engine::new(rules.clone()),
+        Arc::new(Store::new()),
+        &Config::default().time,
+        1,
+    );
+    let started = Instant::now();
+    let mut restorers: Vec<_> = (0..opts.partitions)
+        .map(|p| processor.restorer(p))
+        .collect();
+    for (p, k, v) in &recs {
+        restorers[*p as usize]
+            .record(k, Some(v))
+            .map_err(|e| e.to_string())?;
+    }
+    let restored: u64 = restorers.into_iter().map(|r| r.finish().customers).sum();
+    let secs = started.elapsed().as_secs_f64();
+    emit(
+        "restore_in_memory",
+        &opts,
+        json!({
+            "customers": restored,
+            "record_bytes_avg": bytes / recs.len().max(1),
+            "seconds": secs,
+            "restore_customers_per_s": (restored as f64 / secs).round(),
+        }),
+    );
+    drop(processor);
+
+    let Some(brokers) = opts.brokers.clone() else {
+        return Ok(());
+    };
+    let run_id = format!(
+        "bench-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = brokers.clone();
+    cfg.kafka.group_id = run_id.clone();
+    cfg.kafka.input_topics = vec![format!("{run_id}-in")];
+    cfg.kafka.output_topic = format!("{run_id}-out");
+    cfg.kafka.dead_letter_topic = format!("{run_id}-dlq");
+    let changelog_topic = cfg.changelog_topic();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .map_err(|e| e.to_string())?;
+    let topics = [
+        NewTopic::new(
+            &cfg.kafka.input_topics[0],
+            opts.partitions,
+            TopicReplication::Fixed(1),
+        ),
+        NewTopic::new(
+            &changelog_topic,
+            opts.partitions,
+            TopicReplication::Fixed(1),
+        )
+        .set("cleanup.policy", "compact"),
+    ];
+    for r in admin
+        .create_topics(&topics, &AdminOptions::new())
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        r.map_err(|(t, e)| format!("create {t}: {e}"))?;
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let loading = Instant::now();
+    for (p, k, v) in &recs {
+        let mut rec = BaseRecord::<[u8], [u8]>::to(&changelog_topic)
+            .partition(*p)
+            .key(k.as_slice())
+            .payload(v.as_slice());
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((e, _)) => return Err(format!("produce: {e}")),
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(300))
+        .map_err(|e| format!("flush: {e}"))?;
+    let load_secs = loading.elapsed().as_secs_f64();
+
+    let metrics = Arc::new(Metrics::new(&rules, &cfg.kafka.input_topics));
+    let pipeline = Arc::new(Pipeline::new(
+        cfg,
+        Engine::new(rules.clone()),
+        metrics.clone(),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let p = pipeline.clone();
+    let task = tokio::spawn(async move {
+        p.run(async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while !pipeline.ready() {
+        if task.is_finished() || Instant::now() > deadline {
+            let _ = stop.send(());
+            return Err(match task.await {
+                Ok(Err(e)) => format!("the pipeline stopped: {e}"),
+                _ => "the pipeline did not restore in time".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = metrics.last_restore_seconds.get();
+    let customers = metrics.restored_customers.get();
+    let _ = stop.send(());
+    let _ = task.await;
+    emit(
+        "restore_kafka",
+        &opts,
+        json!({
+            "customers": customers,
+            "partitions": opts.partitions,
+            "record_bytes_avg": bytes / recs.len().max(1),
+            "load_seconds": load_secs,
+            "seconds": secs,
+            "restore_customers_per_s": (customers as f64 / secs.max(1e-9)).round(),
+        }),
+    );
+    Ok(())
+}
