@@ -18,13 +18,17 @@
 //!                                                      │ changes
 //!                                                      ▼
 //!                        output::change_json ─► producer ─► segment-change topic
-//!                        offsets committed only up to messages whose outputs are delivered
+//!
+//!   every commit interval: output delivered ─► changed customers + partition checkpoints
+//!   (changelog::encode) ─► compacted changelog topic ─► input offsets committed
+//!   on assignment: changelog ─► processor::Restorer ─► customers, timers, watermark
 //! ```
 //!
 //! Pure logic (no I/O): [`time`], [`event`], [`state`], [`rules`], [`engine`], [`output`],
-//! and [`processor`] (which only reads the wall time it is given).
-//! Effects: [`pipeline`] (Kafka in and out), [`demo`] (embedded broker + generator),
-//! [`generate`] (synthetic customers). Configuration: [`config`].
+//! [`changelog`] (record format), and [`processor`] (which only reads the wall time it is
+//! given). Effects: [`pipeline`] (Kafka in and out, commit interval, restore), [`demo`]
+//! (embedded broker + generator), [`generate`] (synthetic customers), [`bench`](mod@bench)
+//! (measurements). Configuration: [`config`].
 
 pub mod bench;
 pub mod changelog;

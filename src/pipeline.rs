@@ -873,7 +873,13 @@ impl Pipeline {
         let mut pc = client_config(&self.cfg, &k.producer);
         pc.set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random");
-        for (key, default) in [("linger.ms", "5"), ("message.timeout.ms", "0")] {
+        // No delivery timeout (an outage is waited out), and a bounded queue (64 MiB): when
+        // it is full, consumption waits.
+        for (key, default) in [
+            ("linger.ms", "5"),
+            ("message.timeout.ms", "0"),
+            ("queue.buffering.max.kbytes", "65536"),
+        ] {
             if !k.producer.contains_key(key) {
                 pc.set(key, default);
             }

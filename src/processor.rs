@@ -18,6 +18,14 @@
 //! due. Before an event is applied, every timer the event's watermark makes due fires (they
 //! happened before it); then the event is applied under the new watermark.
 //!
+//! It also owns what the changelog needs: the set of customers changed since their last
+//! record ([`Processor::changelog`] hands out their records and the partition's checkpoint)
+//! and the rebuild from those records ([`Processor::restorer`]). A customer restored from a
+//! record newer than the partition's checkpoint (a commit interval cut short by a crash)
+//! skips replayed input its state already reflects ([`Applied::Reflected`]), so a replay
+//! from the checkpoint neither applies an event twice nor emits a change twice with another
+//! payload.
+//!
 //! Pure apart from reading the wall clock the caller passes in: the pipeline calls it with
 //! real time, the tests with a controlled one.
 
