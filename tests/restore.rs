@@ -273,3 +273,72 @@ fn a_restore_rebuilds_customers_timers_and_the_watermark() {
         .record(microseg::changelog::CHECKPOINT_KEY, Some(b"garbage"))
         .is_err());
 }
+
+/// A changelog written under other rules keeps state and seq; memberships and timers are
+/// recomputed from the state under the new rules, without emitting or counting a change.
+#[test]
+fn records_written_under_other_rules_are_re_evaluated_silently() {
+    let old_rules = Arc::new(RuleSet::embedded_default());
+    let text = microseg::rules::DEFAULT_RULES.replace(
+        "days_since(purchases.last) > 60",
+        "days_since(purchases.last) > 20",
+    );
+    let new_rules = Arc::new(RuleSet::from_toml("new.toml", &text).unwrap());
+    assert_ne!(old_rules.version, new_rules.version);
+    let a = processor(&old_rules);
+    let mut next = [0i64; PARTITIONS as usize];
+    for e in &input(9, 900) {
+        process(&a, &old_rules, e);
+        next[e.1 as usize] = e.2 + 1;
+    }
+    let b = processor(&new_rules);
+    for part in 0..PARTITIONS {
+        let mut r = b.restorer(part);
+        for (k, v) in a.changelog(part, &[next[part as usize]]) {
+            r.record(&k, Some(&v)).unwrap();
+        }
+        r.finish();
+    }
+    let engine = b.engine();
+    let mut differ = 0;
+    for old in a.store().iter() {
+        let c = b.store().get(old.key()).unwrap();
+        // Symbol ids belong to each rule set's table: compare what does not use them.
+        let (x, y) = (&c.state, &old.state);
+        assert_eq!(
+            (
+                c.seq,
+                x.last_seen,
+                x.purchase_count,
+                x.engagement_count,
+                x.spend
+            ),
+            (
+                old.seq,
+                y.last_seen,
+                y.purchase_count,
+                y.engagement_count,
+                y.spend
+            ),
+            "state and seq kept"
+        );
+        assert_eq!(
+            (&x.purchase_buckets, x.engagement_buckets.len(), &x.attrs),
+            (&y.purchase_buckets, y.engagement_buckets.len(), &y.attrs)
+        );
+        let at = c.state.last_seen;
+        assert_eq!(
+            engine.memberships(&c),
+            engine.evaluate_all(&c.state, at),
+            "{}: memberships from the new rules",
+            old.key()
+        );
+        assert!(c.timer == microseg::state::NEVER || c.timer > at);
+        differ += (engine.memberships(&c) != a.engine().memberships(&old)) as usize;
+    }
+    assert!(differ > 0, "the rules change moved someone");
+    assert!(
+        b.timers_pending() > 0,
+        "timers scheduled under the new rules"
+    );
+}
