@@ -104,7 +104,22 @@ impl Default for LogConfig {
     }
 }
 
-/// What a crash may do to the output (README "Delivery guarantees").
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where the HTTP API listens (README "HTTP API"); empty: no HTTP server.
+    pub address: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            address: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+/// What a crash may do to the output (README "Durability").
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Guarantee {
@@ -177,6 +192,7 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub processing: ProcessingConfig,
     pub time: TimeConfig,
+    pub http: HttpConfig,
     pub log: LogConfig,
 }
 
@@ -213,6 +229,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ),
     ("MICROSEG_KAFKA_CHANGELOG_TOPIC", "kafka.changelog_topic"),
     ("MICROSEG_PROCESSING_GUARANTEE", "processing.guarantee"),
+    ("MICROSEG_HTTP_ADDRESS", "http.address"),
     ("MICROSEG_RULES_FILE", "rules.file"),
     ("MICROSEG_LOG_LEVEL", "log.level"),
     ("MICROSEG_LOG_FORMAT", "log.format"),
@@ -266,6 +283,7 @@ impl Config {
                         "MICROSEG_PROCESSING_GUARANTEE: {v:?} is not \"at_least_once\" or \"exactly_once\""
                     )),
                 },
+                "MICROSEG_HTTP_ADDRESS" => cfg.http.address = v.clone(),
                 "MICROSEG_RULES_FILE" => cfg.rules.file = PathBuf::from(v),
                 "MICROSEG_LOG_LEVEL" => cfg.log.level = v.clone(),
                 "MICROSEG_LOG_FORMAT" => cfg.log.format = v.clone(),
@@ -377,6 +395,14 @@ impl Config {
             problems.push(
                 "time.tick_ms: must be between 1 and 1000 (timers fire within a tick)".into(),
             );
+        }
+        if !self.http.address.is_empty()
+            && self.http.address.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems.push(format!(
+                "http.address: {:?} is not an address like \"127.0.0.1:8080\" (empty: no HTTP server)",
+                self.http.address
+            ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             problems.push(format!(

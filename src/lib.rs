@@ -30,6 +30,7 @@
 //! (embedded broker + generator), [`generate`] (synthetic customers), [`bench`](mod@bench)
 //! (measurements). Configuration: [`config`].
 
+pub mod api;
 pub mod bench;
 pub mod changelog;
 pub mod config;

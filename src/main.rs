@@ -184,8 +184,28 @@ async fn main() -> ExitCode {
                 }
             };
             let metrics = Arc::new(Metrics::new(&rules, &cfg.kafka.input_topics));
-            let pipeline = Pipeline::new(cfg, Engine::new(rules), metrics);
-            match pipeline.run(shutdown_signal()).await {
+            let http = cfg.http.address.clone();
+            let pipeline = Arc::new(Pipeline::new(cfg, Engine::new(rules), metrics));
+            let api = if http.is_empty() {
+                None
+            } else {
+                match microseg::api::bind(&http).await {
+                    Ok(l) => Some(tokio::spawn(microseg::api::serve(
+                        l,
+                        pipeline.clone(),
+                        std::future::pending(),
+                    ))),
+                    Err(e) => {
+                        eprintln!("cannot listen on http.address {http}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            };
+            let result = pipeline.run(shutdown_signal()).await;
+            if let Some(api) = api {
+                api.abort();
+            }
+            match result {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!(error = %e, "pipeline stopped");

@@ -38,7 +38,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -205,6 +205,8 @@ struct Shared {
     assigned: Mutex<Vec<(String, i32)>>,
     /// Partitions being restored from the changelog (0: ready).
     restoring: AtomicUsize,
+    /// The input topics' partition count (0 until checked at start-up).
+    partitions: AtomicI32,
     /// Settings of the consumer that reads the changelog on restore.
     restore_config: ClientConfig,
     drain_timeout: Duration,
@@ -670,6 +672,7 @@ impl Pipeline {
             metrics,
             assigned: Mutex::new(Vec::new()),
             restoring: AtomicUsize::new(0),
+            partitions: AtomicI32::new(0),
             restore_config: {
                 let mut c = client_config(&cfg, &BTreeMap::new());
                 // librdkafka wants a group id to assign partitions; this consumer never joins
@@ -694,6 +697,11 @@ impl Pipeline {
         self.shared.restoring.load(Ordering::SeqCst) == 0 && !self.assigned().is_empty()
     }
 
+    /// Whether partitions are being restored from the changelog right now.
+    pub fn restoring(&self) -> bool {
+        self.shared.restoring.load(Ordering::SeqCst) > 0
+    }
+
     /// Customers changed since their last changelog record.
     pub fn dirty(&self) -> usize {
         self.shared.processor.dirty()
@@ -709,8 +717,35 @@ impl Pipeline {
         self.shared.processor.timers_pending()
     }
 
-    fn engine(&self) -> &Engine {
+    /// The engine (rules) this pipeline applies.
+    pub fn engine(&self) -> &Engine {
         self.shared.processor.engine()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// The input topics' partition count, once checked at start-up.
+    pub fn partition_count(&self) -> Option<i32> {
+        match self.shared.partitions.load(Ordering::SeqCst) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    /// Whether this instance holds input partition `p`.
+    pub fn owns(&self, p: i32) -> bool {
+        self.shared.assigned_partitions().contains(&p)
+    }
+
+    /// The time rules are evaluated at for a customer of `partition` with nothing newer of
+    /// its own: the partition's watermark (event time) or the wall clock (processing time).
+    pub fn clock(&self, partition: i32) -> i64 {
+        match self.cfg.time.clock {
+            crate::config::ClockMode::Event => self.shared.processor.watermark(partition),
+            crate::config::ClockMode::Processing => wall_ms(),
+        }
     }
 
     /// Input partitions currently assigned to this instance.
@@ -824,6 +859,7 @@ impl Pipeline {
         let Some((_, want)) = partitions else {
             return Ok(());
         };
+        self.shared.partitions.store(want as i32, Ordering::SeqCst);
         let mut have = counts(vec![topic.clone()])
             .await
             .map_err(|e| PipelineError::Topics(e.to_string()))??[0];

@@ -242,6 +242,8 @@ input_topics = ["{TOPIC}"]
 commit_interval_ms = 200
 [time]
 idle_timeout_ms = 3600000
+[http]
+address = ""
 [rules]
 file = "{}"
 "#,

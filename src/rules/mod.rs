@@ -6,6 +6,7 @@
 //! Expression syntax lives in [`parse`], typing and evaluation in [`compile`].
 
 pub mod compile;
+pub mod explain;
 pub mod parse;
 pub mod timing;
 
@@ -30,6 +31,8 @@ pub struct Rule {
     pub expr: Expr,
     pub deps: u8,
     pub atoms: Vec<Atom>,
+    /// The condition split into its sub-conditions, for explanations.
+    pub condition: explain::Condition,
 }
 
 /// An ordered list of mutually exclusive segments: the first rule that holds wins, otherwise
@@ -366,6 +369,7 @@ impl RuleSet {
                         deps: expr.deps(),
                         expr,
                         atoms,
+                        condition: explain::Condition::build(&node, src, &state, &symbols),
                     }),
                     Err(errors) => {
                         for e in errors {
