@@ -37,6 +37,8 @@ pub struct DemoOptions {
     pub sim_days_per_sec: f64,
     pub seed: u64,
     pub partitions: i32,
+    /// Where to serve the HTTP API (if taken, any free port on 127.0.0.1); None: no API.
+    pub http: Option<String>,
 }
 
 impl Default for DemoOptions {
@@ -48,6 +50,7 @@ impl Default for DemoOptions {
             sim_days_per_sec: 5.0,
             seed: 42,
             partitions: 3,
+            http: Some("127.0.0.1:8080".into()),
         }
     }
 }
@@ -131,7 +134,30 @@ pub async fn run(
     let topic_for = |k: Kind| cfg.kafka.input_topics[k as usize].clone();
 
     let metrics = Arc::new(Metrics::new(&rules, &cfg.kafka.input_topics));
-    let pipeline = Pipeline::new(cfg.clone(), Engine::new(rules.clone()), metrics.clone());
+    let pipeline = Arc::new(Pipeline::new(
+        cfg.clone(),
+        Engine::new(rules.clone()),
+        metrics.clone(),
+    ));
+    // The HTTP API, on the asked address or, if that is taken, any free port.
+    let mut api_task = None;
+    if let Some(addr) = &opts.http {
+        let listener = match crate::api::bind(addr).await {
+            Ok(l) => Ok(l),
+            Err(_) => crate::api::bind("127.0.0.1:0").await,
+        };
+        match listener.and_then(|l| Ok((l.local_addr()?, l))) {
+            Ok((at, l)) => {
+                println!("HTTP API: http://{at}/v1/segments  ·  http://{at}/v1/customers/c-1  ·  http://{at}/v1/customers/c-1/explain?segment=lifecycle/active  ·  http://{at}/metrics");
+                api_task = Some(tokio::spawn(crate::api::serve(
+                    l,
+                    pipeline.clone(),
+                    std::future::pending(),
+                )));
+            }
+            Err(e) => println!("HTTP API not started: {e}"),
+        }
+    }
     // Two-phase stop: the generator first, then (once the pipeline has caught up, or after a
     // grace period) the pipeline, the tail and the display.
     let (gen_stop_tx, gen_stop_rx) = watch::channel(false);
@@ -308,6 +334,9 @@ pub async fn run(
     let (result, _, _, _, _) =
         tokio::join!(pipeline_task, gen_task, tail_task, display_task, stopper);
     drop(producer);
+    if let Some(t) = api_task {
+        t.abort();
+    }
     let run = result.map_err(|e| e.to_string())?;
     let summary = DemoSummary {
         produced: *produced.lock().unwrap_or_else(|p| p.into_inner()),
