@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, property, CLI and real-broker integration tests.
-# Installs what it needs when missing: Debian build packages for librdkafka, and the Nisshi
+# Installs what it needs when missing: Debian build packages for librdkafka, promtool (Debian
+# package prometheus, to check the metrics exposition), and the Nisshi
 # Kafka-protocol broker (built from crates.io: ~15 minutes on 2 cores, once per machine).
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh broker).
 set -euo pipefail
@@ -15,10 +16,11 @@ missing=()
 for pkg in build-essential pkg-config zlib1g-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${missing[*]}"
   sudo_if_needed apt-get update -qq
-  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 if ! command -v nisshi >/dev/null 2>&1 || ! nisshi --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then

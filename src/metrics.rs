@@ -4,7 +4,8 @@
 //! This module owns metric names and their meaning (README "Operations").
 
 use prometheus::{
-    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::engine::{Change, ChangeKind};
@@ -47,6 +48,12 @@ pub struct Metrics {
     pub commits: IntCounter,
     /// Duration of the last restore from the changelog.
     pub last_restore_seconds: Gauge,
+    /// Input record timestamp → its changes handed to the producer.
+    pub change_latency: Histogram,
+    /// Messages behind the partition's end, from librdkafka's statistics.
+    consumer_lag: IntGaugeVec,
+    /// Estimated bytes of customer state held (keys, state, memberships).
+    pub state_bytes: IntGauge,
     segmentation_names: Vec<String>,
 }
 
@@ -120,8 +127,32 @@ impl Metrics {
             "microseg_last_restore_seconds",
             "How long the last restore of assigned partitions from the changelog took",
         ));
+        let change_latency = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "microseg_change_latency_seconds",
+                "From an input record's timestamp to its segment changes handed to the producer",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+        ));
+        let consumer_lag = must(IntGaugeVec::new(
+            Opts::new(
+                "microseg_consumer_lag_messages",
+                "Input messages not yet consumed, per assigned partition (librdkafka statistics)",
+            ),
+            &["topic", "partition"],
+        ));
+        let state_bytes = must(IntGauge::new(
+            "microseg_state_bytes",
+            "Estimated bytes of customer state held on this instance (refreshed every few seconds)",
+        ));
         for c in [
             Box::new(timers_fired.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(change_latency.clone()),
+            Box::new(consumer_lag.clone()),
+            Box::new(state_bytes.clone()),
             Box::new(commits.clone()),
             Box::new(last_restore_seconds.clone()),
             Box::new(changelog_records.clone()),
@@ -168,6 +199,9 @@ impl Metrics {
             dirty_customers,
             commits,
             last_restore_seconds,
+            change_latency,
+            consumer_lag,
+            state_bytes,
             segmentation_names: rules.segmentations.iter().map(|s| s.name.clone()).collect(),
         }
     }
@@ -236,6 +270,16 @@ impl Metrics {
         }
         for (r, n) in rules.segments.iter().zip(&ind) {
             self.members.with_label_values(&["", &r.name]).set(*n);
+        }
+    }
+
+    /// Replaces the consumer lag gauges: `(topic, partition, lag)` of the assigned partitions.
+    pub fn set_consumer_lag(&self, lags: &[(String, i32, i64)]) {
+        self.consumer_lag.reset();
+        for (t, p, lag) in lags {
+            self.consumer_lag
+                .with_label_values(&[t.as_str(), &p.to_string()])
+                .set(*lag);
         }
     }
 

@@ -372,7 +372,25 @@ struct ConsumerCtx {
     producer: ThreadedProducer<ProducerCtx>,
 }
 
-impl ClientContext for ConsumerCtx {}
+impl ClientContext for ConsumerCtx {
+    /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag per assigned
+    /// input partition.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lags: Vec<(String, i32, i64)> = statistics
+            .topics
+            .iter()
+            .filter(|(t, _)| self.shared.topic_index(t).is_some())
+            .flat_map(|(t, topic)| {
+                topic
+                    .partitions
+                    .values()
+                    .filter(|p| p.partition >= 0 && p.desired && p.consumer_lag >= 0)
+                    .map(move |p| (t.clone(), p.partition, p.consumer_lag))
+            })
+            .collect();
+        self.shared.metrics.set_consumer_lag(&lags);
+    }
+}
 
 impl ConsumerContext for ConsumerCtx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -954,6 +972,7 @@ impl Pipeline {
         for (key, default) in [
             ("auto.offset.reset", "earliest"),
             ("partition.assignment.strategy", "range"),
+            ("statistics.interval.ms", "5000"),
         ] {
             if !k.consumer.contains_key(key) {
                 cc.set(key, default);
@@ -982,6 +1001,8 @@ impl Pipeline {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut clock_tick = tokio::time::interval(Duration::from_millis(self.cfg.time.tick_ms));
         clock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gauge_tick = tokio::time::interval(Duration::from_secs(5));
+        gauge_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         let mut summary = RunSummary::default();
         let mut consumer_errors = ErrorLog::default();
@@ -999,6 +1020,9 @@ impl Pipeline {
                     if let Err(e) = self.on_tick(&producer, &mut summary).await {
                         break Err(e);
                     }
+                }
+                _ = gauge_tick.tick() => {
+                    self.shared.metrics.state_bytes.set(state_bytes(self.shared.processor.store()) as i64);
                 }
                 m = consumer.recv() => match m {
                     Ok(msg) => {
@@ -1222,7 +1246,12 @@ impl Pipeline {
             .headers(headers);
             send(producer, rec, &self.shared).await?;
         }
-        self.publish(producer, pos, &outputs).await
+        self.publish(producer, pos, &outputs).await?;
+        if let (false, Some(ts)) = (outputs.is_empty(), msg.timestamp().to_millis()) {
+            let secs = (wall_ms() - ts).max(0) as f64 / 1000.0;
+            self.shared.metrics.change_latency.observe(secs);
+        }
+        Ok(())
     }
 
     /// Sends serialized changes to the output topic, attributed to input `pos`.
@@ -1268,6 +1297,26 @@ impl ErrorLog {
             }
         }
     }
+}
+
+/// Estimated bytes of the customers held: keys, state, memberships, recent ids.
+pub fn state_bytes(store: &Store) -> usize {
+    store
+        .iter()
+        .map(|c| {
+            std::mem::size_of::<(CompactString, crate::engine::Customer)>()
+                + if c.key().is_heap_allocated() {
+                    c.key().len()
+                } else {
+                    0
+                }
+                + c.state.approx_bytes()
+                - std::mem::size_of::<crate::state::CustomerState>()
+                + c.segment.len() * 2
+                + c.member.len() * 8
+                + c.recent_ids.capacity() * 8
+        })
+        .sum()
 }
 
 /// Wall-clock time, epoch ms.

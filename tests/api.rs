@@ -58,6 +58,32 @@ async fn get_json(addr: &str, path: &str) -> (u16, Value) {
     (status, v)
 }
 
+/// `promtool check metrics` (Debian package `prometheus`, installed by scripts/test.sh)
+/// accepts the exposition: names, help texts, units and types follow the conventions.
+fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is not installed: run scripts/test.sh, or apt-get install prometheus");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The engine plus its API on a free loopback port.
 async fn serve(run: &Running) -> String {
     let listener = microseg::api::bind("127.0.0.1:0").await.unwrap();
@@ -87,7 +113,11 @@ async fn customers_explanations_segments_and_errors_over_http() {
     let broker = Broker::start();
     broker.create_topics(&["events"], 3).await;
     let rules = Arc::new(RuleSet::from_toml("test.toml", RULES).unwrap());
-    let run = start(config(&broker, "g-api", &["events"]), rules.clone());
+    let mut cfg = config(&broker, "g-api", &["events"]);
+    cfg.kafka
+        .consumer
+        .insert("statistics.interval.ms".into(), "500".into());
+    let run = start(cfg, rules.clone());
     let addr = serve(&run).await;
     let p = run.pipeline.clone();
     wait_for("ready", Duration::from_secs(30), || p.ready()).await;
@@ -273,6 +303,36 @@ async fn customers_explanations_segments_and_errors_over_http() {
         exposed, moves,
         "movement counter = change messages per from → to"
     );
+
+    // The exposition: lag from librdkafka's statistics, state size, latency; promtool agrees.
+    let sb = run.metrics.state_bytes.clone();
+    wait_for("state size estimated", Duration::from_secs(10), || {
+        sb.get() > 0
+    })
+    .await;
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = get(&addr, "/metrics").await.1;
+        if text.contains("microseg_consumer_lag_messages{") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    assert_eq!(
+        value("microseg_consumer_lag_messages{"),
+        0.0,
+        "all consumed"
+    );
+    assert!(value("microseg_change_latency_seconds_count") >= 5.0);
+    assert!(value("microseg_state_bytes") > 100.0);
+    promtool_accepts(&text);
     run.stop().await;
 }
 
