@@ -84,6 +84,35 @@ fn promtool_accepts(text: &str) {
     );
 }
 
+/// Every metric the Grafana dashboard in deploy/ queries is one the engine exposes.
+fn dashboard_queries_only_exposed_metrics(exposition: &str) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana-dashboard.json");
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("microseg_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                used.insert(name);
+            }
+        }
+    }
+    assert!(used.len() >= 10, "{used:?}");
+    for name in used {
+        let family = name.strip_suffix("_bucket").unwrap_or(&name);
+        assert!(
+            exposition.contains(&format!("# TYPE {family} ")),
+            "the dashboard queries {name}, which is not exposed"
+        );
+    }
+}
+
 /// The engine plus its API on a free loopback port.
 async fn serve(run: &Running) -> String {
     let listener = microseg::api::bind("127.0.0.1:0").await.unwrap();
@@ -333,6 +362,7 @@ async fn customers_explanations_segments_and_errors_over_http() {
     assert!(value("microseg_change_latency_seconds_count") >= 5.0);
     assert!(value("microseg_state_bytes") > 100.0);
     promtool_accepts(&text);
+    dashboard_queries_only_exposed_metrics(&text);
     run.stop().await;
 }
 
@@ -342,13 +372,20 @@ async fn a_customer_of_another_instance_is_misdirected_not_missing() {
     broker.create_topics(&["events"], 4).await;
     let rules = Arc::new(RuleSet::from_toml("test.toml", RULES).unwrap());
     let a = start(config(&broker, "g-api2", &["events"]), rules.clone());
+    let addr_a = serve(&a).await;
+    // Not ready before the group assigned partitions (and restored them).
+    let (status, v) = get_json(&addr_a, "/readyz").await;
+    assert_eq!(status, 503, "{v}");
+    assert_ne!(v["status"], "ready");
     let b = start(config(&broker, "g-api2", &["events"]), rules.clone());
     let (pa, pb) = (a.pipeline.clone(), b.pipeline.clone());
     wait_for("partitions split", Duration::from_secs(30), || {
         pa.ready() && pb.ready() && pa.assigned().len() + pb.assigned().len() == 4
     })
     .await;
-    let (addr_a, addr_b) = (serve(&a).await, serve(&b).await);
+    let addr_b = serve(&b).await;
+    let (status, v) = get_json(&addr_a, "/readyz").await;
+    assert_eq!((status, v["status"].as_str()), (200, Some("ready")), "{v}");
     let prod = broker.producer();
     let ids: Vec<String> = (0..12).map(|i| format!("cust-{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
