@@ -12,9 +12,10 @@
 //! * `GET /v1/segments` — every segment's size on this instance;
 //! * `GET /metrics`, `GET /healthz`, `GET /readyz`.
 //!
-//! Handlers read the shared customer map synchronously and build the whole response before
-//! returning: no map reference is held across an `.await`, and the event path never waits
-//! for a reader longer than one map shard lookup.
+//! Handlers copy the customer out of the shared map (one shard read lock, released at once)
+//! and build the response from the copy: no map reference is held across an `.await` or
+//! while another lock is taken, and the event path never waits for a reader longer than one
+//! lookup.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -140,9 +141,14 @@ fn ctx<'a>(p: &'a Pipeline, c: &'a Customer, now: i64) -> Ctx<'a> {
     }
 }
 
+/// A copy of the customer, so that no map shard is locked while anything else is (the event
+/// path locks partition clocks, then a shard: taking them in the other order could deadlock).
+fn snapshot(p: &Pipeline, id: &str) -> Option<Customer> {
+    p.store().get(id).map(|c| c.value().clone())
+}
+
 async fn customer(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Response {
-    let store = p.store();
-    let Some(c) = store.get(id.as_str()) else {
+    let Some(c) = snapshot(&p, &id) else {
         return not_here(&p, &id);
     };
     let rules = &p.engine().rules;
@@ -190,7 +196,6 @@ async fn customer(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Res
         "features": features,
         "rules_version": rules.version,
     });
-    drop(c);
     Json(body).into_response()
 }
 
@@ -251,8 +256,7 @@ async fn explain(
             json!({"segment": name, "segments": known()}),
         );
     }
-    let store = p.store();
-    let Some(c) = store.get(id.as_str()) else {
+    let Some(c) = snapshot(&p, &id) else {
         return not_here(&p, &id);
     };
     let now = now_for(&p, &c);
@@ -301,7 +305,6 @@ async fn explain(
             "evaluated_at": format_rfc3339(now),
         })
     };
-    drop(c);
     Json(body).into_response()
 }
 

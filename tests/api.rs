@@ -422,3 +422,81 @@ async fn a_customer_of_another_instance_is_misdirected_not_missing() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Readers never stall the event path: customers are requested in a tight loop while
+/// thousands of events (and their timers) flow; everything gets processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_under_load_do_not_block_processing() {
+    // A deadlock would stop the runtime itself, timeouts included: a thread outside it ends
+    // the test binary with a message instead of letting it hang.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = done.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(120));
+        if !watchdog.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("queries_under_load_do_not_block_processing: no progress in 120 s (deadlock between the API and the event path?)");
+            std::process::exit(101);
+        }
+    });
+    let broker = Broker::start();
+    broker.create_topics(&["events"], 2).await;
+    let rules = Arc::new(RuleSet::embedded_default());
+    let run = start(config(&broker, "g-api-load", &["events"]), rules);
+    let addr = serve(&run).await;
+    let p = run.pipeline.clone();
+    wait_for("ready", Duration::from_secs(30), || p.ready()).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for r in 0..2 {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut answered = 0u32;
+            let mut i = r;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let path = if i % 2 == 0 {
+                    format!("/v1/customers/c-{}", i % 50)
+                } else {
+                    format!(
+                        "/v1/customers/c-{}/explain?segment=lifecycle/active",
+                        i % 50
+                    )
+                };
+                let (status, _) = get(&addr, &path).await;
+                assert!(status == 200 || status == 404, "{path}: {status}");
+                answered += 1;
+                i += 2;
+            }
+            answered
+        }));
+    }
+    let mut g = microseg::generate::Generator::new(3, 50, day(0), 30 * 60_000);
+    let prod = broker.producer();
+    let n = 3000;
+    let sends: Vec<_> = (0..n)
+        .map(|_| {
+            let ev = g.next_event();
+            prod.send_result(
+                rdkafka::producer::FutureRecord::to("events")
+                    .key(ev.customer_id.as_str())
+                    .payload(ev.json.as_str()),
+            )
+            .unwrap_or_else(|(e, _)| panic!("{e}"))
+        })
+        .collect();
+    for s in sends {
+        s.await.unwrap().unwrap_or_else(|(e, _)| panic!("{e}"));
+    }
+    let m = run.metrics.clone();
+    wait_for(
+        "all processed while queried",
+        Duration::from_secs(60),
+        || m.events_processed() == n,
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.await.unwrap() > 10, "the API answered throughout");
+    }
+    run.stop().await;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+}
