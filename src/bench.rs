@@ -1,7 +1,19 @@
 //! `microseg bench`: measurements printed as JSON lines, one per measurement, each with the
 //! command and the machine, so that anyone can rerun them (BENCHMARKS.md, README "Restore").
 //!
-//! This module owns the benchmark harness. Today it measures restore from the changelog:
+//! This module owns the benchmark harness. It measures, in one run so that ratios hold on a
+//! noisy machine:
+//!
+//! * `decode_only`: pre-serialized generated events (the bytes the engine sees) decoded into
+//!   the engine's event type, one core — the input's limit (`decode_only_eps`);
+//! * `engine`: decode + processor (watermark, timers, state update, rule evaluation, diff) +
+//!   change serialization, one core, no Kafka, no I/O, with the default rules and a heavier
+//!   set of 38 rules (`engine_eps`, `engine_vs_decode`). Events are generated in chunks of
+//!   1 M outside the timed sections, and each chunk is decoded-only and then processed;
+//! * `bytes_per_customer`: resident memory (VmRSS) growth while the engine built its
+//!   customers, divided by the customers, with the default windows (7d/30d/90d, 1 h buckets);
+//!
+//! and restore from the changelog:
 //!
 //! * `restore_in_memory`: changelog records already in memory → customers, timers and
 //!   checkpoints rebuilt by the processor's restorer, one core (the codec's and the
@@ -37,8 +49,12 @@ use crate::rules::RuleSet;
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// Customers to restore.
+    /// Customers (engine and restore measurements).
     pub customers: usize,
+    /// Events for the engine measurements.
+    pub events: u64,
+    /// Also measure bytes per customer at this many customers (one event each), if set.
+    pub big_customers: Option<usize>,
     /// Kafka bootstrap servers for the through-Kafka measurement (skipped without).
     pub brokers: Option<String>,
     pub partitions: i32,
@@ -129,8 +145,186 @@ fn emit(name: &str, opts: &BenchOptions, fields: serde_json::Value) {
     println!("{v}");
 }
 
-/// Runs the restore measurements.
+/// Resident memory of this process, bytes.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// One chunk of pre-serialized events with the partition each key maps to.
+fn chunk(g: &mut Generator, n: u64) -> Vec<(i32, Vec<u8>)> {
+    (0..n)
+        .map(|_| {
+            let ev = g.next_event();
+            let p = crate::api::kafka_partition(ev.customer_id.as_bytes(), 3);
+            (p, ev.json.into_bytes())
+        })
+        .collect()
+}
+
+/// Seconds spent decoding, seconds spent in the whole engine path, changes emitted, and the
+/// processor (holding the customers).
+struct EngineRun {
+    decode_secs: f64,
+    engine_secs: f64,
+    changes: u64,
+    change_bytes: u64,
+    processor: Processor,
+}
+
+fn engine_run(rules: &Arc<RuleSet>, customers: usize, events: u64) -> EngineRun {
+    let time = Config::default().time;
+    let processor = Processor::new(Engine::new(rules.clone()), Arc::new(Store::new()), &time, 1);
+    // About 90 simulated days whatever the size, like a quarter of history.
+    let ms_per_event = (90 * 86_400_000 / events.max(1) as i64).max(1);
+    let mut g = Generator::new(42, customers, 1_767_225_600_000, ms_per_event);
+    g.malformed_every = 1000;
+    let (mut decode_secs, mut engine_secs, mut changes, mut change_bytes) = (0.0, 0.0, 0u64, 0u64);
+    let mut offsets = [0i64; 3];
+    let mut done = 0;
+    let mut out = Vec::new();
+    while done < events {
+        let n = (events - done).min(1_000_000);
+        let batch = chunk(&mut g, n);
+        let t = Instant::now();
+        let mut ok = 0u64;
+        for (_, bytes) in &batch {
+            ok += std::hint::black_box(decode(bytes)).is_ok() as u64;
+        }
+        decode_secs += t.elapsed().as_secs_f64();
+        std::hint::black_box(ok);
+        let t = Instant::now();
+        for (p, bytes) in &batch {
+            let offset = offsets[*p as usize];
+            offsets[*p as usize] += 1;
+            let Ok(ev) = decode(bytes) else { continue };
+            let src = crate::processor::Source {
+                topic: 0,
+                partition: *p,
+                offset,
+            };
+            let _ = processor.event(src, &ev, 0, &mut out, &mut Default::default());
+            for e in out.drain(..) {
+                let cause = if e.change.by_timer {
+                    crate::output::Cause::Timer
+                } else {
+                    crate::output::Cause::Event {
+                        event_id: ev.event_id.as_deref(),
+                        topic: "events",
+                        partition: *p,
+                        offset,
+                    }
+                };
+                let json = crate::output::change_json(rules, &e.customer_id, cause, &e.change);
+                change_bytes += json.len() as u64;
+                changes += 1;
+            }
+        }
+        engine_secs += t.elapsed().as_secs_f64();
+        done += n;
+    }
+    EngineRun {
+        decode_secs,
+        engine_secs,
+        changes,
+        change_bytes,
+        processor,
+    }
+}
+
+/// The engine and memory measurements.
+fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), String> {
+    let heavy = Arc::new(
+        RuleSet::from_toml("config/bench-heavy.toml (embedded)", HEAVY_RULES)
+            .map_err(|e| e.to_string())?,
+    );
+    for (name, set) in [("default", rules), ("heavy", &heavy)] {
+        let before = rss_bytes();
+        let r = engine_run(set, opts.customers, opts.events);
+        let customers = r.processor.store().len();
+        let grown = rss_bytes().saturating_sub(before);
+        let decode_eps = opts.events as f64 / r.decode_secs;
+        let engine_eps = opts.events as f64 / r.engine_secs;
+        if name == "default" {
+            emit(
+                "decode_only",
+                opts,
+                json!({"events": opts.events, "decode_only_eps": decode_eps.round()}),
+            );
+        }
+        let rule_count: usize = set
+            .segmentations
+            .iter()
+            .map(|s| s.segments.len())
+            .sum::<usize>()
+            + set.segments.len();
+        emit(
+            "engine",
+            opts,
+            json!({
+                "rules": name,
+                "rule_count": rule_count,
+                "customers": customers,
+                "events": opts.events,
+                "changes": r.changes,
+                "change_bytes_avg": r.change_bytes / r.changes.max(1),
+                "engine_eps": engine_eps.round(),
+                "decode_only_eps": decode_eps.round(),
+                "engine_vs_decode": (engine_eps / decode_eps * 1000.0).round() / 1000.0,
+            }),
+        );
+        if name == "default" {
+            emit(
+                "bytes_per_customer",
+                opts,
+                json!({
+                    "customers": customers,
+                    "events": opts.events,
+                    "bytes_per_customer": grown / customers.max(1) as u64,
+                    "method": "VmRSS growth over the engine run (generated input, default windows) / customers; includes allocator overhead and the timer index",
+                }),
+            );
+        }
+        drop(r);
+    }
+    if let Some(n) = opts.big_customers {
+        let before = rss_bytes();
+        let r = engine_run(rules, n, n as u64);
+        let customers = r.processor.store().len();
+        let grown = rss_bytes().saturating_sub(before);
+        emit(
+            "bytes_per_customer",
+            opts,
+            json!({
+                "customers": customers,
+                "events": n,
+                "bytes_per_customer": grown / customers.max(1) as u64,
+                "method": "VmRSS growth over an engine run of about one event per customer (default windows) / customers",
+            }),
+        );
+    }
+    Ok(())
+}
+
+/// The heavier rule set (38 rules): the defaults plus segments on attributes, windows,
+/// actions and channels.
+pub const HEAVY_RULES: &str = include_str!("../config/bench-heavy.toml");
+
+/// Runs every measurement.
 pub async fn run(opts: BenchOptions, rules: Arc<RuleSet>) -> Result<(), String> {
+    engine_measurements(&opts, &rules)?;
+    restore_measurements(opts, rules).await
+}
+
+/// The restore measurements.
+async fn restore_measurements(opts: BenchOptions, rules: Arc<RuleSet>) -> Result<(), String> {
     let engine = Engine::new(rules.clone());
     let recs = records(&engine, opts.customers, opts.partitions);
     let bytes: usize = recs.iter().map(|(_, k, v)| k.len() + v.len()).sum();

@@ -65,12 +65,18 @@ enum Command {
     /// Measure and print JSON lines (one per measurement, with the machine): today, restore
     /// from the changelog in memory and, with --brokers, through a real broker.
     Bench {
-        /// A small run (20 000 customers) that checks the harness.
+        /// A small run (20 000 customers, 200 000 events) that checks the harness.
         #[arg(long)]
         quick: bool,
-        /// Customers to restore (default 1 000 000).
+        /// Customers (default 1 000 000).
         #[arg(long)]
         customers: Option<usize>,
+        /// Events through the engine (default 10 000 000).
+        #[arg(long)]
+        events: Option<u64>,
+        /// Also measure bytes per customer at this many customers (e.g. 10000000).
+        #[arg(long)]
+        big_customers: Option<usize>,
         /// Kafka bootstrap servers for the through-Kafka measurement.
         #[arg(long)]
         brokers: Option<String>,
@@ -257,11 +263,15 @@ async fn main() -> ExitCode {
         Command::Bench {
             quick,
             customers,
+            events,
+            big_customers,
             brokers,
             partitions,
         } => {
             let opts = microseg::bench::BenchOptions {
                 customers: customers.unwrap_or(if quick { 20_000 } else { 1_000_000 }),
+                events: events.unwrap_or(if quick { 200_000 } else { 10_000_000 }),
+                big_customers,
                 brokers,
                 partitions: partitions.max(1),
                 command: std::env::args().collect::<Vec<_>>().join(" "),

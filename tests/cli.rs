@@ -73,7 +73,14 @@ fn generate_prints_decodable_json_lines() {
 
 #[test]
 fn bench_quick_prints_one_json_line_per_measurement_with_the_machine() {
-    let out = microseg(&["bench", "--quick", "--customers", "3000"]);
+    let out = microseg(&[
+        "bench",
+        "--quick",
+        "--customers",
+        "2000",
+        "--events",
+        "6000",
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -84,15 +91,31 @@ fn bench_quick_prints_one_json_line_per_measurement_with_the_machine() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "without --brokers only the in-memory restore: {text}"
-    );
-    let v = &lines[0];
-    assert_eq!(v["measurement"], "restore_in_memory");
-    assert_eq!(v["customers"], 3000);
-    assert!(v["restore_customers_per_s"].as_f64().unwrap() > 0.0);
-    assert!(v["machine"]["cores"].as_u64().unwrap() >= 1);
-    assert!(v["command"].as_str().unwrap().contains("bench --quick"));
+    let find = |m: &str| -> Vec<&serde_json::Value> {
+        lines.iter().filter(|v| v["measurement"] == m).collect()
+    };
+    let positive = |v: &serde_json::Value, field: &str| {
+        assert!(v[field].as_f64().is_some_and(|x| x > 0.0), "{field} in {v}")
+    };
+    positive(find("decode_only")[0], "decode_only_eps");
+    let engine = find("engine");
+    assert_eq!(engine.len(), 2, "default and heavy rules: {text}");
+    for e in &engine {
+        positive(e, "engine_eps");
+        positive(e, "engine_vs_decode");
+        positive(e, "changes");
+    }
+    assert_eq!(engine[1]["rules"], "heavy");
+    assert!(engine[1]["rule_count"].as_u64().unwrap() >= 30);
+    positive(find("bytes_per_customer")[0], "bytes_per_customer");
+    let restore = find("restore_in_memory");
+    assert_eq!(restore[0]["customers"], 2000);
+    positive(restore[0], "restore_customers_per_s");
+    for v in &lines {
+        assert!(v["machine"]["cores"].as_u64().unwrap() >= 1, "{v}");
+        assert!(
+            v["command"].as_str().unwrap().contains("bench --quick"),
+            "{v}"
+        );
+    }
 }
