@@ -613,7 +613,16 @@ async fn exactly_once_commits_each_interval_as_a_transaction_on_the_mock_cluster
 async fn the_restore_benchmark_restores_every_customer_through_the_broker() {
     let broker = Broker::start();
     let out = Command::new(env!("CARGO_BIN_EXE_microseg"))
-        .args(["bench", "--customers", "3000", "--brokers", &broker.addr])
+        .args([
+            "bench",
+            "--quick",
+            "--customers",
+            "3000",
+            "--events",
+            "3000",
+            "--brokers",
+            &broker.addr,
+        ])
         .output()
         .unwrap();
     assert!(
