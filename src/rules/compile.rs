@@ -241,6 +241,10 @@ pub enum Expr {
         negated: bool,
     },
     Call(Func, Vec<Expr>),
+    /// A compound sub-expression that time alone cannot change, marked once when the rule is
+    /// loaded ([`Expr::mark_static`]): the timer analysis, which asks at every node, stops
+    /// here without walking it.
+    Static(Box<Expr>),
 }
 
 /// A runtime value. Strings borrow from the state or the rule, or are interned ids.
@@ -384,6 +388,7 @@ impl Expr {
         match self {
             Expr::Lit(l) => lit_val(l),
             Expr::Feature(f) => f.read(cx),
+            Expr::Static(e) => e.eval(cx),
             Expr::Not(e) => Val::Bool(!e.eval_bool(cx)),
             Expr::And(a, b) => Val::Bool(a.eval_bool(cx) && b.eval_bool(cx)),
             Expr::Or(a, b) => Val::Bool(a.eval_bool(cx) || b.eval_bool(cx)),
@@ -491,12 +496,60 @@ impl Expr {
         }
     }
 
+    /// Whether time alone can change this expression's value, in constant time, for an
+    /// expression marked by [`Expr::mark_static`]: there every compound node that is not
+    /// wrapped depends on time. On an unmarked expression a compound node answers `true`,
+    /// which is conservative (the timer analysis may then re-check early, never late).
+    pub fn has_time(&self) -> bool {
+        match self {
+            Expr::Lit(_) | Expr::Static(_) => false,
+            Expr::Feature(f) => f.deps() & deps::TIME != 0,
+            _ => true,
+        }
+    }
+
+    /// Wraps every maximal compound sub-expression that does not depend on time in
+    /// [`Expr::Static`], so that under a time-dependent root every unwrapped compound node
+    /// depends on time. Leaves stay as they are (they answer in constant time). Evaluation is
+    /// unchanged.
+    pub fn mark_static(self) -> Expr {
+        let compound = !matches!(self, Expr::Lit(_) | Expr::Feature(_) | Expr::Static(_));
+        if compound && self.deps() & deps::TIME == 0 {
+            return Expr::Static(Box::new(self));
+        }
+        let m = |e: Box<Expr>| Box::new(e.mark_static());
+        match self {
+            Expr::Not(e) => Expr::Not(m(e)),
+            Expr::Neg(e) => Expr::Neg(m(e)),
+            Expr::And(a, b) => Expr::And(m(a), m(b)),
+            Expr::Or(a, b) => Expr::Or(m(a), m(b)),
+            Expr::Arith(op, a, b) => Expr::Arith(op, m(a), m(b)),
+            Expr::Cmp(op, a, b) => Expr::Cmp(op, m(a), m(b)),
+            Expr::InList {
+                item,
+                list,
+                negated,
+            } => Expr::InList {
+                item: m(item),
+                list,
+                negated,
+            },
+            Expr::InSet { item, set, negated } => Expr::InSet {
+                item: m(item),
+                set,
+                negated,
+            },
+            Expr::Call(f, args) => Expr::Call(f, args.into_iter().map(Expr::mark_static).collect()),
+            leaf => leaf,
+        }
+    }
+
     /// What can change this expression's value.
     pub fn deps(&self) -> u8 {
         match self {
             Expr::Lit(_) => 0,
             Expr::Feature(f) => f.deps(),
-            Expr::Not(e) | Expr::Neg(e) => e.deps(),
+            Expr::Not(e) | Expr::Neg(e) | Expr::Static(e) => e.deps(),
             Expr::And(a, b) | Expr::Or(a, b) | Expr::Arith(_, a, b) | Expr::Cmp(_, a, b) => {
                 a.deps() | b.deps()
             }

@@ -367,7 +367,7 @@ impl RuleSet {
                         description: def.description.clone(),
                         source: src.clone(),
                         deps: expr.deps(),
-                        expr,
+                        expr: expr.mark_static(),
                         atoms,
                         condition: explain::Condition::build(&node, src, &state, &symbols),
                     }),
@@ -493,6 +493,24 @@ pub const DEFAULT_RULES: &str = include_str!("../../config/segments.toml");
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_independent_parts_of_loaded_rules_are_marked_static() {
+        let r = RuleSet::from_toml(
+            "t.toml",
+            "[[segment]]\nname = \"s\"\nwhen = \"purchases.count > 0 && days_since(purchases.last) > 60\"\n\n[[segment]]\nname = \"n\"\nwhen = \"purchases.count > 2\"\n",
+        )
+        .unwrap();
+        let Expr::And(left, right) = &r.segments[0].expr else {
+            panic!("{:?}", r.segments[0].expr)
+        };
+        assert!(matches!(**left, Expr::Static(_)), "{left:?}");
+        assert!(matches!(**right, Expr::Cmp(..)) && right.has_time());
+        assert!(r.segments[0].expr.has_time());
+        // A rule with no time at all is one static node.
+        assert!(!r.segments[1].expr.has_time());
+        assert_eq!(r.segments[1].deps & compile::deps::TIME, 0);
+    }
 
     #[test]
     fn default_rules_compile() {

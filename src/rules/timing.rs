@@ -17,7 +17,7 @@
 //! time-dependent values is not linear: comparisons over it are re-checked every
 //! [`RECHECK_MS`] (documented in the README as the one approximate case).
 
-use super::compile::{deps, ArithOp, CmpOp, Ctx, Expr, Feature, Func, Val};
+use super::compile::{ArithOp, CmpOp, Ctx, Expr, Feature, Func, Val};
 pub use crate::state::NEVER;
 use crate::time::{DAY_MS, HOUR_MS};
 
@@ -95,7 +95,7 @@ impl Expr {
     /// The earliest instant after `cx.now` at which this expression may change value if no
     /// event arrives; never later than the true change. See the module docs.
     pub fn next_change(&self, cx: &Ctx<'_>) -> i64 {
-        if self.deps() & deps::TIME == 0 {
+        if !self.has_time() {
             return NEVER;
         }
         match self {
@@ -137,7 +137,7 @@ impl Expr {
     /// This numeric expression as a linear piece starting at `cx.now`, or None when it is not
     /// linear in time there (or not numeric).
     fn piece(&self, cx: &Ctx<'_>) -> Option<Piece> {
-        if self.deps() & deps::TIME == 0 {
+        if !self.has_time() {
             return match self.eval(cx) {
                 v @ (Val::Num(_) | Val::Time(_) | Val::Missing) => {
                     Some(Piece::constant(num(v), NEVER))
