@@ -118,26 +118,48 @@ fn init_logs(level: &str, json: bool) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called (not when
+/// the future is first polled), so call it first thing: a signal that arrives during start-up
+/// is then a clean stop, not the default "terminate".
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let int = async {
+                match int.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = term => {},
+                _ = int => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown requested: draining");
     }
-    tracing::info!("shutdown requested: draining");
 }
 
 fn load_rules(path: Option<&PathBuf>) -> Result<Arc<RuleSet>, String> {
@@ -174,6 +196,7 @@ async fn main() -> ExitCode {
             }
         },
         Command::Run { config, json_logs } => {
+            let shutdown = shutdown_signal();
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -207,7 +230,7 @@ async fn main() -> ExitCode {
                     }
                 }
             };
-            let result = pipeline.run(shutdown_signal()).await;
+            let result = pipeline.run(shutdown).await;
             if let Some(api) = api {
                 api.abort();
             }

@@ -286,16 +286,30 @@ async fn sigkill_at_random_moments_under_load_loses_nothing() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xc4a5);
     let mut engine = spawn_engine(&cfg, &log);
     let mut kills = 0;
+    let mut restores_before_last = 0;
     while !producing.is_finished() || kills < 3 {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..4000))).await;
         engine.kill().unwrap(); // SIGKILL
         engine.wait().unwrap();
         kills += 1;
+        restores_before_last = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("restored from the changelog")
+            .count();
         engine = spawn_engine(&cfg, &log);
     }
     let placed = producing.await.unwrap();
     let result = async {
         wait_caught_up(&broker.addr, group, Duration::from_secs(120)).await;
+        // The last process restored before it is stopped (and so holds the state to write).
+        wait_for("the last start restored", Duration::from_secs(60), || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("restored from the changelog")
+                .count()
+                > restores_before_last
+        })
+        .await;
         // A clean stop writes the last changelog records.
         Command::new("kill")
             .args(["-TERM", &engine.id().to_string()])
