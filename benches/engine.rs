@@ -1,0 +1,132 @@
+//! Criterion micro-benchmarks of the hot path's parts: decode, state update, rule evaluation,
+//! and the whole engine step. `cargo bench --bench engine`; the end-to-end figures are
+//! `microseg bench` (BENCHMARKS.md).
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use microseg::engine::Engine;
+use microseg::event::decode;
+use microseg::generate::Generator;
+use microseg::rules::RuleSet;
+use microseg::state::CustomerState;
+
+const EVENTS: usize = 20_000;
+
+fn input() -> Vec<Vec<u8>> {
+    let mut g = Generator::new(1, 2_000, 1_767_225_600_000, 10 * 60_000);
+    (0..EVENTS)
+        .map(|_| g.next_event().json.into_bytes())
+        .collect()
+}
+
+fn decode_events(c: &mut Criterion) {
+    let bytes = input();
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(EVENTS as u64));
+    g.bench_function("json_to_event", |b| {
+        b.iter(|| {
+            for e in &bytes {
+                let _ = black_box(decode(black_box(e)));
+            }
+        })
+    });
+    g.finish();
+}
+
+fn state_update(c: &mut Criterion) {
+    let rules = RuleSet::embedded_default();
+    let bytes = input();
+    let events: Vec<_> = bytes.iter().filter_map(|b| decode(b).ok()).collect();
+    let mut g = c.benchmark_group("state");
+    g.throughput(Throughput::Elements(events.len() as u64));
+    g.bench_function("apply", |b| {
+        b.iter(|| {
+            let mut states: HashMap<&str, CustomerState> = HashMap::new();
+            for ev in &events {
+                states
+                    .entry(ev.customer_id.as_ref())
+                    .or_insert_with(|| CustomerState::new(&rules.state))
+                    .apply(&rules.state, &rules.symbols, ev);
+            }
+            black_box(states.len())
+        })
+    });
+    g.finish();
+}
+
+fn rule_evaluation(c: &mut Criterion) {
+    let bytes = input();
+    let mut g = c.benchmark_group("rules");
+    for (name, rules) in [
+        ("default", RuleSet::embedded_default()),
+        (
+            "heavy",
+            RuleSet::from_toml("bench-heavy.toml", microseg::bench::HEAVY_RULES).unwrap(),
+        ),
+    ] {
+        let engine = Engine::new(Arc::new(rules));
+        let mut customers = HashMap::new();
+        for b in &bytes {
+            if let Ok(ev) = decode(b) {
+                let c = customers
+                    .entry(ev.customer_id.to_string())
+                    .or_insert_with(|| engine.new_customer(0));
+                let _ = engine.apply(c, &ev, &mut Vec::new());
+            }
+        }
+        let now = 1_767_225_600_000 + 40 * 86_400_000;
+        g.throughput(Throughput::Elements(customers.len() as u64));
+        g.bench_function(format!("evaluate_all_{name}"), |b| {
+            b.iter(|| {
+                for c in customers.values() {
+                    black_box(engine.evaluate_all(&c.state, now));
+                }
+            })
+        });
+        g.bench_function(format!("next_timer_{name}"), |b| {
+            b.iter(|| {
+                for c in customers.values() {
+                    black_box(engine.next_timer(c, now));
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+fn engine_step(c: &mut Criterion) {
+    let rules = Arc::new(RuleSet::embedded_default());
+    let bytes = input();
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(EVENTS as u64));
+    g.bench_function("decode_apply_diff", |b| {
+        b.iter(|| {
+            let engine = Engine::new(rules.clone());
+            let mut customers = HashMap::new();
+            let mut out = Vec::new();
+            for e in &bytes {
+                if let Ok(ev) = decode(e) {
+                    let c = customers
+                        .entry(ev.customer_id.to_string())
+                        .or_insert_with(|| engine.new_customer(0));
+                    let _ = engine.apply(c, &ev, &mut out);
+                    out.clear();
+                }
+            }
+            black_box(customers.len())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    decode_events,
+    state_update,
+    rule_evaluation,
+    engine_step
+);
+criterion_main!(benches);
