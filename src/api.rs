@@ -347,12 +347,7 @@ async fn metrics(State(p): State<Arc<Pipeline>>) -> Response {
 }
 
 async fn readyz(State(p): State<Arc<Pipeline>>) -> Response {
-    let assigned: Vec<i32> = {
-        let mut v: Vec<i32> = p.assigned().into_iter().map(|(_, p)| p).collect();
-        v.sort_unstable();
-        v.dedup();
-        v
-    };
+    let assigned = p.partitions();
     if p.ready() {
         Json(json!({"status": "ready", "partitions": assigned})).into_response()
     } else {

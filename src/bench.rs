@@ -212,16 +212,15 @@ fn engine_run(rules: &Arc<RuleSet>, customers: usize, events: u64) -> EngineRun 
             };
             let _ = processor.event(src, &ev, 0, &mut out, &mut Default::default());
             for e in out.drain(..) {
-                let cause = if e.change.by_timer {
-                    crate::output::Cause::Timer
-                } else {
+                let cause = crate::output::Cause::of(
+                    &e.change,
                     crate::output::Cause::Event {
                         event_id: ev.event_id.as_deref(),
                         topic: "events",
                         partition: *p,
                         offset,
-                    }
-                };
+                    },
+                );
                 let json = crate::output::change_json(rules, &e.customer_id, cause, &e.change);
                 change_bytes += json.len() as u64;
                 changes += 1;

@@ -26,6 +26,18 @@ pub enum Cause<'a> {
     Timer,
 }
 
+impl<'a> Cause<'a> {
+    /// What to publish as the cause of `change`, made while applying the input `event`:
+    /// the event, unless a timer the event made due caused the change.
+    pub fn of(change: &Change<'_>, event: Cause<'a>) -> Cause<'a> {
+        if change.by_timer {
+            Cause::Timer
+        } else {
+            event
+        }
+    }
+}
+
 struct Because<'a>(&'a [(&'a str, serde_json::Value)]);
 
 impl Serialize for Because<'_> {

@@ -271,8 +271,9 @@ impl Shared {
         let mut records = 0u64;
         for partition in self.assigned_partitions() {
             let offsets = self.progress().offsets(partition, self.topics.len());
-            for (key, value) in self.processor.changelog(partition, &offsets) {
-                self.progress().changelog_inflight += 1;
+            let batch = self.processor.changelog(partition, &offsets);
+            self.progress().changelog_inflight += batch.len() as u64;
+            for (key, value) in batch {
                 let rec =
                     BaseRecord::with_opaque_to(&self.changelog_topic, Box::new(Sent::Changelog))
                         .partition(partition)
@@ -666,10 +667,19 @@ pub struct Pipeline {
     shared: Arc<Shared>,
 }
 
-fn client_config(cfg: &Config, extra: &BTreeMap<String, String>) -> ClientConfig {
+/// A client for `cfg`'s brokers: `defaults` first, then the user's `extra` properties, which
+/// win over them.
+fn client_config(
+    cfg: &Config,
+    defaults: &[(&str, &str)],
+    extra: &BTreeMap<String, String>,
+) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.brokers)
         .set("client.id", &cfg.kafka.client_id);
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
     for (k, v) in extra {
         c.set(k, v);
     }
@@ -692,7 +702,7 @@ impl Pipeline {
             restoring: AtomicUsize::new(0),
             partitions: AtomicI32::new(0),
             restore_config: {
-                let mut c = client_config(&cfg, &BTreeMap::new());
+                let mut c = client_config(&cfg, &[], &BTreeMap::new());
                 // librdkafka wants a group id to assign partitions; this consumer never joins
                 // the group nor commits.
                 c.set("client.id", format!("{}-restore", cfg.kafka.client_id))
@@ -752,9 +762,14 @@ impl Pipeline {
         }
     }
 
+    /// Input partitions held by this instance, each once, in order.
+    pub fn partitions(&self) -> Vec<i32> {
+        self.shared.assigned_partitions()
+    }
+
     /// Whether this instance holds input partition `p`.
     pub fn owns(&self, p: i32) -> bool {
-        self.shared.assigned_partitions().contains(&p)
+        self.partitions().contains(&p)
     }
 
     /// The time rules are evaluated at for a customer of `partition` with nothing newer of
@@ -783,7 +798,7 @@ impl Pipeline {
             return;
         }
         let admin: AdminClient<DefaultClientContext> =
-            match client_config(&self.cfg, &BTreeMap::new()).create() {
+            match client_config(&self.cfg, &[], &BTreeMap::new()).create() {
                 Ok(a) => a,
                 Err(e) => {
                     return warn!(error = %e, "cannot create an admin client; not creating topics")
@@ -820,7 +835,7 @@ impl Pipeline {
     async fn ensure_changelog(&self) -> Result<(), PipelineError> {
         let cfg = self.cfg.clone();
         let topic = self.cfg.changelog_topic();
-        let admin: AdminClient<DefaultClientContext> = client_config(&cfg, &BTreeMap::new())
+        let admin: AdminClient<DefaultClientContext> = client_config(&cfg, &[], &BTreeMap::new())
             .create()
             .map_err(|source| PipelineError::Setup {
                 context: "admin client",
@@ -829,7 +844,7 @@ impl Pipeline {
         let counts = move |names: Vec<String>| {
             let cfg = cfg.clone();
             tokio::task::spawn_blocking(move || -> Result<Vec<Option<usize>>, PipelineError> {
-                let probe: BaseConsumer = client_config(&cfg, &BTreeMap::new())
+                let probe: BaseConsumer = client_config(&cfg, &[], &BTreeMap::new())
                     .set("allow.auto.create.topics", "false")
                     .create()
                     .map_err(|source| PipelineError::Setup {
@@ -924,20 +939,16 @@ impl Pipeline {
         self.ensure_changelog().await?;
         let k = &self.cfg.kafka;
         let exactly_once = self.cfg.processing.guarantee == Guarantee::ExactlyOnce;
-        let mut pc = client_config(&self.cfg, &k.producer);
-        pc.set("enable.idempotence", "true")
-            .set("partitioner", "murmur2_random");
         // No delivery timeout (an outage is waited out), and a bounded queue (64 MiB): when
         // it is full, consumption waits.
-        for (key, default) in [
+        let defaults = [
             ("linger.ms", "5"),
             ("message.timeout.ms", "0"),
             ("queue.buffering.max.kbytes", "65536"),
-        ] {
-            if !k.producer.contains_key(key) {
-                pc.set(key, default);
-            }
-        }
+        ];
+        let mut pc = client_config(&self.cfg, &defaults, &k.producer);
+        pc.set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random");
         if exactly_once {
             pc.set("transactional.id", self.cfg.transactional_id());
         }
@@ -965,19 +976,15 @@ impl Pipeline {
             })?;
             info!(transactional_id = %self.cfg.transactional_id(), "exactly-once: transactions initialised");
         }
-        let mut cc = client_config(&self.cfg, &k.consumer);
-        cc.set("group.id", &k.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false");
-        for (key, default) in [
+        let defaults = [
             ("auto.offset.reset", "earliest"),
             ("partition.assignment.strategy", "range"),
             ("statistics.interval.ms", "5000"),
-        ] {
-            if !k.consumer.contains_key(key) {
-                cc.set(key, default);
-            }
-        }
+        ];
+        let mut cc = client_config(&self.cfg, &defaults, &k.consumer);
+        cc.set("group.id", &k.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
         let consumer: StreamConsumer<ConsumerCtx> = cc
             .create_with_context(ConsumerCtx {
                 shared: self.shared.clone(),
@@ -1090,10 +1097,7 @@ impl Pipeline {
             .iter()
             .map(|e| {
                 self.shared.metrics.change(&e.change);
-                let cause = match cause {
-                    Some(c) if !e.change.by_timer => c,
-                    _ => Cause::Timer,
-                };
+                let cause = cause.map_or(Cause::Timer, |c| Cause::of(&e.change, c));
                 let json = change_json(rules, &e.customer_id, cause, &e.change);
                 (e.customer_id.clone(), json)
             })

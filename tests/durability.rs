@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{comparable, config, day, oracle, start, wait_for, Broker};
+use common::{change_key, comparable, config, day, oracle, start, wait_for, Broker};
 use microseg::changelog;
 use microseg::config::{Config, Guarantee};
 use microseg::engine::Engine;
@@ -142,10 +142,7 @@ async fn verify(
     let mut duplicates = 0;
     for r in &got {
         let v = r.json();
-        let k = (
-            v["customer_id"].as_str().unwrap().to_owned(),
-            v["seq"].as_u64().unwrap(),
-        );
+        let k = change_key(&v);
         if let Some(prev) = seen.get(&k) {
             assert_eq!(prev, &v, "duplicate {k:?} with another payload");
             duplicates += 1;
@@ -161,13 +158,7 @@ async fn verify(
     let expected: BTreeMap<(String, u64), Value> = o
         .changes
         .iter()
-        .map(|v| {
-            let k = (
-                v["customer_id"].as_str().unwrap().to_owned(),
-                v["seq"].as_u64().unwrap(),
-            );
-            (k, v.clone())
-        })
+        .map(|v| (change_key(v), v.clone()))
         .collect();
     let missing: Vec<_> = expected
         .keys()
@@ -595,14 +586,8 @@ async fn exactly_once_commits_each_interval_as_a_transaction_on_the_mock_cluster
     .await;
     let mut got: Vec<Value> = got.iter().map(|r| comparable(r.json())).collect();
     let mut want = o.changes.clone();
-    let key = |v: &Value| {
-        (
-            v["customer_id"].as_str().unwrap_or("").to_owned(),
-            v["seq"].as_u64(),
-        )
-    };
-    got.sort_by_key(key);
-    want.sort_by_key(key);
+    got.sort_by_key(change_key);
+    want.sort_by_key(change_key);
     assert_eq!(got, want, "every change once");
     let changelog = common::read_topic(
         &addr,

@@ -66,16 +66,15 @@ fn process(p: &Processor, rules: &RuleSet, (g, part, off): &(Generated, i32, i64
     let _ = p.event(src, &ev, 0, &mut out, &mut Fired::default());
     out.iter()
         .map(|e| {
-            let cause = if e.change.by_timer {
-                Cause::Timer
-            } else {
+            let cause = Cause::of(
+                &e.change,
                 Cause::Event {
                     event_id: ev.event_id.as_deref(),
                     topic: "events",
                     partition: *part,
                     offset: *off,
-                }
-            };
+                },
+            );
             change_json(rules, &e.customer_id, cause, &e.change)
         })
         .collect()

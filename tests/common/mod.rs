@@ -464,16 +464,15 @@ pub fn oracle(
             &mut Fired::default(),
         );
         for e in &out {
-            let cause = if e.change.by_timer {
-                Cause::Timer
-            } else {
+            let cause = Cause::of(
+                &e.change,
                 Cause::Event {
                     event_id: d.event_id.as_deref(),
                     topic: "events",
                     partition: 0,
                     offset: 0,
-                }
-            };
+                },
+            );
             expected.push(comparable(
                 serde_json::from_slice(&change_json(rules, &e.customer_id, cause, &e.change))
                     .unwrap(),
