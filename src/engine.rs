@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::event::{Event, EventKind};
 use crate::rules::compile::{deps, val_to_json, Atom, Ctx};
-use crate::rules::{fnv1a, RuleSet};
+use crate::rules::{fnv1a, Rule, RuleSet};
 use crate::state::{CustomerState, Rejected, NEVER, NO_TIME};
 use std::sync::Arc;
 
@@ -47,6 +47,66 @@ pub struct Customer {
     pub timer: i64,
     /// Hashes of the most recent event ids applied, oldest first (duplicate detection).
     pub recent_ids: Vec<u64>,
+    /// Per time-dependent rule, when it can next flip: a cache, not state (see
+    /// [`RuleTimers`]).
+    pub rule_timers: RuleTimers,
+}
+
+/// Per time-dependent rule (its `timer_slot`), the instant computed by the last timer
+/// analysis: the rule's value cannot change before it unless an event it depends on is
+/// applied. An entry is valid while it is later than the evaluation instant and no such event
+/// came since (applying one clears the entries of the rules that read it), so the analysis
+/// only re-runs for the rules an event touched or whose instant has come.
+///
+/// It is a cache derived from the state: never written to the changelog, empty after a
+/// restore, and ignored when customers are compared.
+#[derive(Debug, Clone, Default)]
+pub struct RuleTimers(Box<[i64]>);
+
+/// A cache entry that must be recomputed.
+const STALE: i64 = i64::MIN;
+
+impl RuleTimers {
+    fn get(&self, slot: Option<u16>, now: i64) -> Option<i64> {
+        let t = *self.0.get(slot? as usize)?;
+        (t > now).then_some(t)
+    }
+    fn set(&mut self, slot: Option<u16>, t: i64, slots: usize) {
+        let Some(i) = slot else { return };
+        if self.0.is_empty() {
+            self.0 = vec![STALE; slots].into_boxed_slice();
+        }
+        if let Some(x) = self.0.get_mut(i as usize) {
+            *x = t;
+        }
+    }
+    /// Forgets the entries of the rules that read what `mask` (event kinds) changes.
+    fn invalidate(&mut self, rules: &RuleSet, mask: u8) {
+        if self.0.is_empty() {
+            return;
+        }
+        let all = rules
+            .segmentations
+            .iter()
+            .flat_map(|s| s.segments.iter())
+            .chain(rules.segments.iter());
+        for r in all.filter(|r| r.deps & mask != 0) {
+            if let Some(x) = r.timer_slot.and_then(|i| self.0.get_mut(i as usize)) {
+                *x = STALE;
+            }
+        }
+    }
+    /// Forgets everything (the state was replaced).
+    pub fn clear(&mut self) {
+        self.0 = Box::default();
+    }
+}
+
+impl PartialEq for RuleTimers {
+    /// A cache: two customers with the same state are equal whatever it holds.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl Customer {
@@ -166,6 +226,7 @@ impl Engine {
             seq: 0,
             timer: NEVER,
             recent_ids: Vec::new(),
+            rule_timers: RuleTimers::default(),
         }
     }
 
@@ -214,6 +275,7 @@ impl Engine {
         }
         c.state
             .apply_with(&self.rules.state, &self.rules.symbols, ev, !late);
+        c.rule_timers.invalidate(&self.rules, kind_bit(ev.kind()));
         let mask = if first {
             u8::MAX
         } else {
@@ -272,8 +334,18 @@ impl Engine {
     /// The next instant after `now` at which one of the customer's time-dependent rules may
     /// flip (`NEVER` if none can). For a segmentation only the rules up to the current winner
     /// matter: a later rule cannot change the outcome unless one of those does first.
-    pub fn next_timer(&self, c: &Customer, now: i64) -> i64 {
+    pub fn next_timer(&self, c: &mut Customer, now: i64) -> i64 {
         let cx = self.ctx(&c.state, now);
+        let slots = self.rules.timer_slots;
+        let cache = &mut c.rule_timers;
+        let mut next = |r: &Rule| match cache.get(r.timer_slot, now) {
+            Some(t) => t,
+            None => {
+                let t = r.expr.next_change(&cx);
+                cache.set(r.timer_slot, t, slots);
+                t
+            }
+        };
         let mut t = NEVER;
         for (si, seg) in self.rules.segmentations.iter().enumerate() {
             if seg.deps & deps::TIME == 0 {
@@ -284,13 +356,13 @@ impl Engine {
                 .min(seg.segments.len());
             for r in &seg.segments[..upto] {
                 if r.deps & deps::TIME != 0 {
-                    t = t.min(r.expr.next_change(&cx));
+                    t = t.min(next(r));
                 }
             }
         }
         for r in &self.rules.segments {
             if r.deps & deps::TIME != 0 {
-                t = t.min(r.expr.next_change(&cx));
+                t = t.min(next(r));
             }
         }
         t
@@ -404,6 +476,7 @@ impl Engine {
     /// Recomputes memberships and the timer from the state at `now` without emitting changes
     /// or touching `seq`: for state restored from a changelog written under other rules.
     pub fn reset_memberships(&self, c: &mut Customer, now: i64) {
+        c.rule_timers.clear();
         let m = self.evaluate_all(&c.state, now);
         c.segment = m.segment.into_boxed_slice();
         for (i, on) in m.member.into_iter().enumerate() {

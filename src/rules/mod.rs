@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::state::{AttrType, StateConfig, Window};
 use crate::symbols::Symbols;
 use crate::time::{parse_duration, HOUR_MS};
-use compile::{Atom, Compiler, Expr};
+use compile::{deps, Atom, Compiler, Expr};
 
 /// One compiled rule.
 #[derive(Debug, Clone)]
@@ -30,6 +30,9 @@ pub struct Rule {
     pub source: String,
     pub expr: Expr,
     pub deps: u8,
+    /// This rule's slot in a customer's per-rule timer cache (time-dependent rules only;
+    /// see `engine::RuleTimers`), assigned when the rule set is built.
+    pub timer_slot: Option<u16>,
     pub atoms: Vec<Atom>,
     /// The condition split into its sub-conditions, for explanations.
     pub condition: explain::Condition,
@@ -74,6 +77,8 @@ pub struct RuleSet {
     pub segmentations: Vec<Segmentation>,
     pub segments: Vec<Rule>,
     pub symbols: Arc<Symbols>,
+    /// Number of time-dependent rules (slots of a customer's per-rule timer cache).
+    pub timer_slots: usize,
 }
 
 /// One problem in a rules file.
@@ -367,6 +372,7 @@ impl RuleSet {
                         description: def.description.clone(),
                         source: src.clone(),
                         deps: expr.deps(),
+                        timer_slot: None,
                         expr: expr.mark_static(),
                         atoms,
                         condition: explain::Condition::build(&node, src, &state, &symbols),
@@ -467,12 +473,22 @@ impl RuleSet {
                 problems: rep.problems,
             });
         }
+        let mut slots = 0usize;
+        let rules = segmentations
+            .iter_mut()
+            .flat_map(|s| s.segments.iter_mut())
+            .chain(segments.iter_mut());
+        for r in rules.filter(|r| r.deps & deps::TIME != 0) {
+            r.timer_slot = u16::try_from(slots).ok();
+            slots += 1;
+        }
         Ok(RuleSet {
             version: format!("{:08x}", fnv1a(text.as_bytes()) >> 32),
             state,
             segmentations,
             segments,
             symbols,
+            timer_slots: slots,
         })
     }
 
