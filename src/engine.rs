@@ -381,8 +381,18 @@ impl Engine {
         let rules = &*self.rules;
         for (si, seg) in rules.segmentations.iter().enumerate() {
             let current = c.segment[si];
-            if current != NO_SEGMENT && seg.deps & mask == 0 {
-                continue;
+            if current != NO_SEGMENT {
+                if seg.deps & mask == 0 {
+                    continue;
+                }
+                // Only time moved for this unit: nothing to do unless one of the rules that
+                // decide the winner (those up to it) may have flipped by now.
+                let upto = (current as usize + 1).min(seg.segments.len());
+                if seg.deps & mask & !deps::TIME == 0
+                    && !self.time_may_flip(c, &seg.segments[..upto], now)
+                {
+                    continue;
+                }
             }
             let cx = self.ctx(&c.state, now);
             let winner = seg
@@ -426,7 +436,10 @@ impl Engine {
             c.segment[si] = winner;
         }
         for (i, rule) in rules.segments.iter().enumerate() {
-            if rule.deps & mask == 0 {
+            if rule.deps & mask == 0
+                || (rule.deps & mask & !deps::TIME == 0
+                    && !self.time_may_flip(c, std::slice::from_ref(rule), now))
+            {
                 continue;
             }
             let holds = rule.expr.eval_bool(&self.ctx(&c.state, now));
@@ -454,6 +467,15 @@ impl Engine {
     }
 
     /// The values of the given atoms, deduplicated by text, in order.
+    /// Whether one of these rules may have changed value by `now` as time passed: its
+    /// cached timer (see [`RuleTimers`]) is due or unknown. False means every one of them
+    /// still has the value it had when last evaluated.
+    fn time_may_flip(&self, c: &Customer, rules: &[Rule], now: i64) -> bool {
+        rules
+            .iter()
+            .any(|r| r.deps & deps::TIME != 0 && c.rule_timers.get(r.timer_slot, now).is_none())
+    }
+
     pub fn because<'r>(
         &'r self,
         atoms: impl Iterator<Item = &'r Atom>,
