@@ -82,6 +82,16 @@ enum Command {
         brokers: Option<String>,
         #[arg(long, default_value_t = 3)]
         partitions: i32,
+        /// Events pre-loaded for the end-to-end measurement (default 1 000 000; quick 20 000).
+        #[arg(long)]
+        e2e_events: Option<u64>,
+        /// Offered load of the latency measurement, events/s (the 50 000 is far above
+        /// what the local Nisshi broker sustains on 2 cores; see BENCHMARKS.md).
+        #[arg(long, default_value_t = 1_000)]
+        latency_rate: u64,
+        /// Seconds of load for the latency measurement (default 20; quick 3).
+        #[arg(long)]
+        latency_seconds: Option<f64>,
     },
     /// Check a rules file: exit 0 if valid, otherwise list every problem and exit 1.
     CheckRules { file: PathBuf },
@@ -290,6 +300,9 @@ async fn main() -> ExitCode {
             big_customers,
             brokers,
             partitions,
+            e2e_events,
+            latency_rate,
+            latency_seconds,
         } => {
             let opts = microseg::bench::BenchOptions {
                 customers: customers.unwrap_or(if quick { 20_000 } else { 1_000_000 }),
@@ -297,6 +310,9 @@ async fn main() -> ExitCode {
                 big_customers,
                 brokers,
                 partitions: partitions.max(1),
+                e2e_events: e2e_events.unwrap_or(if quick { 20_000 } else { 1_000_000 }),
+                latency_rate,
+                latency_seconds: latency_seconds.unwrap_or(if quick { 3.0 } else { 20.0 }),
                 command: std::env::args().collect::<Vec<_>>().join(" "),
             };
             init_logs("warn", false);

@@ -669,7 +669,7 @@ pub struct Pipeline {
 
 /// A client for `cfg`'s brokers: `defaults` first, then the user's `extra` properties, which
 /// win over them.
-fn client_config(
+pub(crate) fn client_config(
     cfg: &Config,
     defaults: &[(&str, &str)],
     extra: &BTreeMap<String, String>,
@@ -685,6 +685,13 @@ fn client_config(
     }
     c
 }
+
+/// The input consumer's defaults (the user's `kafka.consumer` properties override them).
+pub(crate) const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
+    ("auto.offset.reset", "earliest"),
+    ("partition.assignment.strategy", "range"),
+    ("statistics.interval.ms", "5000"),
+];
 
 impl Pipeline {
     pub fn new(cfg: Config, engine: Engine, metrics: Arc<Metrics>) -> Pipeline {
@@ -976,12 +983,7 @@ impl Pipeline {
             })?;
             info!(transactional_id = %self.cfg.transactional_id(), "exactly-once: transactions initialised");
         }
-        let defaults = [
-            ("auto.offset.reset", "earliest"),
-            ("partition.assignment.strategy", "range"),
-            ("statistics.interval.ms", "5000"),
-        ];
-        let mut cc = client_config(&self.cfg, &defaults, &k.consumer);
+        let mut cc = client_config(&self.cfg, &CONSUMER_DEFAULTS, &k.consumer);
         cc.set("group.id", &k.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false");

@@ -606,10 +606,11 @@ async fn exactly_once_commits_each_interval_as_a_transaction_on_the_mock_cluster
     );
 }
 
-/// The restore figure in the README comes from `microseg bench --brokers`: it restores every
-/// customer it loaded through a real broker.
+/// The through-a-broker figures of BENCHMARKS.md come from `microseg bench --brokers`: it
+/// restores every customer it loaded, runs the end-to-end comparison over every pre-loaded
+/// event, and measures latency at an offered load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_restore_benchmark_restores_every_customer_through_the_broker() {
+async fn the_broker_benchmarks_restore_consume_and_measure_latency_through_the_broker() {
     let broker = Broker::start();
     let out = Command::new(env!("CARGO_BIN_EXE_microseg"))
         .args([
@@ -619,6 +620,12 @@ async fn the_restore_benchmark_restores_every_customer_through_the_broker() {
             "3000",
             "--events",
             "3000",
+            "--e2e-events",
+            "5000",
+            "--latency-rate",
+            "500",
+            "--latency-seconds",
+            "3",
             "--brokers",
             &broker.addr,
         ])
@@ -630,11 +637,40 @@ async fn the_restore_benchmark_restores_every_customer_through_the_broker() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    let kafka: Value = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["measurement"] == "restore_kafka")
-        .unwrap_or_else(|| panic!("no restore_kafka line: {text}"));
+    let line = |m: &str| -> Value {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["measurement"] == m)
+            .unwrap_or_else(|| panic!("no {m} line: {text}"))
+    };
+    let positive = |v: &Value, field: &str| {
+        assert!(v[field].as_f64().is_some_and(|x| x > 0.0), "{field} in {v}")
+    };
+    let kafka = line("restore_kafka");
     assert_eq!(kafka["customers"], 3000, "{kafka}");
-    assert!(kafka["seconds"].as_f64().unwrap() > 0.0);
+    positive(&kafka, "seconds");
+
+    let e2e = line("e2e");
+    assert_eq!(e2e["events"], 5000, "{e2e}");
+    // The baseline decoded every pre-loaded event; the pipeline produced changes for them.
+    assert_eq!(e2e["baseline_decoded"], 5000, "{e2e}");
+    assert!(e2e["changes"].as_u64().unwrap() >= 1000, "{e2e}");
+    for f in ["e2e_eps", "baseline_eps", "e2e_vs_baseline"] {
+        positive(&e2e, f);
+    }
+
+    let lat = line("latency");
+    assert_eq!(lat["offered_eps"], 500, "{lat}");
+    assert_eq!(lat["events"], 1500, "{lat}");
+    // Changes of events after the one-second warm-up arrived and were timed.
+    assert!(lat["changes_measured"].as_u64().unwrap() >= 500, "{lat}");
+    for f in [
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "broker_hop_p50_ms",
+        "broker_hop_p99_ms",
+    ] {
+        positive(&lat, f);
+    }
+    assert!(lat["latency_p50_ms"].as_f64() <= lat["latency_p99_ms"].as_f64());
 }

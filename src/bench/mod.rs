@@ -46,6 +46,8 @@ use crate::pipeline::Pipeline;
 use crate::processor::{Processor, Store};
 use crate::rules::RuleSet;
 
+mod e2e;
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -58,6 +60,12 @@ pub struct BenchOptions {
     /// Kafka bootstrap servers for the through-Kafka measurement (skipped without).
     pub brokers: Option<String>,
     pub partitions: i32,
+    /// Events pre-loaded for the end-to-end measurement (with `brokers`).
+    pub e2e_events: u64,
+    /// Offered load of the latency measurement, events/s (with `brokers`).
+    pub latency_rate: u64,
+    /// Duration of the latency measurement's load, seconds (the first second is a warm-up).
+    pub latency_seconds: f64,
     /// The command line, echoed in every result.
     pub command: String,
 }
@@ -314,16 +322,110 @@ fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), 
 
 /// The heavier rule set (38 rules): the defaults plus segments on attributes, windows,
 /// actions and channels.
-pub const HEAVY_RULES: &str = include_str!("../config/bench-heavy.toml");
+pub const HEAVY_RULES: &str = include_str!("../../config/bench-heavy.toml");
 
 /// Runs every measurement.
 pub async fn run(opts: BenchOptions, rules: Arc<RuleSet>) -> Result<(), String> {
     engine_measurements(&opts, &rules)?;
-    restore_measurements(opts, rules).await
+    restore_measurements(&opts, rules.clone()).await?;
+    if let Some(brokers) = &opts.brokers {
+        e2e::throughput(&opts, &rules, brokers).await?;
+        e2e::latency(&opts, &rules, brokers).await?;
+    }
+    Ok(())
+}
+
+/// Produces every record (partition: explicit, or by key), waiting whenever the producer's
+/// queue is full, then flushes.
+fn load<'a>(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    records: impl Iterator<Item = (Option<i32>, &'a [u8], &'a [u8])>,
+) -> Result<(), String> {
+    for (p, k, v) in records {
+        let mut rec = BaseRecord::<[u8], [u8]>::to(topic).key(k).payload(v);
+        rec.partition = p;
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((e, _)) => return Err(format!("produce: {e}")),
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(300))
+        .map_err(|e| format!("flush: {e}"))
+}
+
+/// A unique prefix for this run's topics and groups.
+fn run_id() -> String {
+    format!(
+        "bench-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    )
+}
+
+/// Creates topics (name, partitions, compacted) on `brokers`.
+async fn create_topics(brokers: &str, topics: &[(&str, i32, bool)]) -> Result<(), String> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(|e| e.to_string())?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, p, compact)| {
+            let t = NewTopic::new(name, *p, TopicReplication::Fixed(1));
+            if *compact {
+                t.set("cleanup.policy", "compact")
+            } else {
+                t
+            }
+        })
+        .collect();
+    for r in admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        r.map_err(|(t, e)| format!("create {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A producer for loading topics (batched: throughput, not latency).
+fn loader(brokers: &str) -> Result<ThreadedProducer<DefaultProducerContext>, String> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .create()
+        .map_err(|e| e.to_string())
+}
+
+/// A configuration for a pipeline of this run: `name`'s topics and group.
+fn bench_config(brokers: &str, run_id: &str, name: &str) -> Config {
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = brokers.to_owned();
+    cfg.kafka.group_id = format!("{run_id}-{name}");
+    cfg.kafka.input_topics = vec![format!("{run_id}-{name}-in")];
+    cfg.kafka.output_topic = format!("{run_id}-{name}-out");
+    cfg.kafka.dead_letter_topic = format!("{run_id}-{name}-dlq");
+    cfg
 }
 
 /// The restore measurements.
-async fn restore_measurements(opts: BenchOptions, rules: Arc<RuleSet>) -> Result<(), String> {
+async fn restore_measurements(opts: &BenchOptions, rules: Arc<RuleSet>) -> Result<(), String> {
     let engine = Engine::new(rules.clone());
     let recs = records(&engine, opts.customers, opts.partitions);
     let bytes: usize = recs.iter().map(|(_, k, v)| k.len() + v.len()).sum();
@@ -361,74 +463,25 @@ async fn restore_measurements(opts: BenchOptions, rules: Arc<RuleSet>) -> Result
     let Some(brokers) = opts.brokers.clone() else {
         return Ok(());
     };
-    let run_id = format!(
-        "bench-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis())
-    );
-    let mut cfg = Config::default();
-    cfg.kafka.brokers = brokers.clone();
-    cfg.kafka.group_id = run_id.clone();
-    cfg.kafka.input_topics = vec![format!("{run_id}-in")];
-    cfg.kafka.output_topic = format!("{run_id}-out");
-    cfg.kafka.dead_letter_topic = format!("{run_id}-dlq");
+    let run_id = run_id();
+    let cfg = bench_config(&brokers, &run_id, "restore");
     let changelog_topic = cfg.changelog_topic();
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .map_err(|e| e.to_string())?;
-    let topics = [
-        NewTopic::new(
-            &cfg.kafka.input_topics[0],
-            opts.partitions,
-            TopicReplication::Fixed(1),
-        ),
-        NewTopic::new(
-            &changelog_topic,
-            opts.partitions,
-            TopicReplication::Fixed(1),
-        )
-        .set("cleanup.policy", "compact"),
-    ];
-    for r in admin
-        .create_topics(&topics, &AdminOptions::new())
-        .await
-        .map_err(|e| e.to_string())?
-    {
-        r.map_err(|(t, e)| format!("create {t}: {e}"))?;
-    }
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .create()
-        .map_err(|e| e.to_string())?;
+    create_topics(
+        &brokers,
+        &[
+            (&cfg.kafka.input_topics[0], opts.partitions, false),
+            (&changelog_topic, opts.partitions, true),
+        ],
+    )
+    .await?;
+    let producer = loader(&brokers)?;
     let loading = Instant::now();
-    for (p, k, v) in &recs {
-        let mut rec = BaseRecord::<[u8], [u8]>::to(&changelog_topic)
-            .partition(*p)
-            .key(k.as_slice())
-            .payload(v.as_slice());
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    r,
-                )) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err((e, _)) => return Err(format!("produce: {e}")),
-            }
-        }
-    }
-    producer
-        .flush(Duration::from_secs(300))
-        .map_err(|e| format!("flush: {e}"))?;
+    load(
+        &producer,
+        &changelog_topic,
+        recs.iter()
+            .map(|(p, k, v)| (Some(*p), k.as_slice(), v.as_slice())),
+    )?;
     let load_secs = loading.elapsed().as_secs_f64();
 
     let metrics = Arc::new(Metrics::new(&rules, &cfg.kafka.input_topics));

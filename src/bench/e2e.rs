@@ -1,0 +1,430 @@
+//! The measurements through a real broker on loopback (`--brokers`):
+//!
+//! * `e2e`: one input topic is pre-loaded with generated events. A plain consumer with the
+//!   pipeline's own consumer settings reads and decodes all of it (`baseline_eps`); then the
+//!   full pipeline consumes the same topic, runs the engine and produces every change
+//!   (`e2e_eps`, up to the last change acknowledged by the broker). Both are timed from the
+//!   first message received to the last, so the group join is not counted, and both run
+//!   in this process against the same broker.
+//! * `latency`: a running pipeline (caught up, ready) is fed generated events at a fixed
+//!   offered rate. A consumer of the output topic records, for every change caused by an
+//!   event, the time from the event's send call to the change's arrival
+//!   (`latency_p50_ms`, `latency_p99_ms`). The first second of the load is a warm-up and is
+//!   not counted.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::json;
+
+use super::{bench_config, create_topics, emit, load, loader, run_id, BenchOptions};
+use crate::engine::Engine;
+use crate::event::decode;
+use crate::generate::Generator;
+use crate::metrics::Metrics;
+use crate::pipeline::{client_config, Pipeline, CONSUMER_DEFAULTS};
+use crate::rules::RuleSet;
+
+/// The longest any one phase may take before the benchmark gives up.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// A pipeline running in this process, with its stop switch.
+struct Running {
+    pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<
+        Result<crate::pipeline::RunSummary, crate::pipeline::PipelineError>,
+    >,
+}
+
+impl Running {
+    fn start(cfg: crate::config::Config, rules: &Arc<RuleSet>) -> Running {
+        let metrics = Arc::new(Metrics::new(rules, &cfg.kafka.input_topics));
+        let pipeline = Arc::new(Pipeline::new(
+            cfg,
+            Engine::new(rules.clone()),
+            metrics.clone(),
+        ));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let p = pipeline.clone();
+        let task = tokio::spawn(async move {
+            p.run(async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Running {
+            pipeline,
+            metrics,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Waits until `done` holds, polling every millisecond; an error if the pipeline stopped
+    /// or the phase timed out.
+    async fn until(&self, what: &str, mut done: impl FnMut(&Self) -> bool) -> Result<(), String> {
+        let deadline = Instant::now() + PHASE_TIMEOUT;
+        while !done(self) {
+            if self.task.is_finished() {
+                return Err(format!("the pipeline stopped while waiting for {what}"));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("timed out waiting for {what}"));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// Sum of the high watermarks of `topic`'s partitions (messages written to it).
+fn messages_in(brokers: &str, topic: &str, partitions: i32) -> Result<i64, String> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(|e| e.to_string())?;
+    let mut n = 0;
+    for p in 0..partitions {
+        let (lo, hi) = c
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .map_err(|e| format!("watermarks of {topic}/{p}: {e}"))?;
+        n += hi - lo;
+    }
+    Ok(n)
+}
+
+/// Generated events (customer id as the key, JSON payload).
+fn events(
+    seed: u64,
+    customers: usize,
+    n: u64,
+    start: i64,
+    ms_per_event: i64,
+) -> Vec<(String, String)> {
+    let mut g = Generator::new(seed, customers, start, ms_per_event);
+    (0..n)
+        .map(|_| {
+            let e = g.next_event();
+            (e.customer_id, e.json)
+        })
+        .collect()
+}
+
+/// `e2e_eps` against `baseline_eps` over the same pre-loaded topic.
+pub(super) async fn throughput(
+    opts: &BenchOptions,
+    rules: &Arc<RuleSet>,
+    brokers: &str,
+) -> Result<(), String> {
+    let run = run_id();
+    let cfg = bench_config(brokers, &run, "e2e");
+    let input = cfg.kafka.input_topics[0].clone();
+    let n = opts.e2e_events;
+    // About ten events per customer over 90 simulated days, like the engine measurement.
+    let customers = (n / 10).max(1) as usize;
+    let evs = events(
+        42,
+        customers,
+        n,
+        1_767_225_600_000,
+        (90 * 86_400_000 / n.max(1) as i64).max(1),
+    );
+    create_topics(brokers, &[(&input, opts.partitions, false)]).await?;
+    let loading = Instant::now();
+    load(
+        &loader(brokers)?,
+        &input,
+        evs.iter().map(|(k, v)| (None, k.as_bytes(), v.as_bytes())),
+    )?;
+    let load_secs = loading.elapsed().as_secs_f64();
+    drop(evs);
+
+    // Baseline: the pipeline's consumer settings, consume and decode only.
+    let mut cc = client_config(&cfg, &CONSUMER_DEFAULTS, &cfg.kafka.consumer);
+    cc.set("group.id", format!("{run}-baseline"))
+        .set("enable.auto.commit", "false");
+    let consumer: StreamConsumer = cc.create().map_err(|e| e.to_string())?;
+    consumer.subscribe(&[&input]).map_err(|e| e.to_string())?;
+    let (mut seen, mut decoded, mut first) = (0u64, 0u64, None);
+    let deadline = Instant::now() + PHASE_TIMEOUT;
+    while seen < n {
+        if Instant::now() > deadline {
+            return Err(format!("baseline: {seen} of {n} messages in time"));
+        }
+        match tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
+            Ok(Ok(m)) => {
+                first.get_or_insert_with(Instant::now);
+                seen += 1;
+                if let Some(p) = m.payload() {
+                    decoded += std::hint::black_box(decode(p)).is_ok() as u64;
+                }
+            }
+            Ok(Err(e)) => return Err(format!("baseline consumer: {e}")),
+            Err(_) => {}
+        }
+    }
+    let baseline_secs = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    drop(consumer);
+
+    // The full pipeline over the same topic, until every change is acknowledged.
+    let out_topic = cfg.kafka.output_topic.clone();
+    let running = Running::start(cfg, rules);
+    running
+        .until("the first event", |r| r.metrics.events_processed() > 0)
+        .await?;
+    let started = Instant::now();
+    running
+        .until("every event", |r| r.metrics.events_processed() >= n)
+        .await?;
+    let changes =
+        running.metrics.changes_total("entered") + running.metrics.changes_total("exited");
+    let deadline = Instant::now() + PHASE_TIMEOUT;
+    loop {
+        let (b, t, p) = (brokers.to_owned(), out_topic.clone(), opts.partitions);
+        let written = tokio::task::spawn_blocking(move || messages_in(&b, &t, p))
+            .await
+            .map_err(|e| e.to_string())??;
+        if written >= changes as i64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{written} of {changes} changes written in time"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let e2e_secs = started.elapsed().as_secs_f64();
+    running.stop().await;
+
+    let e2e_eps = n as f64 / e2e_secs.max(1e-9);
+    let baseline_eps = n as f64 / baseline_secs.max(1e-9);
+    emit(
+        "e2e",
+        opts,
+        json!({
+            "events": n,
+            "customers": customers,
+            "partitions": opts.partitions,
+            "changes": changes,
+            "load_seconds": load_secs,
+            "baseline_decoded": decoded,
+            "baseline_seconds": baseline_secs,
+            "baseline_eps": baseline_eps.round(),
+            "e2e_seconds": e2e_secs,
+            "e2e_eps": e2e_eps.round(),
+            "e2e_vs_baseline": (e2e_eps / baseline_eps * 1000.0).round() / 1000.0,
+        }),
+    );
+    Ok(())
+}
+
+/// The consumers' longest fetch wait in the latency measurement. Nisshi holds a fetch for
+/// up to this long even when data arrives, so librdkafka's default (500 ms) would dominate
+/// every figure; a Kafka broker answers as soon as data is there.
+const LATENCY_FETCH_WAIT_MS: &str = "5";
+
+/// Event produced → its change consumed, at a fixed offered load; and, as the broker's own
+/// share, event produced → the event itself consumed.
+pub(super) async fn latency(
+    opts: &BenchOptions,
+    rules: &Arc<RuleSet>,
+    brokers: &str,
+) -> Result<(), String> {
+    let run = run_id();
+    let mut cfg = bench_config(brokers, &run, "latency");
+    cfg.kafka
+        .consumer
+        .insert("fetch.wait.max.ms".into(), LATENCY_FETCH_WAIT_MS.into());
+    let input = cfg.kafka.input_topics[0].clone();
+    let out_topic = cfg.kafka.output_topic.clone();
+    create_topics(
+        brokers,
+        &[
+            (&input, opts.partitions, false),
+            (&out_topic, opts.partitions, false),
+        ],
+    )
+    .await?;
+    let rate = opts.latency_rate.max(1);
+    let n = (rate as f64 * opts.latency_seconds).ceil().max(1.0) as u64;
+    let warmup = rate.min(n / 2);
+    // Event time starts now and moves one millisecond per event.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let evs = events(7, (rate as usize).max(1), n, now_ms, 1);
+
+    let running = Running::start(cfg, rules);
+    running.until("ready", |r| r.pipeline.ready()).await?;
+
+    // Send instants (µs after t0) by generator sequence number (`e-<seq>`, from 1).
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..=n).map(|_| AtomicU64::new(0)).collect());
+    let t0 = Instant::now();
+    let done = Arc::new(AtomicBool::new(false));
+
+    let watcher = {
+        let (sent, done, brokers) = (sent.clone(), done.clone(), brokers.to_owned());
+        let (input, output) = (input.clone(), out_topic);
+        let partitions = opts.partitions;
+        std::thread::spawn(move || {
+            watch(
+                &brokers, &input, &output, partitions, &sent, t0, warmup, &done,
+            )
+        })
+    };
+
+    let producer = {
+        let (sent, brokers, input) = (sent.clone(), brokers.to_owned(), input.clone());
+        std::thread::spawn(move || -> Result<f64, String> {
+            let p: rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+                ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .set("linger.ms", "1")
+                    .create()
+                    .map_err(|e| e.to_string())?;
+            let interval_us = 1_000_000.0 / rate as f64;
+            for (i, (k, v)) in evs.iter().enumerate() {
+                let due = (i as f64 * interval_us) as u64;
+                let now = t0.elapsed().as_micros() as u64;
+                if due > now + 1000 {
+                    std::thread::sleep(Duration::from_micros(due - now));
+                }
+                sent[i + 1].store(t0.elapsed().as_micros() as u64, Ordering::Release);
+                let rec = rdkafka::producer::BaseRecord::to(&input)
+                    .key(k.as_bytes())
+                    .payload(v.as_bytes());
+                p.send(rec).map_err(|(e, _)| format!("produce: {e}"))?;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            rdkafka::producer::Producer::flush(&p, Duration::from_secs(60))
+                .map_err(|e| format!("flush: {e}"))?;
+            Ok(secs)
+        })
+    };
+    let send_secs = tokio::task::spawn_blocking(move || producer.join())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the load producer panicked".to_string())??;
+    let processed = running
+        .until("every event of the load", |r| {
+            r.metrics.events_processed() >= n
+        })
+        .await;
+    done.store(true, Ordering::Release);
+    let (mut lat, mut hop) = tokio::task::spawn_blocking(move || watcher.join())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the output consumer panicked".to_string())??;
+    running.stop().await;
+    processed?;
+    if lat.is_empty() || hop.is_empty() {
+        return Err("latency: nothing of the load arrived".into());
+    }
+    lat.sort_by(f64::total_cmp);
+    hop.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    emit(
+        "latency",
+        opts,
+        json!({
+            "offered_eps": rate,
+            "sent_eps": (n as f64 / send_secs.max(1e-9)).round(),
+            "events": n,
+            "warmup_events": warmup,
+            "changes_measured": lat.len(),
+            "latency_p50_ms": pct(&lat, 0.50),
+            "latency_p99_ms": pct(&lat, 0.99),
+            "latency_max_ms": pct(&lat, 1.0),
+            "broker_hop_p50_ms": pct(&hop, 0.50),
+            "broker_hop_p99_ms": pct(&hop, 0.99),
+            "method": format!("latency: an event's send call -> its change polled from the output topic; broker_hop: the same event polled from the input topic by a plain consumer. One process, pipeline defaults except fetch.wait.max.ms = {LATENCY_FETCH_WAIT_MS} on every consumer"),
+        }),
+    );
+    Ok(())
+}
+
+/// The sequence number `<seq>` of an event id `e-<seq>` at `path` in a JSON message.
+fn seq_of(payload: Option<&[u8]>, output: bool) -> Option<usize> {
+    let v: serde_json::Value = serde_json::from_slice(payload?).ok()?;
+    let id = if output {
+        &v["cause"]["event_id"]
+    } else {
+        &v["event_id"]
+    };
+    id.as_str()?.strip_prefix("e-")?.parse().ok()
+}
+
+/// Reads the input and output topics from the start until the load is `done` and a second
+/// passed without a message: the latencies (ms) of changes and of input events after the
+/// warm-up.
+#[allow(clippy::too_many_arguments)]
+fn watch(
+    brokers: &str,
+    input: &str,
+    output: &str,
+    partitions: i32,
+    sent: &[AtomicU64],
+    t0: Instant,
+    warmup: u64,
+    done: &AtomicBool,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "microseg-bench-watch")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", LATENCY_FETCH_WAIT_MS)
+        .create()
+        .map_err(|e| e.to_string())?;
+    let mut tpl = TopicPartitionList::new();
+    for topic in [input, output] {
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    c.assign(&tpl).map_err(|e| e.to_string())?;
+    let (mut changes, mut hops) = (Vec::new(), Vec::new());
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        match c.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                idle_since = None;
+                let at = t0.elapsed().as_micros() as u64;
+                let output_msg = m.topic() == output;
+                let Some(seq) = seq_of(m.payload(), output_msg) else {
+                    continue;
+                };
+                if seq as u64 <= warmup {
+                    continue;
+                }
+                if let Some(s) = sent.get(seq) {
+                    let ms = at.saturating_sub(s.load(Ordering::Acquire)) as f64 / 1000.0;
+                    if output_msg {
+                        changes.push(ms);
+                    } else {
+                        hops.push(ms);
+                    }
+                }
+            }
+            Some(Err(e)) => return Err(format!("latency consumer: {e}")),
+            None if done.load(Ordering::Acquire) => {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(1) {
+                    return Ok((changes, hops));
+                }
+            }
+            None => {}
+        }
+    }
+}
