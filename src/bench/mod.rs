@@ -450,7 +450,7 @@ async fn restore_measurements(opts: &BenchOptions, rules: Arc<RuleSet>) -> Resul
     let secs = started.elapsed().as_secs_f64();
     emit(
         "restore_in_memory",
-        &opts,
+        opts,
         json!({
             "customers": restored,
             "record_bytes_avg": bytes / recs.len().max(1),
@@ -515,7 +515,7 @@ async fn restore_measurements(opts: &BenchOptions, rules: Arc<RuleSet>) -> Resul
     let _ = task.await;
     emit(
         "restore_kafka",
-        &opts,
+        opts,
         json!({
             "customers": customers,
             "partitions": opts.partitions,
