@@ -82,17 +82,9 @@ impl RuleTimers {
     }
     /// Forgets the entries of the rules that read what `mask` (event kinds) changes.
     fn invalidate(&mut self, rules: &RuleSet, mask: u8) {
-        if self.0.is_empty() {
-            return;
-        }
-        let all = rules
-            .segmentations
-            .iter()
-            .flat_map(|s| s.segments.iter())
-            .chain(rules.segments.iter());
-        for r in all.filter(|r| r.deps & mask != 0) {
-            if let Some(x) = r.timer_slot.and_then(|i| self.0.get_mut(i as usize)) {
-                *x = STALE;
+        for (t, deps) in self.0.iter_mut().zip(&rules.timer_slot_deps) {
+            if deps & mask != 0 {
+                *t = STALE;
             }
         }
     }
@@ -336,7 +328,7 @@ impl Engine {
     /// matter: a later rule cannot change the outcome unless one of those does first.
     pub fn next_timer(&self, c: &mut Customer, now: i64) -> i64 {
         let cx = self.ctx(&c.state, now);
-        let slots = self.rules.timer_slots;
+        let slots = self.rules.timer_slot_deps.len();
         let cache = &mut c.rule_timers;
         let mut next = |r: &Rule| match cache.get(r.timer_slot, now) {
             Some(t) => t,

@@ -77,8 +77,9 @@ pub struct RuleSet {
     pub segmentations: Vec<Segmentation>,
     pub segments: Vec<Rule>,
     pub symbols: Arc<Symbols>,
-    /// Number of time-dependent rules (slots of a customer's per-rule timer cache).
-    pub timer_slots: usize,
+    /// Per slot of a customer's per-rule timer cache (one per time-dependent rule, see
+    /// `Rule::timer_slot`), the rule's dependencies.
+    pub timer_slot_deps: Vec<u8>,
 }
 
 /// One problem in a rules file.
@@ -473,14 +474,16 @@ impl RuleSet {
                 problems: rep.problems,
             });
         }
-        let mut slots = 0usize;
+        let mut slot_deps = Vec::new();
         let rules = segmentations
             .iter_mut()
             .flat_map(|s| s.segments.iter_mut())
             .chain(segments.iter_mut());
         for r in rules.filter(|r| r.deps & deps::TIME != 0) {
-            r.timer_slot = u16::try_from(slots).ok();
-            slots += 1;
+            r.timer_slot = u16::try_from(slot_deps.len()).ok();
+            if r.timer_slot.is_some() {
+                slot_deps.push(r.deps);
+            }
         }
         Ok(RuleSet {
             version: format!("{:08x}", fnv1a(text.as_bytes()) >> 32),
@@ -488,7 +491,7 @@ impl RuleSet {
             segmentations,
             segments,
             symbols,
-            timer_slots: slots,
+            timer_slot_deps: slot_deps,
         })
     }
 
