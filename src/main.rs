@@ -15,7 +15,7 @@ use microseg::demo::{self, DemoOptions};
 use microseg::engine::Engine;
 use microseg::generate::Generator;
 use microseg::metrics::Metrics;
-use microseg::pipeline::Pipeline;
+use microseg::pipeline::{send_waiting, Pipeline};
 use microseg::rules::RuleSet;
 use microseg::time::{parse_rfc3339, DAY_MS};
 
@@ -372,26 +372,12 @@ async fn main() -> ExitCode {
             };
             for _ in 0..events {
                 let ev = g.next_event();
-                let mut rec = BaseRecord::to(&topics[ev.kind as usize])
+                let rec = BaseRecord::to(&topics[ev.kind as usize])
                     .key(ev.customer_id.as_str())
                     .payload(ev.json.as_str());
-                loop {
-                    match producer.send(rec) {
-                        Ok(()) => break,
-                        Err((
-                            rdkafka::error::KafkaError::MessageProduction(
-                                rdkafka::types::RDKafkaErrorCode::QueueFull,
-                            ),
-                            r,
-                        )) => {
-                            rec = r;
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err((e, _)) => {
-                            eprintln!("produce failed: {e}");
-                            return ExitCode::FAILURE;
-                        }
-                    }
+                if let Err(e) = send_waiting(&producer, rec, Duration::from_millis(5)) {
+                    eprintln!("produce failed: {e}");
+                    return ExitCode::FAILURE;
                 }
             }
             match producer.flush(Duration::from_secs(60)) {

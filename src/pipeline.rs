@@ -1358,22 +1358,37 @@ async fn send(
 /// [`send`] for the commit interval and the rebalance callbacks, which are not async.
 fn send_blocking(
     producer: &ThreadedProducer<ProducerCtx>,
-    mut rec: BaseRecord<'_, [u8], [u8], Box<Sent>>,
+    rec: BaseRecord<'_, [u8], [u8], Box<Sent>>,
     shared: &Shared,
 ) -> Result<(), PipelineError> {
+    send_waiting(producer, rec, Duration::from_millis(2)).map_err(|e| {
+        shared.progress().changelog_inflight -= 1;
+        let reason = format!("cannot enqueue a changelog record: {e}");
+        shared.fail(reason.clone());
+        PipelineError::Delivery(reason)
+    })
+}
+
+/// Enqueues one record from a thread that may block, sleeping `pause` whenever the
+/// producer's queue is full (backpressure, not an error). Other errors are returned.
+pub fn send_waiting<C, K, P>(
+    producer: &ThreadedProducer<C>,
+    mut rec: BaseRecord<'_, K, P, C::DeliveryOpaque>,
+    pause: Duration,
+) -> Result<(), KafkaError>
+where
+    C: rdkafka::producer::ProducerContext,
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
     loop {
         match producer.send(rec) {
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 rec = r;
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(pause);
             }
-            Err((e, _)) => {
-                shared.progress().changelog_inflight -= 1;
-                let reason = format!("cannot enqueue a changelog record: {e}");
-                shared.fail(reason.clone());
-                return Err(PipelineError::Delivery(reason));
-            }
+            Err((e, _)) => return Err(e),
         }
     }
 }

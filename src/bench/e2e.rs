@@ -20,81 +20,16 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::json;
 
-use super::{bench_config, create_topics, emit, load, loader, run_id, BenchOptions};
-use crate::engine::Engine;
+use super::{
+    bench_config, create_topics, emit, load, loader, run_id, BenchOptions, Running, PHASE_TIMEOUT,
+};
 use crate::event::decode;
 use crate::generate::Generator;
-use crate::metrics::Metrics;
-use crate::pipeline::{client_config, Pipeline, CONSUMER_DEFAULTS};
+use crate::pipeline::{client_config, CONSUMER_DEFAULTS};
 use crate::rules::RuleSet;
 
-/// The longest any one phase may take before the benchmark gives up.
-const PHASE_TIMEOUT: Duration = Duration::from_secs(900);
-
-/// A pipeline running in this process, with its stop switch.
-struct Running {
-    pipeline: Arc<Pipeline>,
-    metrics: Arc<Metrics>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<
-        Result<crate::pipeline::RunSummary, crate::pipeline::PipelineError>,
-    >,
-}
-
-impl Running {
-    fn start(cfg: crate::config::Config, rules: &Arc<RuleSet>) -> Running {
-        let metrics = Arc::new(Metrics::new(rules, &cfg.kafka.input_topics));
-        let pipeline = Arc::new(Pipeline::new(
-            cfg,
-            Engine::new(rules.clone()),
-            metrics.clone(),
-        ));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let p = pipeline.clone();
-        let task = tokio::spawn(async move {
-            p.run(async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        Running {
-            pipeline,
-            metrics,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    /// Waits until `done` holds, polling every millisecond; an error if the pipeline stopped
-    /// or the phase timed out.
-    async fn until(&self, what: &str, mut done: impl FnMut(&Self) -> bool) -> Result<(), String> {
-        let deadline = Instant::now() + PHASE_TIMEOUT;
-        while !done(self) {
-            if self.task.is_finished() {
-                return Err(format!("the pipeline stopped while waiting for {what}"));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("timed out waiting for {what}"));
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        Ok(())
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = self.task.await;
-    }
-}
-
 /// Sum of the high watermarks of `topic`'s partitions (messages written to it).
-fn messages_in(brokers: &str, topic: &str, partitions: i32) -> Result<i64, String> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .map_err(|e| e.to_string())?;
+fn messages_in(c: &BaseConsumer, topic: &str, partitions: i32) -> Result<i64, String> {
     let mut n = 0;
     for p in 0..partitions {
         let (lo, hi) = c
@@ -180,7 +115,7 @@ pub(super) async fn throughput(
 
     // The full pipeline over the same topic, until every change is acknowledged.
     let out_topic = cfg.kafka.output_topic.clone();
-    let running = Running::start(cfg, rules);
+    let mut running = Running::start(cfg, rules);
     running
         .until("the first event", |r| r.metrics.events_processed() > 0)
         .await?;
@@ -190,10 +125,16 @@ pub(super) async fn throughput(
         .await?;
     let changes =
         running.metrics.changes_total("entered") + running.metrics.changes_total("exited");
+    let watermarks: Arc<BaseConsumer> = Arc::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .map_err(|e| e.to_string())?,
+    );
     let deadline = Instant::now() + PHASE_TIMEOUT;
     loop {
-        let (b, t, p) = (brokers.to_owned(), out_topic.clone(), opts.partitions);
-        let written = tokio::task::spawn_blocking(move || messages_in(&b, &t, p))
+        let (c, t, p) = (watermarks.clone(), out_topic.clone(), opts.partitions);
+        let written = tokio::task::spawn_blocking(move || messages_in(&c, &t, p))
             .await
             .map_err(|e| e.to_string())??;
         if written >= changes as i64 {
@@ -265,7 +206,7 @@ pub(super) async fn latency(
         .map_or(0, |d| d.as_millis() as i64);
     let evs = events(7, (rate as usize).max(1), n, now_ms, 1);
 
-    let running = Running::start(cfg, rules);
+    let mut running = Running::start(cfg, rules);
     running.until("ready", |r| r.pipeline.ready()).await?;
 
     // Send instants (µs after t0) by generator sequence number (`e-<seq>`, from 1).

@@ -42,7 +42,7 @@ use crate::engine::{Customer, Engine};
 use crate::event::decode;
 use crate::generate::Generator;
 use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{send_waiting, Pipeline};
 use crate::processor::{Processor, Store};
 use crate::rules::RuleSet;
 
@@ -346,21 +346,8 @@ fn load<'a>(
     for (p, k, v) in records {
         let mut rec = BaseRecord::<[u8], [u8]>::to(topic).key(k).payload(v);
         rec.partition = p;
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    r,
-                )) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err((e, _)) => return Err(format!("produce: {e}")),
-            }
-        }
+        send_waiting(producer, rec, Duration::from_millis(2))
+            .map_err(|e| format!("produce: {e}"))?;
     }
     producer
         .flush(Duration::from_secs(300))
@@ -425,6 +412,79 @@ fn bench_config(brokers: &str, run_id: &str, name: &str) -> Config {
     cfg
 }
 
+/// The longest any one phase may take before the benchmark gives up.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// A pipeline running in this process, with its stop switch.
+struct Running {
+    pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// None once awaited.
+    task: Option<
+        tokio::task::JoinHandle<
+            Result<crate::pipeline::RunSummary, crate::pipeline::PipelineError>,
+        >,
+    >,
+}
+
+impl Running {
+    fn start(cfg: crate::config::Config, rules: &Arc<RuleSet>) -> Running {
+        let metrics = Arc::new(Metrics::new(rules, &cfg.kafka.input_topics));
+        let pipeline = Arc::new(Pipeline::new(
+            cfg,
+            Engine::new(rules.clone()),
+            metrics.clone(),
+        ));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let p = pipeline.clone();
+        let task = tokio::spawn(async move {
+            p.run(async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Running {
+            pipeline,
+            metrics,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Waits until `done` holds, polling every millisecond; an error if the pipeline stopped
+    /// or the phase timed out.
+    async fn until(
+        &mut self,
+        what: &str,
+        mut done: impl FnMut(&Self) -> bool,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + PHASE_TIMEOUT;
+        while !done(self) {
+            if let Some(task) = self.task.take_if(|t| t.is_finished()) {
+                return Err(match task.await {
+                    Ok(Err(e)) => format!("the pipeline stopped while waiting for {what}: {e}"),
+                    _ => format!("the pipeline stopped while waiting for {what}"),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(format!("timed out waiting for {what}"));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
 /// The restore measurements.
 async fn restore_measurements(opts: &BenchOptions, rules: Arc<RuleSet>) -> Result<(), String> {
     let engine = Engine::new(rules.clone());
@@ -485,35 +545,12 @@ async fn restore_measurements(opts: &BenchOptions, rules: Arc<RuleSet>) -> Resul
     )?;
     let load_secs = loading.elapsed().as_secs_f64();
 
-    let metrics = Arc::new(Metrics::new(&rules, &cfg.kafka.input_topics));
-    let pipeline = Arc::new(Pipeline::new(
-        cfg,
-        Engine::new(rules.clone()),
-        metrics.clone(),
-    ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let p = pipeline.clone();
-    let task = tokio::spawn(async move {
-        p.run(async {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    while !pipeline.ready() {
-        if task.is_finished() || Instant::now() > deadline {
-            let _ = stop.send(());
-            return Err(match task.await {
-                Ok(Err(e)) => format!("the pipeline stopped: {e}"),
-                _ => "the pipeline did not restore in time".into(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let secs = metrics.last_restore_seconds.get();
-    let customers = metrics.restored_customers.get();
-    let _ = stop.send(());
-    let _ = task.await;
+    let mut running = Running::start(cfg, &rules);
+    let ready = running.until("the restore", |r| r.pipeline.ready()).await;
+    let secs = running.metrics.last_restore_seconds.get();
+    let customers = running.metrics.restored_customers.get();
+    running.stop().await;
+    ready?;
     emit(
         "restore_kafka",
         opts,
