@@ -144,7 +144,7 @@ fn ctx<'a>(p: &'a Pipeline, c: &'a Customer, now: i64) -> Ctx<'a> {
 /// A copy of the customer, so that no map shard is locked while anything else is (the event
 /// path locks partition clocks, then a shard: taking them in the other order could deadlock).
 fn snapshot(p: &Pipeline, id: &str) -> Option<Customer> {
-    p.store().get(id).map(|c| c.value().clone())
+    p.store().get(id).map(|c| Customer::clone(c.value()))
 }
 
 async fn customer(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Response {

@@ -347,7 +347,7 @@ async fn a_clean_restart_restores_state_and_re_emits_nothing() {
         .pipeline
         .store()
         .iter()
-        .map(|c| (c.key().to_string(), c.value().clone()))
+        .map(|c| (c.key().to_string(), microseg::engine::Customer::clone(c.value())))
         .collect();
     let held = before.len();
     a.stop().await;
@@ -360,7 +360,7 @@ async fn a_clean_restart_restores_state_and_re_emits_nothing() {
         assert_eq!(
             pb.store()
                 .get(id.as_str())
-                .map(|r| r.value().clone())
+                .map(|r| microseg::engine::Customer::clone(r.value()))
                 .as_ref(),
             Some(c),
             "customer {id} restored exactly"

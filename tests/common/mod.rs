@@ -421,7 +421,7 @@ impl Oracle {
     pub fn customer(&self, id: &str) -> Option<microseg::engine::Customer> {
         self.parts
             .values()
-            .find_map(|p| p.store().get(id).map(|c| c.clone()))
+            .find_map(|p| p.store().get(id).map(|c| microseg::engine::Customer::clone(&c)))
     }
 
     pub fn customers(&self) -> usize {
