@@ -25,14 +25,15 @@
 //! ```
 //!
 //! Pure logic (no I/O): [`time`], [`event`], [`state`], [`rules`], [`engine`], [`output`],
-//! [`changelog`] (record format), and [`processor`] (which only reads the wall time it is
-//! given). Effects: [`pipeline`] (Kafka in and out, commit interval, restore), [`demo`]
+//! [`changelog`] (record format), [`commit`] (what is safe to commit, and when), and
+//! [`processor`] (which only reads the wall time it is given). Effects: [`pipeline`] (Kafka in and out, commit interval, restore), [`demo`]
 //! (embedded broker + generator), [`generate`] (synthetic customers), [`bench`](mod@bench)
 //! (measurements). Configuration: [`config`].
 
 pub mod api;
 pub mod bench;
 pub mod changelog;
+pub mod commit;
 pub mod config;
 pub mod demo;
 pub mod engine;

@@ -6,21 +6,26 @@
 //! (idempotent, keyed by customer id), the dead-letter path, the changelog and the commit
 //! protocol.
 //!
-//! **Commit interval** (at-least-once, the default), in this order:
+//! **Commit interval** (at-least-once, the default), every `commit_interval_ms`, without
+//! stopping consumption ([`CommitCycle`]):
 //!
-//! 1. flush the producer: every change and dead letter produced so far is delivered;
-//! 2. write the latest record of every customer changed since the last interval, then each
-//!    partition's checkpoint (input offsets and clock), to the compacted changelog topic, in
-//!    the customer's input partition;
-//! 3. flush again: the changelog is delivered;
-//! 4. commit the input offsets.
+//! 1. take the latest record of every customer changed since the last interval, then each
+//!    partition's checkpoint (input offsets and clock): they reflect the input processed so
+//!    far;
+//! 2. once every change and dead letter caused by that input is delivered (delivery reports,
+//!    no flush), send them to the compacted changelog topic, in the customer's input
+//!    partition;
+//! 3. once the changelog is delivered, commit the input offsets it reflects (asynchronously).
 //!
-//! A step that does not finish in time (broker away) ends the interval there; the next one
-//! starts again at 1, so nothing is committed ahead of what it depends on. After a crash the
-//! new owner restores the changelog and replays from the checkpoint: it re-emits only changes
-//! already delivered, with the same `(customer_id, seq)` and payload, and loses none. In
-//! exactly-once mode the output, the changelog and the offsets of an interval are one Kafka
-//! transaction instead.
+//! Input keeps flowing through all three steps; what it changes goes into the next interval,
+//! which starts at the first tick after this one ends. A step that cannot go on (broker
+//! away) simply waits, so nothing is committed ahead of what it depends on. On revocation, at
+//! shutdown and in exactly-once mode the interval is blocking instead: flush the output,
+//! send what the interval under way took (first) and the changelog due now, flush, commit.
+//! After a crash the new owner restores the changelog and replays from the checkpoint: it
+//! re-emits only changes already delivered, with the same `(customer_id, seq)` and payload,
+//! and loses none. In exactly-once mode the output, the changelog and the offsets of an
+//! interval are one Kafka transaction.
 //!
 //! **Restore**: when partitions are assigned, each one this instance holds no state for is
 //! rebuilt from its changelog partition (read to its end) before any of its input is
@@ -33,8 +38,8 @@
 //! opaque, so [`Progress`] knows which input offsets are safe to commit.
 //!
 //! Customer state is a `DashMap` shared with readers (the demo, the API); no map reference or
-//! lock is ever held across an `.await`. The commit interval and the rebalance callbacks
-//! block (librdkafka flushes) for at most the configured timeouts.
+//! lock is ever held across an `.await`. The blocking commit interval and the rebalance
+//! callbacks block (librdkafka flushes) for at most the configured timeouts.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -55,6 +60,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
+use crate::commit::{ChangelogRecord, CommitCycle, Offsets, Progress, SourcePos};
 use crate::config::{Config, Guarantee};
 use crate::engine::{Applied, Engine};
 use crate::event::decode;
@@ -63,14 +69,6 @@ use crate::output::{change_json, dlq_headers, Cause};
 pub use crate::processor::Store;
 use crate::processor::{Emitted, Fired, Processor, Source};
 use crate::time::format_rfc3339;
-
-/// Where an output record came from: (input topic index, partition, offset).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SourcePos {
-    topic: u16,
-    partition: i32,
-    offset: i64,
-}
 
 /// What a produced record is, for its delivery report.
 #[derive(Debug)]
@@ -81,124 +79,15 @@ enum Sent {
     Changelog,
 }
 
-#[derive(Debug)]
-struct PartProgress {
-    /// Next offset to process (last processed + 1); -1 before any.
-    next: i64,
-    /// Input offsets with undelivered output → number of outputs in flight.
-    inflight: BTreeMap<i64, u32>,
-    /// Last committed offset.
-    committed: i64,
-}
-
-/// Processed and delivered positions per input partition.
-#[derive(Debug, Default)]
-pub struct Progress {
-    parts: HashMap<(u16, i32), PartProgress>,
-    /// Changelog records produced and not yet delivered.
-    changelog_inflight: u64,
-    failed: Option<String>,
-}
-
-impl Progress {
-    fn part(&mut self, topic: u16, partition: i32) -> &mut PartProgress {
-        self.parts
-            .entry((topic, partition))
-            .or_insert(PartProgress {
-                next: -1,
-                inflight: BTreeMap::new(),
-                committed: -1,
-            })
-    }
-
-    /// Records that an input message was processed and produced `outputs` records.
-    fn processed(&mut self, pos: SourcePos, outputs: u32) {
-        let p = self.part(pos.topic, pos.partition);
-        p.next = p.next.max(pos.offset + 1);
-        if outputs > 0 {
-            *p.inflight.entry(pos.offset).or_default() += outputs;
-        }
-    }
-
-    /// Whether this input was already applied to the state this instance holds (a
-    /// redelivery after a rebalance that kept the partition here, a failed commit, or input
-    /// below a restored checkpoint).
-    fn already_applied(&self, pos: SourcePos) -> bool {
-        self.parts
-            .get(&(pos.topic, pos.partition))
-            .is_some_and(|p| pos.offset < p.next)
-    }
-
-    fn delivered(&mut self, pos: SourcePos) {
-        let p = self.part(pos.topic, pos.partition);
-        if let Some(n) = p.inflight.get_mut(&pos.offset) {
-            *n -= 1;
-            if *n == 0 {
-                p.inflight.remove(&pos.offset);
-            }
-        }
-    }
-
-    /// Offsets safe to commit that are newer than what was committed.
-    fn committable(&self) -> Vec<((u16, i32), i64)> {
-        self.parts
-            .iter()
-            .filter_map(|(k, p)| {
-                let off = p.inflight.keys().next().copied().unwrap_or(p.next);
-                (off > p.committed && off >= 0).then_some((*k, off))
-            })
-            .collect()
-    }
-
-    fn mark_committed(&mut self, offsets: &[((u16, i32), i64)]) {
-        for (k, off) in offsets {
-            if let Some(p) = self.parts.get_mut(k) {
-                p.committed = p.committed.max(*off);
-            }
-        }
-    }
-
-    /// Per input topic, the next offset to process on `partition` (-1: none read).
-    fn offsets(&self, partition: i32, topics: usize) -> Vec<i64> {
-        (0..topics)
-            .map(|t| {
-                self.parts
-                    .get(&(t as u16, partition))
-                    .map_or(-1, |p| p.next)
-            })
-            .collect()
-    }
-
-    /// The last input processed on a partition (any input topic), to which output of a
-    /// timer fired by a tick is attributed.
-    fn last_processed(&self, partition: i32) -> Option<SourcePos> {
-        self.parts
-            .iter()
-            .filter(|((_, p), pp)| *p == partition && pp.next > 0)
-            .map(|((t, p), pp)| SourcePos {
-                topic: *t,
-                partition: *p,
-                offset: pp.next - 1,
-            })
-            .min_by_key(|s| (s.offset, s.topic))
-    }
-
-    /// Outputs not yet delivered.
-    pub fn in_flight(&self) -> u64 {
-        self.parts
-            .values()
-            .flat_map(|p| p.inflight.values())
-            .map(|n| *n as u64)
-            .sum()
-    }
-}
-
 /// State shared by the pipeline task and the Kafka callbacks.
 struct Shared {
     topics: Vec<String>,
     changelog_topic: String,
     guarantee: Guarantee,
     progress: Mutex<Progress>,
+    /// The non-blocking commit interval under way (at-least-once only). Lock order: this,
+    /// then `progress`.
+    cycle: Mutex<CommitCycle>,
     processor: Processor,
     metrics: Arc<Metrics>,
     /// Input partitions currently assigned, as (topic, partition).
@@ -227,6 +116,10 @@ impl Shared {
         self.progress.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn cycle(&self) -> std::sync::MutexGuard<'_, CommitCycle> {
+        self.cycle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn fail(&self, reason: String) {
         self.progress().failed.get_or_insert(reason);
     }
@@ -245,8 +138,113 @@ impl Shared {
         v
     }
 
-    /// One commit interval (see the module docs) over every assigned partition. Returns
-    /// whether offsets were committed; `Err` only for failures that must stop the pipeline.
+    /// The changelog records due now over every assigned partition (customers changed since
+    /// the last call, then each partition's checkpoint), with the input offsets they reflect.
+    fn take_changelog(&self) -> (Vec<ChangelogRecord>, Offsets) {
+        let mut records = Vec::new();
+        let mut reflected = Vec::new();
+        for partition in self.assigned_partitions() {
+            let offsets = self.progress().offsets(partition, self.topics.len());
+            let batch = self.processor.changelog(partition, &offsets);
+            records.extend(batch.into_iter().map(|(key, value)| ChangelogRecord {
+                partition,
+                key,
+                value,
+            }));
+            reflected.extend(
+                offsets
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, off)| **off >= 0)
+                    .map(|(t, off)| ((t as u16, partition), *off)),
+            );
+        }
+        (records, reflected)
+    }
+
+    /// Enqueues changelog records from a thread that may block, counting them in flight.
+    fn send_changelog_blocking(
+        &self,
+        producer: &ThreadedProducer<ProducerCtx>,
+        records: &[ChangelogRecord],
+    ) -> Result<(), PipelineError> {
+        self.progress().changelog_inflight += records.len() as u64;
+        for r in records {
+            let rec = BaseRecord::with_opaque_to(&self.changelog_topic, Box::new(Sent::Changelog))
+                .partition(r.partition)
+                .key(r.key.as_slice())
+                .payload(r.value.as_slice());
+            send_blocking(producer, rec, self)?;
+        }
+        self.metrics.changelog_records.inc_by(records.len() as u64);
+        Ok(())
+    }
+
+    /// Starts a non-blocking commit interval (at-least-once; see [`CommitCycle`]) unless one
+    /// is under way, and moves it on as far as it can go now.
+    async fn begin_commit<C: ConsumerContext>(
+        &self,
+        consumer: &impl Consumer<C>,
+        producer: &ThreadedProducer<ProducerCtx>,
+    ) -> Result<(), PipelineError> {
+        if self.cycle().idle() {
+            let (records, offsets) = self.take_changelog();
+            self.cycle().take(records, offsets);
+        } else {
+            debug!("commit interval: the previous one is still under way");
+        }
+        self.advance_commit(consumer, producer).await
+    }
+
+    /// Whether a non-blocking commit interval is under way.
+    fn commit_pending(&self) -> bool {
+        !self.cycle().idle()
+    }
+
+    /// Moves the commit interval under way on: sends its changelog once the output it
+    /// reflects is delivered, commits its offsets (asynchronously) once the changelog is.
+    async fn advance_commit<C: ConsumerContext>(
+        &self,
+        consumer: &impl Consumer<C>,
+        producer: &ThreadedProducer<ProducerCtx>,
+    ) -> Result<(), PipelineError> {
+        let sendable = {
+            let mut cycle = self.cycle();
+            let mut progress = self.progress();
+            let records = cycle.sendable(&progress);
+            if let Some(r) = &records {
+                progress.changelog_inflight += r.len() as u64;
+            }
+            records
+        };
+        if let Some(records) = sendable {
+            for r in &records {
+                let rec =
+                    BaseRecord::with_opaque_to(&self.changelog_topic, Box::new(Sent::Changelog))
+                        .partition(r.partition)
+                        .key(r.key.as_slice())
+                        .payload(r.value.as_slice());
+                send(producer, rec, self).await?;
+            }
+            self.metrics.changelog_records.inc_by(records.len() as u64);
+        }
+        let offsets = {
+            let mut cycle = self.cycle();
+            let progress = self.progress();
+            cycle.committable(&progress)
+        };
+        if let Some(offsets) = offsets {
+            match commit(consumer, self, &offsets, CommitMode::Async) {
+                Ok(()) => self.metrics.commits.inc(),
+                Err(e) => warn!(error = %e, "offset commit failed; will retry next interval"),
+            }
+        }
+        Ok(())
+    }
+
+    /// One blocking commit interval (see the module docs) over every assigned partition, for
+    /// revocation, shutdown and exactly-once. Returns whether offsets were committed; `Err`
+    /// only for failures that must stop the pipeline.
     fn commit_interval<C: ConsumerContext>(
         &self,
         consumer: &impl Consumer<C>,
@@ -255,7 +253,7 @@ impl Shared {
     ) -> Result<bool, PipelineError> {
         let exactly_once = self.guarantee == Guarantee::ExactlyOnce;
         if !exactly_once {
-            // 1. Output delivered (and any changelog left over from an earlier interval).
+            // 1. Output delivered (and any changelog sent before).
             let _ = producer.flush(wait);
             let p = self.progress();
             if p.in_flight() > 0 || p.changelog_inflight > 0 {
@@ -267,23 +265,12 @@ impl Shared {
                 return Ok(false);
             }
         }
-        // 2. Changelog: dirty customers, then each partition's checkpoint.
-        let mut records = 0u64;
-        for partition in self.assigned_partitions() {
-            let offsets = self.progress().offsets(partition, self.topics.len());
-            let batch = self.processor.changelog(partition, &offsets);
-            self.progress().changelog_inflight += batch.len() as u64;
-            for (key, value) in batch {
-                let rec =
-                    BaseRecord::with_opaque_to(&self.changelog_topic, Box::new(Sent::Changelog))
-                        .partition(partition)
-                        .key(key.as_slice())
-                        .payload(value.as_slice());
-                send_blocking(producer, rec, self)?;
-                records += 1;
-            }
-        }
-        self.metrics.changelog_records.inc_by(records);
+        // 2. Changelog: what a non-blocking interval took and did not send yet goes first,
+        // then the dirty customers and each partition's checkpoint.
+        let unsent = self.cycle().take_unsent();
+        let (records, _) = self.take_changelog();
+        self.send_changelog_blocking(producer, &unsent)?;
+        self.send_changelog_blocking(producer, &records)?;
         let offsets = self.progress().committable();
         if exactly_once {
             // Output, changelog and offsets commit together.
@@ -303,7 +290,7 @@ impl Shared {
             return Ok(true);
         }
         // 3. Changelog delivered.
-        if records > 0 {
+        if !unsent.is_empty() || !records.is_empty() {
             let _ = producer.flush(wait);
             if self.progress().changelog_inflight > 0 {
                 debug!("commit interval: changelog not delivered yet; not committing");
@@ -394,6 +381,24 @@ impl ClientContext for ConsumerCtx {
 }
 
 impl ConsumerContext for ConsumerCtx {
+    /// The outcome of an asynchronous commit (a non-blocking commit interval): a failed one is
+    /// logged, and its partitions are committed again at the next interval.
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            warn!(error = %e, "offset commit failed; will retry next interval");
+            let mut p = self.shared.progress();
+            for el in offsets.elements() {
+                if let Some(t) = self.shared.topic_index(el.topic()) {
+                    p.commit_failed((t, el.partition()));
+                }
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             self.shared
@@ -439,6 +444,7 @@ impl ConsumerContext for ConsumerCtx {
                 .shared
                 .processor
                 .retain_partitions(|p| keep.contains(&p));
+            self.shared.cycle().retain(|p| keep.contains(&p));
             let fresh: Vec<i32> = {
                 let mut p = self.shared.progress();
                 p.parts.retain(|(_, part), _| keep.contains(part));
@@ -698,6 +704,7 @@ impl Pipeline {
         let shared = Arc::new(Shared {
             topics: cfg.kafka.input_topics.clone(),
             progress: Mutex::new(Progress::default()),
+            cycle: Mutex::new(CommitCycle::default()),
             processor: Processor::new(
                 engine.with_dedup(cfg.time.dedup_ids),
                 Arc::new(Store::new()),
@@ -1010,6 +1017,9 @@ impl Pipeline {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut clock_tick = tokio::time::interval(Duration::from_millis(self.cfg.time.tick_ms));
         clock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While a commit interval is under way: how often to look whether its next step can go.
+        let mut commit_poll = tokio::time::interval(Duration::from_millis(5));
+        commit_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gauge_tick = tokio::time::interval(Duration::from_secs(5));
         gauge_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
@@ -1020,10 +1030,20 @@ impl Pipeline {
                 biased;
                 _ = &mut shutdown => break Ok(()),
                 _ = tick.tick() => {
-                    if let Err(e) = self.shared.commit_interval(&consumer, &producer, self.shared.flush_timeout) {
+                    let done = if exactly_once {
+                        self.shared.commit_interval(&consumer, &producer, self.shared.flush_timeout).map(|_| ())
+                    } else {
+                        self.shared.begin_commit(&consumer, &producer).await
+                    };
+                    if let Err(e) = done {
                         break Err(e);
                     }
                     self.shared.metrics.dirty_customers.set(self.shared.processor.dirty() as i64);
+                }
+                _ = commit_poll.tick(), if self.shared.commit_pending() => {
+                    if let Err(e) = self.shared.advance_commit(&consumer, &producer).await {
+                        break Err(e);
+                    }
                 }
                 _ = clock_tick.tick() => {
                     if let Err(e) = self.on_tick(&producer, &mut summary).await {
@@ -1390,47 +1410,5 @@ where
             }
             Err((e, _)) => return Err(e),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pos(p: i32, o: i64) -> SourcePos {
-        SourcePos {
-            topic: 0,
-            partition: p,
-            offset: o,
-        }
-    }
-
-    #[test]
-    fn commits_stop_at_the_oldest_undelivered_output() {
-        let mut pr = Progress::default();
-        pr.processed(pos(0, 0), 0);
-        pr.processed(pos(0, 1), 2);
-        pr.processed(pos(0, 2), 0);
-        pr.processed(pos(0, 3), 1);
-        assert_eq!(pr.committable(), vec![((0, 0), 1)]);
-        pr.delivered(pos(0, 1));
-        assert_eq!(
-            pr.committable(),
-            vec![((0, 0), 1)],
-            "one of two outputs still in flight"
-        );
-        pr.delivered(pos(0, 1));
-        assert_eq!(pr.committable(), vec![((0, 0), 3)]);
-        pr.delivered(pos(0, 3));
-        assert_eq!(pr.committable(), vec![((0, 0), 4)]);
-        assert_eq!(pr.offsets(0, 2), vec![4, -1]);
-        assert!(
-            pr.already_applied(pos(0, 3))
-                && !pr.already_applied(pos(0, 4))
-                && !pr.already_applied(pos(1, 0))
-        );
-        pr.mark_committed(&[((0, 0), 4)]);
-        assert!(pr.committable().is_empty(), "nothing new to commit");
-        assert_eq!(pr.in_flight(), 0);
     }
 }

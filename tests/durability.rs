@@ -347,7 +347,12 @@ async fn a_clean_restart_restores_state_and_re_emits_nothing() {
         .pipeline
         .store()
         .iter()
-        .map(|c| (c.key().to_string(), microseg::engine::Customer::clone(c.value())))
+        .map(|c| {
+            (
+                c.key().to_string(),
+                microseg::engine::Customer::clone(c.value()),
+            )
+        })
         .collect();
     let held = before.len();
     a.stop().await;

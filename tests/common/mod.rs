@@ -419,9 +419,11 @@ pub struct Oracle {
 impl Oracle {
     /// A customer's final state in the oracle.
     pub fn customer(&self, id: &str) -> Option<microseg::engine::Customer> {
-        self.parts
-            .values()
-            .find_map(|p| p.store().get(id).map(|c| microseg::engine::Customer::clone(&c)))
+        self.parts.values().find_map(|p| {
+            p.store()
+                .get(id)
+                .map(|c| microseg::engine::Customer::clone(&c))
+        })
     }
 
     pub fn customers(&self) -> usize {
