@@ -4,12 +4,11 @@
 //! null handling; see README "Output format") and the dead-letter headers. Pure: it builds
 //! bytes, it does not send them.
 
-use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
 use crate::engine::{Change, ChangeKind};
 use crate::rules::RuleSet;
-use crate::time::format_rfc3339;
+use crate::time::write_rfc3339_bytes;
 
 /// What caused a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -38,57 +37,92 @@ impl<'a> Cause<'a> {
     }
 }
 
-struct Because<'a>(&'a [(&'a str, serde_json::Value)]);
-
-impl Serialize for Because<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in self.0 {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
-    }
-}
-
-#[derive(Serialize)]
-struct ChangeMessage<'a> {
-    customer_id: &'a str,
-    segmentation: Option<&'a str>,
-    segment: &'a str,
-    change: ChangeKind,
-    previous: Option<&'a str>,
-    next: Option<&'a str>,
-    at: String,
-    rules_version: &'a str,
-    cause: Cause<'a>,
-    because: Because<'a>,
-    seq: u64,
-}
-
 /// Serializes one change as the JSON message published on the output topic.
+///
+/// Written by hand, field by field, in the order of the README's "Output format" (the
+/// serde-derived equivalent is the reference in the tests): it runs once per change, and
+/// this is several times faster.
 pub fn change_json(
     rules: &RuleSet,
     customer_id: &str,
     cause: Cause<'_>,
     change: &Change<'_>,
 ) -> Vec<u8> {
-    let msg = ChangeMessage {
-        customer_id,
-        segmentation: change
+    let mut o = Vec::with_capacity(384);
+    o.extend_from_slice(b"{\"customer_id\":");
+    str(&mut o, customer_id);
+    o.extend_from_slice(b",\"segmentation\":");
+    opt_str(
+        &mut o,
+        change
             .segmentation
             .map(|i| rules.segmentations[i].name.as_str()),
-        segment: change.segment,
-        change: change.kind,
-        previous: change.previous,
-        next: change.next,
-        at: format_rfc3339(change.at),
-        rules_version: &rules.version,
-        cause,
-        because: Because(&change.because),
-        seq: change.seq,
-    };
-    // Serializing these plain types into a Vec cannot fail.
-    serde_json::to_vec(&msg).unwrap_or_default()
+    );
+    o.extend_from_slice(b",\"segment\":");
+    str(&mut o, change.segment);
+    o.extend_from_slice(match change.kind {
+        ChangeKind::Entered => b",\"change\":\"entered\",\"previous\":".as_slice(),
+        ChangeKind::Exited => b",\"change\":\"exited\",\"previous\":".as_slice(),
+    });
+    opt_str(&mut o, change.previous);
+    o.extend_from_slice(b",\"next\":");
+    opt_str(&mut o, change.next);
+    o.extend_from_slice(b",\"at\":\"");
+    write_rfc3339_bytes(&mut o, change.at);
+    o.extend_from_slice(b"\",\"rules_version\":");
+    str(&mut o, &rules.version);
+    match cause {
+        Cause::Event {
+            event_id,
+            topic,
+            partition,
+            offset,
+        } => {
+            o.extend_from_slice(b",\"cause\":{\"kind\":\"event\",\"event_id\":");
+            opt_str(&mut o, event_id);
+            o.extend_from_slice(b",\"topic\":");
+            str(&mut o, topic);
+            o.extend_from_slice(b",\"partition\":");
+            o.extend_from_slice(itoa::Buffer::new().format(partition).as_bytes());
+            o.extend_from_slice(b",\"offset\":");
+            o.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
+            o.push(b'}');
+        }
+        Cause::Timer => o.extend_from_slice(b",\"cause\":{\"kind\":\"timer\"}"),
+    }
+    o.extend_from_slice(b",\"because\":{");
+    for (i, (k, v)) in change.because.iter().enumerate() {
+        if i > 0 {
+            o.push(b',');
+        }
+        str(&mut o, k);
+        o.push(b':');
+        // Writing a JSON value into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut o, v);
+    }
+    o.extend_from_slice(b"},\"seq\":");
+    o.extend_from_slice(itoa::Buffer::new().format(change.seq).as_bytes());
+    o.push(b'}');
+    o
+}
+
+/// Appends `s` as a JSON string.
+fn str(o: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        o.push(b'"');
+        o.extend_from_slice(s.as_bytes());
+        o.push(b'"');
+    } else {
+        // Something to escape: serde_json's escaping (writing into a Vec cannot fail).
+        let _ = serde_json::to_writer(o, s);
+    }
+}
+
+fn opt_str(o: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => str(o, s),
+        None => o.extend_from_slice(b"null"),
+    }
 }
 
 /// Header names on a dead-letter record (its payload is the original message, unchanged).
@@ -104,7 +138,108 @@ mod tests {
     use super::*;
     use crate::engine::Engine;
     use crate::event::decode;
+    use proptest::prelude::*;
     use std::sync::Arc;
+
+    /// The serde-derived message: the reference the hand-written serializer must match.
+    #[derive(Serialize)]
+    struct ChangeMessage<'a> {
+        customer_id: &'a str,
+        segmentation: Option<&'a str>,
+        segment: &'a str,
+        change: ChangeKind,
+        previous: Option<&'a str>,
+        next: Option<&'a str>,
+        at: String,
+        rules_version: &'a str,
+        cause: Cause<'a>,
+        because: serde_json::Map<String, serde_json::Value>,
+        seq: u64,
+    }
+
+    fn reference(rules: &RuleSet, customer_id: &str, cause: Cause<'_>, c: &Change<'_>) -> Vec<u8> {
+        serde_json::to_vec(&ChangeMessage {
+            customer_id,
+            segmentation: c.segmentation.map(|i| rules.segmentations[i].name.as_str()),
+            segment: c.segment,
+            change: c.kind,
+            previous: c.previous,
+            next: c.next,
+            at: crate::time::format_rfc3339(c.at),
+            rules_version: &rules.version,
+            cause,
+            because: c
+                .because
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            seq: c.seq,
+        })
+        .unwrap()
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9_-]{0,12}",
+            any::<String>(),
+            Just("quote\" back\\ nl\n tab\t nul\u{0} del\u{7f} é€".to_string()),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            (-1e12f64..1e12).prop_map(serde_json::Value::from),
+            text().prop_map(serde_json::Value::from),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_hand_written_message_equals_the_serde_one(
+            customer_id in text(),
+            segment in text(),
+            previous in proptest::option::of(text()),
+            next in proptest::option::of(text()),
+            segmentation in proptest::option::of(0usize..2),
+            entered in any::<bool>(),
+            at in -10_000_000_000_000i64..300_000_000_000_000,
+            seq in any::<u64>(),
+            because in proptest::collection::vec((text(), value()), 0..4),
+            event in proptest::option::of((proptest::option::of(text()), text(), any::<i32>(), any::<i64>())),
+        ) {
+            let rules = RuleSet::from_toml("config/segments.toml", include_str!("../config/segments.toml")).unwrap();
+            // Distinct keys, as rule atoms are.
+            let mut because: Vec<(String, serde_json::Value)> = because;
+            because.sort_by(|a, b| a.0.cmp(&b.0));
+            because.dedup_by(|a, b| a.0 == b.0);
+            let change = Change {
+                segmentation,
+                segment: &segment,
+                kind: if entered { ChangeKind::Entered } else { ChangeKind::Exited },
+                previous: previous.as_deref(),
+                next: next.as_deref(),
+                at,
+                seq,
+                because: because.iter().map(|(k, v)| (k.as_str(), v.clone())).collect(),
+                by_timer: event.is_none(),
+            };
+            let cause = match &event {
+                Some((event_id, topic, partition, offset)) => Cause::Event {
+                    event_id: event_id.as_deref(),
+                    topic,
+                    partition: *partition,
+                    offset: *offset,
+                },
+                None => Cause::Timer,
+            };
+            let ours = change_json(&rules, &customer_id, cause, &change);
+            let theirs = reference(&rules, &customer_id, cause, &change);
+            prop_assert_eq!(String::from_utf8(ours).unwrap(), String::from_utf8(theirs).unwrap());
+        }
+    }
 
     #[test]
     fn golden_change_message() {

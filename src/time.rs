@@ -140,23 +140,55 @@ pub fn format_rfc3339(ms: i64) -> String {
 
 /// Appends the RFC 3339 form of `ms` to `out` (no allocation beyond `out`'s growth).
 pub fn write_rfc3339(out: &mut String, ms: i64) {
-    use std::fmt::Write;
+    let mut b = Vec::with_capacity(24);
+    write_rfc3339_bytes(&mut b, ms);
+    // Only ASCII digits and punctuation were written.
+    out.push_str(std::str::from_utf8(&b).unwrap_or_default());
+}
+
+/// [`write_rfc3339`] into bytes (the change serializer's buffer).
+pub fn write_rfc3339_bytes(out: &mut Vec<u8>, ms: i64) {
     let secs = ms.div_euclid(1000);
     let frac = ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    let _ = write!(
-        out,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    );
-    if frac != 0 {
-        let _ = write!(out, ".{frac:03}");
+    if !(0..=9999).contains(&y) {
+        // Outside four-digit years: the general (slower) formatting.
+        use std::io::Write;
+        let _ = write!(
+            out,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+            sod / 3600,
+            sod % 3600 / 60,
+            sod % 60
+        );
+    } else {
+        let two = |out: &mut Vec<u8>, v: i64| {
+            out.extend_from_slice(&[b'0' + (v / 10) as u8, b'0' + (v % 10) as u8])
+        };
+        two(out, y / 100);
+        two(out, y % 100);
+        out.push(b'-');
+        two(out, m as i64);
+        out.push(b'-');
+        two(out, d as i64);
+        out.push(b'T');
+        two(out, sod / 3600);
+        out.push(b':');
+        two(out, sod % 3600 / 60);
+        out.push(b':');
+        two(out, sod % 60);
     }
-    out.push('Z');
+    if frac != 0 {
+        out.extend_from_slice(&[
+            b'.',
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ]);
+    }
+    out.push(b'Z');
 }
 
 /// Parses a duration such as `90d`, `12h`, `30m`, `15s`, `250ms` into milliseconds.
@@ -180,6 +212,31 @@ pub fn parse_duration(s: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The formatting the digit writer replaced, as the reference.
+    fn rfc3339_reference(ms: i64) -> String {
+        let secs = ms.div_euclid(1000);
+        let frac = ms.rem_euclid(1000);
+        let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+        let sod = secs.rem_euclid(86_400);
+        let mut s = format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+            sod / 3600,
+            sod % 3600 / 60,
+            sod % 60
+        );
+        if frac != 0 {
+            s += &format!(".{frac:03}");
+        }
+        s + "Z"
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn rfc3339_digits_match_the_reference(ms in -100_000_000_000_000i64..400_000_000_000_000i64) {
+            proptest::prop_assert_eq!(format_rfc3339(ms), rfc3339_reference(ms));
+        }
+    }
 
     #[test]
     fn parses_rfc3339_variants() {
