@@ -162,6 +162,16 @@ impl Shared {
         (records, reflected)
     }
 
+    fn changelog_record<'a>(
+        &'a self,
+        r: &'a ChangelogRecord,
+    ) -> BaseRecord<'a, [u8], [u8], Box<Sent>> {
+        BaseRecord::with_opaque_to(&self.changelog_topic, Box::new(Sent::Changelog))
+            .partition(r.partition)
+            .key(r.key.as_slice())
+            .payload(r.value.as_slice())
+    }
+
     /// Enqueues changelog records from a thread that may block, counting them in flight.
     fn send_changelog_blocking(
         &self,
@@ -170,11 +180,7 @@ impl Shared {
     ) -> Result<(), PipelineError> {
         self.progress().changelog_inflight += records.len() as u64;
         for r in records {
-            let rec = BaseRecord::with_opaque_to(&self.changelog_topic, Box::new(Sent::Changelog))
-                .partition(r.partition)
-                .key(r.key.as_slice())
-                .payload(r.value.as_slice());
-            send_blocking(producer, rec, self)?;
+            send_blocking(producer, self.changelog_record(r), self)?;
         }
         self.metrics.changelog_records.inc_by(records.len() as u64);
         Ok(())
@@ -219,12 +225,7 @@ impl Shared {
         };
         if let Some(records) = sendable {
             for r in &records {
-                let rec =
-                    BaseRecord::with_opaque_to(&self.changelog_topic, Box::new(Sent::Changelog))
-                        .partition(r.partition)
-                        .key(r.key.as_slice())
-                        .payload(r.value.as_slice());
-                send(producer, rec, self).await?;
+                send(producer, self.changelog_record(r), self).await?;
             }
             self.metrics.changelog_records.inc_by(records.len() as u64);
         }
