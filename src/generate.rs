@@ -9,7 +9,7 @@
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::time::{write_rfc3339, DAY_MS};
+use crate::time::{format_rfc3339, DAY_MS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Persona {
@@ -161,8 +161,7 @@ impl Generator {
         };
         let customer_id = format!("c-{idx}");
         let event_id = format!("e-{}", self.seq);
-        let mut ts = String::with_capacity(24);
-        write_rfc3339(&mut ts, self.now);
+        let ts = format_rfc3339(self.now);
         if self.malformed_every > 0 && self.seq.is_multiple_of(self.malformed_every) {
             let json = format!(
                 r#"{{"event_id":"{event_id}","customer_id":"{customer_id}","type":"purchase","timestamp":"{ts}","amount":"twelve euros"}}"#

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::engine::{Change, ChangeKind};
 use crate::rules::RuleSet;
-use crate::time::write_rfc3339_bytes;
+use crate::time::write_rfc3339;
 
 /// What caused a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -50,7 +50,7 @@ pub fn change_json(
 ) -> Vec<u8> {
     let mut o = Vec::with_capacity(384);
     o.extend_from_slice(b"{\"customer_id\":");
-    str(&mut o, customer_id);
+    json_str(&mut o, customer_id);
     o.extend_from_slice(b",\"segmentation\":");
     opt_str(
         &mut o,
@@ -59,7 +59,7 @@ pub fn change_json(
             .map(|i| rules.segmentations[i].name.as_str()),
     );
     o.extend_from_slice(b",\"segment\":");
-    str(&mut o, change.segment);
+    json_str(&mut o, change.segment);
     o.extend_from_slice(match change.kind {
         ChangeKind::Entered => b",\"change\":\"entered\",\"previous\":".as_slice(),
         ChangeKind::Exited => b",\"change\":\"exited\",\"previous\":".as_slice(),
@@ -68,9 +68,9 @@ pub fn change_json(
     o.extend_from_slice(b",\"next\":");
     opt_str(&mut o, change.next);
     o.extend_from_slice(b",\"at\":\"");
-    write_rfc3339_bytes(&mut o, change.at);
+    write_rfc3339(&mut o, change.at);
     o.extend_from_slice(b"\",\"rules_version\":");
-    str(&mut o, &rules.version);
+    json_str(&mut o, &rules.version);
     match cause {
         Cause::Event {
             event_id,
@@ -81,7 +81,7 @@ pub fn change_json(
             o.extend_from_slice(b",\"cause\":{\"kind\":\"event\",\"event_id\":");
             opt_str(&mut o, event_id);
             o.extend_from_slice(b",\"topic\":");
-            str(&mut o, topic);
+            json_str(&mut o, topic);
             o.extend_from_slice(b",\"partition\":");
             o.extend_from_slice(itoa::Buffer::new().format(partition).as_bytes());
             o.extend_from_slice(b",\"offset\":");
@@ -95,7 +95,7 @@ pub fn change_json(
         if i > 0 {
             o.push(b',');
         }
-        str(&mut o, k);
+        json_str(&mut o, k);
         o.push(b':');
         // Writing a JSON value into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut o, v);
@@ -107,7 +107,7 @@ pub fn change_json(
 }
 
 /// Appends `s` as a JSON string.
-fn str(o: &mut Vec<u8>, s: &str) {
+fn json_str(o: &mut Vec<u8>, s: &str) {
     if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
         o.push(b'"');
         o.extend_from_slice(s.as_bytes());
@@ -120,7 +120,7 @@ fn str(o: &mut Vec<u8>, s: &str) {
 
 fn opt_str(o: &mut Vec<u8>, s: Option<&str>) {
     match s {
-        Some(s) => str(o, s),
+        Some(s) => json_str(o, s),
         None => o.extend_from_slice(b"null"),
     }
 }

@@ -133,21 +133,14 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
 
 /// Formats epoch milliseconds as RFC 3339 UTC, with milliseconds only when non-zero.
 pub fn format_rfc3339(ms: i64) -> String {
-    let mut out = String::with_capacity(24);
+    let mut out = Vec::with_capacity(24);
     write_rfc3339(&mut out, ms);
-    out
-}
-
-/// Appends the RFC 3339 form of `ms` to `out` (no allocation beyond `out`'s growth).
-pub fn write_rfc3339(out: &mut String, ms: i64) {
-    let mut b = Vec::with_capacity(24);
-    write_rfc3339_bytes(&mut b, ms);
     // Only ASCII digits and punctuation were written.
-    out.push_str(std::str::from_utf8(&b).unwrap_or_default());
+    String::from_utf8(out).unwrap_or_default()
 }
 
-/// [`write_rfc3339`] into bytes (the change serializer's buffer).
-pub fn write_rfc3339_bytes(out: &mut Vec<u8>, ms: i64) {
+/// Appends the RFC 3339 form of `ms` to `out` (the change serializer's buffer).
+pub fn write_rfc3339(out: &mut Vec<u8>, ms: i64) {
     let secs = ms.div_euclid(1000);
     let frac = ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);
