@@ -1019,6 +1019,9 @@ impl Pipeline {
         let mut clock_tick = tokio::time::interval(Duration::from_millis(self.cfg.time.tick_ms));
         clock_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // While a commit interval is under way: how often to look whether its next step can go.
+        // Only this loop starts an interval, so a local flag (not a lock per message) tells
+        // whether one is under way; a blocking interval in a rebalance can only end it early.
+        let mut commit_under_way = false;
         let mut commit_poll = tokio::time::interval(Duration::from_millis(5));
         commit_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gauge_tick = tokio::time::interval(Duration::from_secs(5));
@@ -1034,15 +1037,19 @@ impl Pipeline {
                     let done = if exactly_once {
                         self.shared.commit_interval(&consumer, &producer, self.shared.flush_timeout).map(|_| ())
                     } else {
-                        self.shared.begin_commit(&consumer, &producer).await
+                        let done = self.shared.begin_commit(&consumer, &producer).await;
+                        commit_under_way = self.shared.commit_pending();
+                        done
                     };
                     if let Err(e) = done {
                         break Err(e);
                     }
                     self.shared.metrics.dirty_customers.set(self.shared.processor.dirty() as i64);
                 }
-                _ = commit_poll.tick(), if self.shared.commit_pending() => {
-                    if let Err(e) = self.shared.advance_commit(&consumer, &producer).await {
+                _ = commit_poll.tick(), if commit_under_way => {
+                    let done = self.shared.advance_commit(&consumer, &producer).await;
+                    commit_under_way = self.shared.commit_pending();
+                    if let Err(e) = done {
                         break Err(e);
                     }
                 }
