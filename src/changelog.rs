@@ -30,8 +30,9 @@ use std::sync::Arc;
 use compact_str::CompactString;
 
 use crate::engine::{Customer, Engine};
-use crate::state::{AttrVal, EngagementBucket, PurchaseBucket, NEVER};
+use crate::state::{AttrVal, NEVER};
 use crate::symbols::Sym;
+use crate::windows::{self, Engagements, Purchases};
 
 const MAGIC: u8 = b'M';
 const VERSION: u8 = 1;
@@ -153,13 +154,13 @@ pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut V
     // In memory, engagement buckets are sorted by (bucket, action symbol id), and symbol ids
     // are process-local: write them in (bucket, action name) order, so the bytes do not
     // depend on the process; the reader sorts them by its own ids.
-    let mut buckets: Vec<(&EngagementBucket, Arc<str>)> = st
-        .engagement_buckets
+    let mut buckets: Vec<((u32, Sym, u32), Arc<str>)> = st
+        .engagements
         .iter()
-        .map(|b| (b, rules.symbols.name(b.action)))
+        .map(|b| (b, rules.symbols.name(b.1)))
         .collect();
-    buckets.sort_by(|x, y| (x.0.bucket, &x.1).cmp(&(y.0.bucket, &y.1)));
-    let actions: Vec<u64> = buckets.iter().map(|(b, _)| idx(b.action)).collect();
+    buckets.sort_by(|x, y| (x.0 .0, &x.1).cmp(&(y.0 .0, &y.1)));
+    let actions: Vec<u64> = buckets.iter().map(|(b, _)| idx(b.1)).collect();
     let lists: Vec<Vec<(u64, u32)>> = [&st.categories, &st.channels, &st.actions]
         .iter()
         .map(|l| l.iter().map(|(s, n)| (idx(*s), *n)).collect())
@@ -189,17 +190,17 @@ pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut V
     w.u(plan);
     w.i(st.plan_ts);
     w.i(st.profile_ts);
-    w.u(st.purchase_buckets.len() as u64);
-    for b in &st.purchase_buckets {
-        w.u(b.bucket as u64);
-        w.u(b.count as u64);
-        w.f(b.spend);
+    w.u(st.purchases.len() as u64);
+    for (bucket, count, spend) in st.purchases.iter() {
+        w.u(bucket as u64);
+        w.u(count as u64);
+        w.f(windows::from_micros(spend));
     }
     w.u(buckets.len() as u64);
-    for ((b, _), a) in buckets.iter().zip(&actions) {
-        w.u(b.bucket as u64);
+    for (((bucket, _, count), _), a) in buckets.iter().zip(&actions) {
+        w.u(*bucket as u64);
         w.u(*a);
-        w.u(b.count as u64);
+        w.u(*count as u64);
     }
     for l in &lists {
         w.u(l.len() as u64);
@@ -284,24 +285,17 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
     st.plan_ts = r.i()?;
     st.profile_ts = r.i()?;
     let n = r.len()?;
-    st.purchase_buckets = Vec::with_capacity(n);
+    st.purchases = Purchases::with_capacity(n);
     for _ in 0..n {
-        st.purchase_buckets.push(PurchaseBucket {
-            bucket: r.u32()?,
-            count: r.u32()?,
-            spend: r.f()?,
-        });
+        let (bucket, count, spend) = (r.u32()?, r.u32()?, r.f()?);
+        st.purchases.add(bucket, count, windows::to_micros(spend));
     }
     let n = r.len()?;
-    st.engagement_buckets = Vec::with_capacity(n);
+    let mut counts = Vec::with_capacity(n);
     for _ in 0..n {
-        st.engagement_buckets.push(EngagementBucket {
-            bucket: r.u32()?,
-            action: sym(r.u()?)?,
-            count: r.u32()?,
-        });
+        counts.push((r.u32()?, sym(r.u()?)?, r.u32()?));
     }
-    st.engagement_buckets.sort_by_key(|b| (b.bucket, b.action));
+    st.engagements = Engagements::from_counts(counts);
     for list in [&mut st.categories, &mut st.channels, &mut st.actions] {
         let n = r.len()?;
         list.reserve_exact(n);
@@ -482,10 +476,13 @@ mod tests {
             );
             let there = decode(&other, &bytes).unwrap();
             let sorted = |cu: &Customer| {
-                cu.state
-                    .engagement_buckets
-                    .windows(2)
-                    .all(|w| (w[0].bucket, w[0].action) < (w[1].bucket, w[1].action))
+                let keys: Vec<_> = cu
+                    .state
+                    .engagements
+                    .iter()
+                    .map(|(b, a, _)| (b, a))
+                    .collect();
+                keys.windows(2).all(|w| w[0] < w[1])
             };
             assert!(
                 sorted(&there.customer),
@@ -494,14 +491,14 @@ mod tests {
             reordered += (there
                 .customer
                 .state
-                .engagement_buckets
+                .engagements
                 .iter()
-                .map(|b| other.rules.symbols.name(b.action))
+                .map(|b| other.rules.symbols.name(b.1))
                 .collect::<Vec<_>>()
                 != c.state
-                    .engagement_buckets
+                    .engagements
                     .iter()
-                    .map(|b| engine.rules.symbols.name(b.action))
+                    .map(|b| engine.rules.symbols.name(b.1))
                     .collect::<Vec<_>>()) as usize;
             let mut again = Vec::new();
             encode(&other, &there.customer, &offsets, &mut again);

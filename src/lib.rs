@@ -24,7 +24,7 @@
 //!   on assignment: changelog ─► processor::Restorer ─► customers, timers, watermark
 //! ```
 //!
-//! Pure logic (no I/O): [`time`], [`event`], [`state`], [`rules`], [`engine`], [`output`],
+//! Pure logic (no I/O): [`time`], [`event`], [`state`] (with [`windows`]), [`rules`], [`engine`], [`output`],
 //! [`changelog`] (record format), [`commit`] (what is safe to commit, and when), and
 //! [`processor`] (which only reads the wall time it is given). Effects: [`pipeline`] (Kafka in and out, commit interval, restore), [`demo`]
 //! (embedded broker + generator), [`generate`] (synthetic customers), [`bench`](mod@bench)
@@ -47,3 +47,4 @@ pub mod rules;
 pub mod state;
 pub mod symbols;
 pub mod time;
+pub mod windows;

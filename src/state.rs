@@ -3,8 +3,9 @@
 //! This module owns what microseg remembers about a customer and how an event changes it:
 //! lifetime purchase aggregates, sliding windows kept as *sparse time buckets* (only buckets
 //! with activity are stored, and buckets older than the longest window are pruned, so memory
-//! is bounded by the window length over the bucket width and is tiny for typical customers),
-//! per-category / per-channel / per-action counts, plan, engagement and the declared profile
+//! is bounded by the window length over the bucket width and is tiny for typical customers;
+//! [`crate::windows`] keeps them as running totals, so reading a window costs two binary
+//! searches), per-category / per-channel / per-action counts, plan, engagement and the declared profile
 //! attributes.
 //!
 //! Window semantics (documented in the README): with bucket width `b`, a window of length `w`
@@ -15,6 +16,7 @@ use compact_str::CompactString;
 
 use crate::event::{Body, Event, Scalar};
 use crate::symbols::{Sym, Symbols};
+use crate::windows::{self, Engagements, Purchases, Span};
 
 /// Sentinel for "no timestamp".
 pub const NO_TIME: i64 = i64::MIN;
@@ -85,25 +87,16 @@ impl StateConfig {
     pub fn window_start(&self, now: i64, window_buckets: u32) -> u32 {
         (self.bucket_of(now) + 1).saturating_sub(window_buckets)
     }
+    /// The buckets of a window of `window_buckets` buckets at time `now`.
+    pub fn span(&self, now: i64, window_buckets: u32) -> Span {
+        Span {
+            start: self.window_start(now, window_buckets),
+            end: self.bucket_of(now),
+        }
+    }
     pub fn attribute_index(&self, name: &str) -> Option<usize> {
         self.attributes.iter().position(|(n, _)| n == name)
     }
-}
-
-/// Purchases in one time bucket.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PurchaseBucket {
-    pub bucket: u32,
-    pub count: u32,
-    pub spend: f64,
-}
-
-/// Engagements of one action in one time bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EngagementBucket {
-    pub bucket: u32,
-    pub action: Sym,
-    pub count: u32,
 }
 
 /// Everything microseg remembers about one customer.
@@ -124,8 +117,10 @@ pub struct CustomerState {
     pub(crate) plan_ts: i64,
     /// Time of the latest profile event applied (older ones do not overwrite attributes).
     pub(crate) profile_ts: i64,
-    pub purchase_buckets: Vec<PurchaseBucket>,
-    pub engagement_buckets: Vec<EngagementBucket>,
+    /// Windowed purchases per bucket.
+    pub purchases: Purchases,
+    /// Windowed engagements per bucket and action.
+    pub engagements: Engagements,
     pub categories: Vec<(Sym, u32)>,
     pub channels: Vec<(Sym, u32)>,
     pub actions: Vec<(Sym, u32)>,
@@ -142,31 +137,6 @@ fn bump(list: &mut Vec<(Sym, u32)>, sym: Sym) {
 
 /// "Never": no instant at which a time-dependent value changes.
 pub const NEVER: i64 = i64::MAX;
-
-/// Over bucket numbers in ascending order: the first instant after `now` at which one of them
-/// leaves (bucket `b` leaves a window of `w` buckets at `(b + w) * bucket_ms`) or enters (a
-/// bucket ahead of `now` enters at its start) the window.
-fn window_next(buckets: impl Iterator<Item = u32>, cfg: &StateConfig, now: i64, w: u32) -> i64 {
-    if cfg.bucket_ms <= 0 {
-        return NEVER;
-    }
-    let start = cfg.window_start(now, w);
-    let end = cfg.bucket_of(now);
-    let mut next = NEVER;
-    for b in buckets {
-        if b < start {
-            continue;
-        }
-        if b <= end {
-            if next == NEVER {
-                next = (b as i64 + w as i64) * cfg.bucket_ms;
-            }
-        } else {
-            return next.min(b as i64 * cfg.bucket_ms);
-        }
-    }
-    next
-}
 
 /// Why an event was refused by the state (it is not applied at all).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -255,21 +225,7 @@ impl CustomerState {
                     }
                 }
                 if windows && b >= horizon && cfg.bucket_ms > 0 {
-                    match self.purchase_buckets.binary_search_by_key(&b, |x| x.bucket) {
-                        Ok(i) => {
-                            let x = &mut self.purchase_buckets[i];
-                            x.count = x.count.saturating_add(1);
-                            x.spend += p.amount;
-                        }
-                        Err(i) => self.purchase_buckets.insert(
-                            i,
-                            PurchaseBucket {
-                                bucket: b,
-                                count: 1,
-                                spend: p.amount,
-                            },
-                        ),
-                    }
+                    self.purchases.add(b, 1, windows::to_micros(p.amount));
                 }
             }
             Body::Engagement { action } => {
@@ -278,24 +234,7 @@ impl CustomerState {
                 let a = syms.intern(action);
                 bump(&mut self.actions, a);
                 if windows && b >= horizon && cfg.bucket_ms > 0 {
-                    let key = (b, a);
-                    match self
-                        .engagement_buckets
-                        .binary_search_by_key(&key, |x| (x.bucket, x.action))
-                    {
-                        Ok(i) => {
-                            self.engagement_buckets[i].count =
-                                self.engagement_buckets[i].count.saturating_add(1)
-                        }
-                        Err(i) => self.engagement_buckets.insert(
-                            i,
-                            EngagementBucket {
-                                bucket: b,
-                                action: a,
-                                count: 1,
-                            },
-                        ),
-                    }
+                    self.engagements.add(b, a);
                 }
             }
             Body::Profile { attributes } => {
@@ -327,49 +266,21 @@ impl CustomerState {
     /// Drops buckets that no window can see any more. Called after every update.
     pub fn prune(&mut self, cfg: &StateConfig) {
         let horizon = self.last_seen_bucket_horizon(cfg);
-        if self
-            .purchase_buckets
-            .first()
-            .is_some_and(|x| x.bucket < horizon)
-        {
-            self.purchase_buckets.retain(|x| x.bucket >= horizon);
-        }
-        if self
-            .engagement_buckets
-            .first()
-            .is_some_and(|x| x.bucket < horizon)
-        {
-            self.engagement_buckets.retain(|x| x.bucket >= horizon);
-        }
+        self.purchases.prune(horizon);
+        self.engagements.prune(horizon);
     }
 
     /// Purchases (count, spend) in a window of `buckets` buckets at time `now`.
     pub fn purchases_in(&self, cfg: &StateConfig, now: i64, buckets: u32) -> (u32, f64) {
-        let start = cfg.window_start(now, buckets);
-        let end = cfg.bucket_of(now);
-        let mut count = 0u32;
-        let mut spend = 0.0;
-        for x in self.purchase_buckets.iter().rev() {
-            if x.bucket < start {
-                break;
-            }
-            if x.bucket <= end {
-                count += x.count;
-                spend += x.spend;
-            }
-        }
-        (count, spend)
+        let (count, spend) = self.purchases.sum(cfg.span(now, buckets));
+        (count, windows::from_micros(spend))
     }
 
     /// The next instant after `now` at which a window of `buckets` buckets over the purchase
     /// buckets gains or loses one holding data (`NEVER` if none will).
     pub fn purchases_window_next(&self, cfg: &StateConfig, now: i64, buckets: u32) -> i64 {
-        window_next(
-            self.purchase_buckets.iter().map(|x| x.bucket),
-            cfg,
-            now,
-            buckets,
-        )
+        self.purchases
+            .next_change(cfg.span(now, buckets), buckets, cfg.bucket_ms)
     }
 
     /// Like [`Self::purchases_window_next`] for engagements (of one action, or all).
@@ -380,15 +291,8 @@ impl CustomerState {
         buckets: u32,
         action: Option<Sym>,
     ) -> i64 {
-        window_next(
-            self.engagement_buckets
-                .iter()
-                .filter(|x| action.is_none_or(|a| a == x.action))
-                .map(|x| x.bucket),
-            cfg,
-            now,
-            buckets,
-        )
+        self.engagements
+            .next_change(cfg.span(now, buckets), buckets, cfg.bucket_ms, action)
     }
 
     /// Engagements (of one action, or all when `action` is None) in a window at `now`.
@@ -399,15 +303,7 @@ impl CustomerState {
         buckets: u32,
         action: Option<Sym>,
     ) -> u32 {
-        let start = cfg.window_start(now, buckets);
-        let end = cfg.bucket_of(now);
-        self.engagement_buckets
-            .iter()
-            .rev()
-            .take_while(|x| x.bucket >= start)
-            .filter(|x| x.bucket <= end && action.is_none_or(|a| a == x.action))
-            .map(|x| x.count)
-            .sum()
+        self.engagements.sum(cfg.span(now, buckets), action)
     }
 
     /// The most frequent symbol in a count list (ties: the one seen first).
@@ -429,8 +325,8 @@ impl CustomerState {
     /// An estimate of the heap and inline bytes this state uses.
     pub fn approx_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
-            + self.purchase_buckets.capacity() * std::mem::size_of::<PurchaseBucket>()
-            + self.engagement_buckets.capacity() * std::mem::size_of::<EngagementBucket>()
+            + self.purchases.capacity_bytes()
+            + self.engagements.capacity_bytes()
             + (self.categories.capacity() + self.channels.capacity() + self.actions.capacity()) * 8
             + self.attrs.len() * std::mem::size_of::<Option<AttrVal>>()
     }
@@ -532,11 +428,11 @@ mod tests {
         assert_eq!(st.purchases_in(&c, 7 * DAY_MS, 30 * 24), (2, 3.0));
         // A purchase 40 days later prunes buckets older than the 30d window.
         apply(&mut st, &syms, &purchase(40 * DAY_MS, 4.0, "a", "online"));
-        assert_eq!(st.purchase_buckets.len(), 1);
+        assert_eq!(st.purchases.len(), 1);
         assert_eq!(st.purchase_count, 3);
         // A very late purchase counts for the lifetime only.
         apply(&mut st, &syms, &purchase(DAY_MS, 8.0, "a", "online"));
-        assert_eq!(st.purchase_buckets.len(), 1);
+        assert_eq!(st.purchases.len(), 1);
         assert_eq!(st.purchase_count, 4);
         assert_eq!(st.spend, 15.0);
     }

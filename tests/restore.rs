@@ -322,8 +322,8 @@ fn records_written_under_other_rules_are_re_evaluated_silently() {
             "state and seq kept"
         );
         assert_eq!(
-            (&x.purchase_buckets, x.engagement_buckets.len(), &x.attrs),
-            (&y.purchase_buckets, y.engagement_buckets.len(), &y.attrs)
+            (&x.purchases, x.engagements.len(), &x.attrs),
+            (&y.purchases, y.engagements.len(), &y.attrs)
         );
         let at = c.state.last_seen;
         assert_eq!(
