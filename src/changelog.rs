@@ -30,7 +30,7 @@ use std::sync::Arc;
 use compact_str::CompactString;
 
 use crate::engine::{Customer, Engine};
-use crate::state::{AttrVal, NEVER};
+use crate::state::{AttrVal, CountKind, NEVER};
 use crate::symbols::Sym;
 use crate::windows::{self, Engagements, Purchases};
 
@@ -161,9 +161,15 @@ pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut V
         .collect();
     buckets.sort_by(|x, y| (x.0 .0, &x.1).cmp(&(y.0 .0, &y.1)));
     let actions: Vec<u64> = buckets.iter().map(|(b, _)| idx(b.1)).collect();
-    let lists: Vec<Vec<(u64, u32)>> = [&st.categories, &st.channels, &st.actions]
+    let lists: Vec<Vec<(u64, u32)>> = CountKind::ALL
         .iter()
-        .map(|l| l.iter().map(|(s, n)| (idx(*s), *n)).collect())
+        .map(|k| {
+            st.counts
+                .list(*k)
+                .iter()
+                .map(|(s, n)| (idx(*s), *n))
+                .collect()
+        })
         .collect();
 
     let mut w = W(out);
@@ -231,12 +237,12 @@ pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut V
     for s in c.segment.iter() {
         w.u(*s as u64);
     }
-    w.u(c.member.len() as u64);
-    for m in c.member.iter() {
+    w.u(c.members().len() as u64);
+    for m in c.members() {
         w.u(*m);
     }
-    w.u(c.recent_ids.len() as u64);
-    for h in &c.recent_ids {
+    w.u(c.recent_ids().count() as u64);
+    for h in c.recent_ids() {
         w.0.extend_from_slice(&h.to_le_bytes());
     }
 }
@@ -296,11 +302,11 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
         counts.push((r.u32()?, sym(r.u()?)?, r.u32()?));
     }
     st.engagements = Engagements::from_counts(counts);
-    for list in [&mut st.categories, &mut st.channels, &mut st.actions] {
+    for kind in CountKind::ALL {
         let n = r.len()?;
-        list.reserve_exact(n);
+        st.counts.reserve_exact(n);
         for _ in 0..n {
-            list.push((sym(r.u()?)?, r.u32()?));
+            st.counts.add(kind, sym(r.u()?)?, r.u32()?);
         }
     }
     let n = r.len()?;
@@ -328,14 +334,15 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
         member.push(r.u()?);
     }
     let n = r.len()?;
-    c.recent_ids = Vec::with_capacity(n);
+    let mut recent = Vec::with_capacity(n);
     for _ in 0..n {
         let b = r.0.get(..8).ok_or(CodecError("truncated"))?;
-        c.recent_ids.push(u64::from_le_bytes(
+        recent.push(u64::from_le_bytes(
             b.try_into().map_err(|_| CodecError("truncated"))?,
         ));
         r.0 = &r.0[8..];
     }
+    c.set_recent_ids(&recent, engine.dedup);
     if !r.0.is_empty() {
         return Err(CodecError("trailing bytes"));
     }
@@ -346,12 +353,11 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
         }
         c.timer = NEVER;
     } else {
-        if segment.len() != c.segment.len() || member.len() != c.member.len() {
+        if segment.len() != c.segment.len() || !c.set_members(&member) {
             return Err(CodecError("membership layout does not match the rules"));
         }
         c.state.attrs = attrs.into_boxed_slice();
         c.segment = segment.into_boxed_slice();
-        c.member = member.into_boxed_slice();
     }
     Ok(Restored {
         customer: c,
@@ -455,7 +461,7 @@ mod tests {
         let all = customers(&engine);
         assert!(all
             .values()
-            .any(|c| c.timer != NEVER && !c.recent_ids.is_empty()));
+            .any(|c| c.timer != NEVER && c.recent_ids().next().is_some()));
         // Another process: same rules file, its own symbol table, which met the values in
         // another order (so in-memory orders by symbol id differ).
         let other = Engine::new(Arc::new(RuleSet::embedded_default()));

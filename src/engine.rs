@@ -32,24 +32,31 @@ use std::sync::Arc;
 pub const NO_SEGMENT: u16 = u16::MAX;
 
 /// A customer: state, current memberships and the last change sequence number.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Laid out to fit 256 bytes (a test holds it to that), since a million customers are a
+/// million of these: the membership bits and the rule timer cache share one allocation, and
+/// the recent event ids are a ring in a boxed slice whose cursor fills padding.
+#[derive(Debug, Clone)]
 pub struct Customer {
     pub state: CustomerState,
     /// The input partition that owns this customer.
     pub partition: i32,
+    /// Next slot of `recent_ids` to overwrite.
+    recent_next: u16,
+    /// How many leading words of `words` are membership bits.
+    member_words: u16,
     /// Current segment index per segmentation (`NO_SEGMENT` before the first event).
     pub segment: Box<[u16]>,
-    /// Membership bits of the independent segments.
-    pub member: Box<[u64]>,
+    /// Membership bits of the independent segments, then one word per time-dependent rule:
+    /// the rule timer cache (see [`RuleTimers`]).
+    words: Box<[u64]>,
     /// Sequence number of the last change emitted for this customer (0: none yet).
     pub seq: u64,
     /// When a time-dependent rule can next flip (`NEVER`: no timer).
     pub timer: i64,
-    /// Hashes of the most recent event ids applied, oldest first (duplicate detection).
-    pub recent_ids: Vec<u64>,
-    /// Per time-dependent rule, when it can next flip: a cache, not state (see
-    /// [`RuleTimers`]).
-    pub rule_timers: RuleTimers,
+    /// Hashes (never 0) of the most recent event ids applied, a ring whose oldest entry is at
+    /// `recent_next`; 0 marks an empty slot. Empty until the first event id.
+    recent_ids: Box<[u64]>,
 }
 
 /// Per time-dependent rule (its `timer_slot`), the instant computed by the last timer
@@ -58,58 +65,117 @@ pub struct Customer {
 /// came since (applying one clears the entries of the rules that read it), so the analysis
 /// only re-runs for the rules an event touched or whose instant has come.
 ///
-/// It is a cache derived from the state: never written to the changelog, empty after a
-/// restore, and ignored when customers are compared.
-#[derive(Debug, Clone, Default)]
-pub struct RuleTimers(Box<[i64]>);
+/// It is a cache derived from the state: never written to the changelog, stale after a
+/// restore, and ignored when customers are compared. It lives in the words of
+/// [`Customer`] after the membership bits.
+struct RuleTimers;
 
 /// A cache entry that must be recomputed.
 const STALE: i64 = i64::MIN;
 
 impl RuleTimers {
-    fn get(&self, slot: Option<u16>, now: i64) -> Option<i64> {
-        let t = *self.0.get(slot? as usize)?;
+    fn get(slots: &[u64], slot: Option<u16>, now: i64) -> Option<i64> {
+        let t = *slots.get(slot? as usize)? as i64;
         (t > now).then_some(t)
     }
-    fn set(&mut self, slot: Option<u16>, t: i64, slots: usize) {
-        let Some(i) = slot else { return };
-        if self.0.is_empty() {
-            self.0 = vec![STALE; slots].into_boxed_slice();
-        }
-        if let Some(x) = self.0.get_mut(i as usize) {
-            *x = t;
+    fn set(slots: &mut [u64], slot: Option<u16>, t: i64) {
+        if let Some(x) = slot.and_then(|i| slots.get_mut(i as usize)) {
+            *x = t as u64;
         }
     }
     /// Forgets the entries of the rules that read what `mask` (event kinds) changes.
-    fn invalidate(&mut self, rules: &RuleSet, mask: u8) {
-        for (t, deps) in self.0.iter_mut().zip(&rules.timer_slot_deps) {
+    fn invalidate(slots: &mut [u64], rules: &RuleSet, mask: u8) {
+        for (t, deps) in slots.iter_mut().zip(&rules.timer_slot_deps) {
             if deps & mask != 0 {
-                *t = STALE;
+                *t = STALE as u64;
             }
         }
     }
-    /// Forgets everything (the state was replaced).
-    pub fn clear(&mut self) {
-        self.0 = Box::default();
-    }
 }
 
-impl PartialEq for RuleTimers {
-    /// A cache: two customers with the same state are equal whatever it holds.
-    fn eq(&self, _: &Self) -> bool {
-        true
+impl PartialEq for Customer {
+    /// Equal state and memberships; the rule timer cache and where the ring of recent ids
+    /// starts do not matter.
+    fn eq(&self, o: &Self) -> bool {
+        self.state == o.state
+            && self.partition == o.partition
+            && self.segment == o.segment
+            && self.members() == o.members()
+            && self.seq == o.seq
+            && self.timer == o.timer
+            && self.recent_ids().eq(o.recent_ids())
     }
 }
 
 impl Customer {
     pub fn is_member(&self, i: usize) -> bool {
-        self.member[i / 64] & (1 << (i % 64)) != 0
+        self.words[i / 64] & (1 << (i % 64)) != 0
     }
     fn set_member(&mut self, i: usize, on: bool) {
         if on {
-            self.member[i / 64] |= 1 << (i % 64);
+            self.words[i / 64] |= 1 << (i % 64);
         } else {
-            self.member[i / 64] &= !(1 << (i % 64));
+            self.words[i / 64] &= !(1 << (i % 64));
+        }
+    }
+    /// Membership bits of the independent segments (bit `i % 64` of word `i / 64`).
+    pub fn members(&self) -> &[u64] {
+        &self.words[..self.member_words as usize]
+    }
+    /// Replaces the membership bits (same number of words).
+    pub fn set_members(&mut self, words: &[u64]) -> bool {
+        let n = self.member_words as usize;
+        if words.len() != n {
+            return false;
+        }
+        self.words[..n].copy_from_slice(words);
+        true
+    }
+    fn rule_timers(&mut self) -> &mut [u64] {
+        &mut self.words[self.member_words as usize..]
+    }
+    /// Bytes of the membership words, rule timer cache and recent ids (outside the struct).
+    pub fn approx_heap_bytes(&self) -> usize {
+        (self.words.len() + self.recent_ids.len()) * 8
+    }
+    /// Forgets the rule timer cache (the state was replaced).
+    pub fn clear_rule_timers(&mut self) {
+        self.rule_timers().fill(STALE as u64);
+    }
+    /// Hashes of the most recent event ids applied, oldest first.
+    pub fn recent_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        let (newer, older) = self.recent_ids.split_at(self.recent_next as usize);
+        older.iter().chain(newer).copied().filter(|h| *h != 0)
+    }
+    /// Records an event id hash; false if it is among the `keep` most recent ones.
+    fn remember(&mut self, h: u64, keep: usize) -> bool {
+        let h = h | 1;
+        if self.recent_ids.contains(&h) {
+            return false;
+        }
+        if self.recent_ids.len() != keep {
+            // First id, or another `dedup` setting: keep the newest that fit.
+            let mut ids: Vec<u64> = self.recent_ids().collect();
+            ids.drain(..ids.len().saturating_sub(keep));
+            ids.resize(keep, 0);
+            self.recent_next = (self.recent_ids().count().min(keep) % keep.max(1)) as u16;
+            self.recent_ids = ids.into_boxed_slice();
+        }
+        if let Some(x) = self.recent_ids.get_mut(self.recent_next as usize) {
+            *x = h;
+            self.recent_next = ((self.recent_next as usize + 1) % keep) as u16;
+        }
+        true
+    }
+    /// Replaces the recent event id hashes (oldest first; a changelog record).
+    pub fn set_recent_ids(&mut self, ids: &[u64], keep: usize) {
+        self.recent_ids = Box::default();
+        self.recent_next = 0;
+        if keep == 0 {
+            return;
+        }
+        for h in &ids[ids.len().saturating_sub(keep)..] {
+            self.remember(*h, keep);
         }
     }
 }
@@ -210,15 +276,20 @@ impl Engine {
     }
 
     pub fn new_customer(&self, partition: i32) -> Customer {
+        let member_words = self.rules.segments.len().div_ceil(64);
+        let mut words = vec![0u64; member_words + self.rules.timer_slot_deps.len()];
+        words[member_words..].fill(STALE as u64);
+        let words = words.into_boxed_slice();
         Customer {
             state: CustomerState::new(&self.rules.state),
             partition,
+            recent_next: 0,
+            member_words: member_words as u16,
             segment: vec![NO_SEGMENT; self.rules.segmentations.len()].into_boxed_slice(),
-            member: vec![0u64; self.rules.segments.len().div_ceil(64)].into_boxed_slice(),
+            words,
             seq: 0,
             timer: NEVER,
-            recent_ids: Vec::new(),
-            rule_timers: RuleTimers::default(),
+            recent_ids: Box::default(),
         }
     }
 
@@ -267,7 +338,7 @@ impl Engine {
         }
         c.state
             .apply_with(&self.rules.state, &self.rules.symbols, ev, !late);
-        c.rule_timers.invalidate(&self.rules, kind_bit(ev.kind()));
+        RuleTimers::invalidate(c.rule_timers(), &self.rules, kind_bit(ev.kind()));
         let mask = if first {
             u8::MAX
         } else {
@@ -291,18 +362,7 @@ impl Engine {
         let Some(id) = event_id.filter(|_| self.dedup > 0) else {
             return true;
         };
-        let h = fnv1a(id.as_bytes());
-        if c.recent_ids.contains(&h) {
-            return false;
-        }
-        if c.recent_ids.len() >= self.dedup {
-            c.recent_ids.remove(0);
-        }
-        if c.recent_ids.capacity() == 0 {
-            c.recent_ids.reserve_exact(self.dedup);
-        }
-        c.recent_ids.push(h);
-        true
+        c.remember(fnv1a(id.as_bytes()), self.dedup)
     }
 
     /// Fires every timer of the customer due at or before `upto`, in order: each re-evaluates
@@ -328,13 +388,12 @@ impl Engine {
     /// matter: a later rule cannot change the outcome unless one of those does first.
     pub fn next_timer(&self, c: &mut Customer, now: i64) -> i64 {
         let cx = self.ctx(&c.state, now);
-        let slots = self.rules.timer_slot_deps.len();
-        let cache = &mut c.rule_timers;
-        let mut next = |r: &Rule| match cache.get(r.timer_slot, now) {
+        let cache = &mut c.words[c.member_words as usize..];
+        let mut next = |r: &Rule| match RuleTimers::get(cache, r.timer_slot, now) {
             Some(t) => t,
             None => {
                 let t = r.expr.next_change(&cx);
-                cache.set(r.timer_slot, t, slots);
+                RuleTimers::set(cache, r.timer_slot, t);
                 t
             }
         };
@@ -463,9 +522,10 @@ impl Engine {
     /// cached timer (see [`RuleTimers`]) is due or unknown. False means every one of them
     /// still has the value it had when last evaluated.
     fn time_may_flip(&self, c: &Customer, rules: &[Rule], now: i64) -> bool {
-        rules
-            .iter()
-            .any(|r| r.deps & deps::TIME != 0 && c.rule_timers.get(r.timer_slot, now).is_none())
+        let cache = &c.words[c.member_words as usize..];
+        rules.iter().any(|r| {
+            r.deps & deps::TIME != 0 && RuleTimers::get(cache, r.timer_slot, now).is_none()
+        })
     }
 
     pub fn because<'r>(
@@ -490,7 +550,7 @@ impl Engine {
     /// Recomputes memberships and the timer from the state at `now` without emitting changes
     /// or touching `seq`: for state restored from a changelog written under other rules.
     pub fn reset_memberships(&self, c: &mut Customer, now: i64) {
-        c.rule_timers.clear();
+        c.clear_rule_timers();
         let m = self.evaluate_all(&c.state, now);
         c.segment = m.segment.into_boxed_slice();
         for (i, on) in m.member.into_iter().enumerate() {
@@ -566,6 +626,33 @@ when = "purchases.count_30d >= 3"
 
     fn engine() -> Engine {
         Engine::new(Arc::new(RuleSet::from_toml("t.toml", RULES).unwrap()))
+    }
+
+    #[test]
+    fn a_customer_fits_256_bytes() {
+        assert!(std::mem::size_of::<Customer>() <= 256);
+    }
+
+    #[test]
+    fn recent_ids_are_a_ring_of_the_newest() {
+        let mut c = engine().new_customer(0);
+        for h in [2, 4, 6, 8, 10] {
+            assert!(c.remember(h, 3));
+        }
+        // Stored with the low bit set; oldest first.
+        assert_eq!(c.recent_ids().collect::<Vec<_>>(), vec![7, 9, 11]);
+        assert!(!c.remember(8, 3), "among the newest three");
+        assert!(!c.remember(6, 3));
+        assert!(c.remember(4, 3), "forgotten");
+        assert_eq!(c.recent_ids().collect::<Vec<_>>(), vec![9, 11, 5]);
+        // Another setting keeps the newest that fit, in order.
+        c.set_recent_ids(&[1, 3, 5, 7], 2);
+        assert_eq!(c.recent_ids().collect::<Vec<_>>(), vec![5, 7]);
+        assert!(c.remember(8, 4), "the ring grows to the new setting");
+        assert_eq!(c.recent_ids().collect::<Vec<_>>(), vec![5, 7, 9]);
+        assert!(!c.remember(4, 4));
+        c.set_recent_ids(&[], 8);
+        assert_eq!(c.recent_ids().count(), 0);
     }
 
     fn run<'r>(e: &'r Engine, c: &mut Customer, json: &str) -> Vec<Change<'r>> {

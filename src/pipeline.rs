@@ -1347,8 +1347,7 @@ pub fn state_bytes(store: &Store) -> usize {
                 + c.state.approx_bytes()
                 - std::mem::size_of::<crate::state::CustomerState>()
                 + c.segment.len() * 2
-                + c.member.len() * 8
-                + c.recent_ids.capacity() * 8
+                + c.approx_heap_bytes()
         })
         .sum()
 }

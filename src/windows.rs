@@ -5,7 +5,8 @@
 //! activity are stored, in ascending order. Each holds the totals of every windowed event up
 //! to and including its bucket (a prefix sum), so the sum over buckets `start..=end` is the
 //! total at the last bucket `<= end` minus the total just before the first bucket
-//! `>= start`. Pruning old buckets keeps the total of the last one dropped as the base.
+//! `>= start` (zero before the first). Pruning old buckets subtracts the total of the last
+//! one dropped from the others, in the same pass that moves them to the front.
 //!
 //! Totals are integers and wrap (`u32` counts, `i64` spend in millionths): a difference of
 //! two wrapped totals is exact as long as the window's own sum fits, so there is no rounding
@@ -48,19 +49,15 @@ struct PurchaseTotal {
 }
 
 /// Purchases per bucket (count and spend).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Purchases {
     buckets: Vec<PurchaseTotal>,
-    /// Totals before the first bucket kept.
-    base_count: u32,
-    base_spend: i64,
 }
 
 impl Purchases {
     pub fn with_capacity(n: usize) -> Self {
         Purchases {
             buckets: Vec::with_capacity(n),
-            ..Default::default()
         }
     }
 
@@ -107,7 +104,7 @@ impl Purchases {
     fn total_before(&self, i: usize) -> (u32, i64) {
         match i.checked_sub(1) {
             Some(j) => (self.buckets[j].count, self.buckets[j].spend),
-            None => (self.base_count, self.base_spend),
+            None => (0, 0),
         }
     }
 
@@ -129,8 +126,12 @@ impl Purchases {
             return;
         }
         let n = self.buckets.partition_point(|x| x.bucket < horizon);
-        (self.base_count, self.base_spend) = self.total_before(n);
+        let (c, s) = self.total_before(n);
         self.buckets.drain(..n);
+        for x in &mut self.buckets {
+            x.count = x.count.wrapping_sub(c);
+            x.spend = x.spend.wrapping_sub(s);
+        }
     }
 
     /// `(bucket, count, spend in millionths)` of every bucket, ascending.
@@ -167,13 +168,6 @@ impl Purchases {
     }
 }
 
-/// Equal when the buckets hold the same per-bucket values, whatever the bases.
-impl PartialEq for Purchases {
-    fn eq(&self, other: &Self) -> bool {
-        self.len() == other.len() && self.iter().eq(other.iter())
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct EngagementTotal {
     bucket: u32,
@@ -183,10 +177,9 @@ struct EngagementTotal {
 }
 
 /// Engagements per (bucket, action), sorted by bucket then action symbol.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Engagements {
     entries: Vec<EngagementTotal>,
-    base: u32,
 }
 
 impl Engagements {
@@ -205,7 +198,7 @@ impl Engagements {
                 }
             })
             .collect();
-        Engagements { entries, base: 0 }
+        Engagements { entries }
     }
 
     /// Adds one engagement of `action` to bucket `b`.
@@ -250,8 +243,7 @@ impl Engagements {
     }
 
     fn total_before(&self, i: usize) -> u32 {
-        i.checked_sub(1)
-            .map_or(self.base, |j| self.entries[j].count)
+        i.checked_sub(1).map_or(0, |j| self.entries[j].count)
     }
 
     fn range(&self, span: Span) -> (usize, usize) {
@@ -285,8 +277,11 @@ impl Engagements {
             return;
         }
         let n = self.entries.partition_point(|x| x.bucket < horizon);
-        self.base = self.total_before(n);
+        let c = self.total_before(n);
         self.entries.drain(..n);
+        for x in &mut self.entries {
+            x.count = x.count.wrapping_sub(c);
+        }
     }
 
     /// `(bucket, action, count)` of every entry, sorted by bucket then action symbol.
@@ -324,12 +319,6 @@ impl Engagements {
         };
         let inside = first(lo).filter(|b| *b <= span.end);
         next_change(inside, first(hi), span, window, bucket_ms)
-    }
-}
-
-impl PartialEq for Engagements {
-    fn eq(&self, other: &Self) -> bool {
-        self.len() == other.len() && self.iter().eq(other.iter())
     }
 }
 

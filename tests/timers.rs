@@ -240,7 +240,7 @@ fn a_duplicate_event_id_changes_nothing() {
             Applied::Applied
         );
     }
-    assert_eq!(p.store().get("c").unwrap().recent_ids.len(), 8);
+    assert_eq!(p.store().get("c").unwrap().recent_ids().count(), 8);
     assert_eq!(
         feed(&p, &purchase("b1", "c", T0 + 10 * HOUR_MS), 0).0,
         Applied::Applied

@@ -294,8 +294,8 @@ impl Feature {
             PurchaseLast => time_val(st.last_purchase),
             PurchaseCountW(b) => Val::Num(st.purchases_in(cx.cfg, cx.now, b).0 as f64),
             PurchaseSpendW(b) => Val::Num(st.purchases_in(cx.cfg, cx.now, b).1),
-            TopCategory => sym_val(CustomerState::top(&st.categories)),
-            TopChannel => sym_val(CustomerState::top(&st.channels)),
+            TopCategory => sym_val(CustomerState::top(st.categories())),
+            TopChannel => sym_val(CustomerState::top(st.channels())),
             Plan => sym_val(st.plan),
             EngagementCount => Val::Num(st.engagement_count as f64),
             EngagementCountW(b) => Val::Num(st.engagements_in(cx.cfg, cx.now, b, None) as f64),
@@ -308,13 +308,13 @@ impl Feature {
                 Some(Some(AttrVal::Bool(b))) => Val::Bool(*b),
                 _ => Val::Missing,
             },
-            CategoryCount(s) => Val::Num(CustomerState::count_of(&st.categories, Some(s)) as f64),
-            ChannelCount(s) => Val::Num(CustomerState::count_of(&st.channels, Some(s)) as f64),
+            CategoryCount(s) => Val::Num(CustomerState::count_of(st.categories(), Some(s)) as f64),
+            ChannelCount(s) => Val::Num(CustomerState::count_of(st.channels(), Some(s)) as f64),
             ChannelShare(_) if st.purchase_count == 0 => Val::Missing,
             ChannelShare(s) => Val::Num(
-                CustomerState::count_of(&st.channels, Some(s)) as f64 / st.purchase_count as f64,
+                CustomerState::count_of(st.channels(), Some(s)) as f64 / st.purchase_count as f64,
             ),
-            ActionCount(s) => Val::Num(CustomerState::count_of(&st.actions, Some(s)) as f64),
+            ActionCount(s) => Val::Num(CustomerState::count_of(st.actions(), Some(s)) as f64),
             ActionCountW(s, b) => Val::Num(st.engagements_in(cx.cfg, cx.now, b, Some(s)) as f64),
             // Sets are only read through `in`.
             Categories | Channels | Actions => Val::Missing,
@@ -323,9 +323,9 @@ impl Feature {
 
     fn set_contains(&self, st: &CustomerState, sym: Sym) -> bool {
         let list = match self {
-            Feature::Categories => &st.categories,
-            Feature::Channels => &st.channels,
-            Feature::Actions => &st.actions,
+            Feature::Categories => st.categories(),
+            Feature::Channels => st.channels(),
+            Feature::Actions => st.actions(),
             _ => return false,
         };
         list.iter().any(|(s, _)| *s == sym)
@@ -334,9 +334,9 @@ impl Feature {
     /// The set's members, for display.
     pub fn set_members(&self, st: &CustomerState) -> Vec<Sym> {
         let list = match self {
-            Feature::Categories => &st.categories,
-            Feature::Channels => &st.channels,
-            Feature::Actions => &st.actions,
+            Feature::Categories => st.categories(),
+            Feature::Channels => st.channels(),
+            Feature::Actions => st.actions(),
             _ => return Vec::new(),
         };
         list.iter().map(|(s, _)| *s).collect()
