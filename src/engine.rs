@@ -169,14 +169,13 @@ impl Customer {
     }
     /// Replaces the recent event id hashes (oldest first; a changelog record).
     pub fn set_recent_ids(&mut self, ids: &[u64], keep: usize) {
-        self.recent_ids = Box::default();
-        self.recent_next = 0;
-        if keep == 0 {
-            return;
+        let newest = &ids[ids.len().saturating_sub(keep)..];
+        let mut ring = vec![0u64; if newest.is_empty() { 0 } else { keep }];
+        for (x, h) in ring.iter_mut().zip(newest) {
+            *x = h | 1;
         }
-        for h in &ids[ids.len().saturating_sub(keep)..] {
-            self.remember(*h, keep);
-        }
+        self.recent_next = (newest.len() % keep.max(1)) as u16;
+        self.recent_ids = ring.into_boxed_slice();
     }
 }
 
