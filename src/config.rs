@@ -391,6 +391,12 @@ impl Config {
         if t.idle_timeout_ms < 1 {
             problems.push("time.idle_timeout_ms: must be at least 1".into());
         }
+        if t.dedup_ids > crate::engine::MAX_DEDUP_IDS {
+            problems.push(format!(
+                "time.dedup_ids: must be at most {} (each customer keeps that many hashes)",
+                crate::engine::MAX_DEDUP_IDS
+            ));
+        }
         if t.tick_ms == 0 || t.tick_ms > 1000 {
             problems.push(
                 "time.tick_ms: must be between 1 and 1000 (timers fire within a tick)".into(),
@@ -449,10 +455,15 @@ mod tests {
 
     #[test]
     fn time_settings_are_validated() {
-        let text = "[time]\nallowed_lateness_ms = -1\nidle_timeout_ms = 0\ntick_ms = 5000\n";
+        let text = "[time]\nallowed_lateness_ms = -1\nidle_timeout_ms = 0\ntick_ms = 5000\ndedup_ids = 5000\n";
         let e = Config::from_toml("c.toml", text, &[]).unwrap_err();
-        assert_eq!(e.problems.len(), 3, "{e}");
-        for field in ["allowed_lateness_ms", "idle_timeout_ms", "tick_ms"] {
+        assert_eq!(e.problems.len(), 4, "{e}");
+        for field in [
+            "allowed_lateness_ms",
+            "idle_timeout_ms",
+            "tick_ms",
+            "dedup_ids",
+        ] {
             assert!(e.to_string().contains(field), "{e}");
         }
         let bad_clock = Config::from_toml("c.toml", "[time]\nclock = \"wall\"\n", &[]).unwrap_err();

@@ -250,6 +250,9 @@ pub struct Engine {
     pub dedup: usize,
 }
 
+/// Most event ids a customer may remember (the ring's cursor is a `u16`).
+pub const MAX_DEDUP_IDS: usize = 4096;
+
 /// Default number of event ids remembered per customer.
 pub const DEFAULT_DEDUP_IDS: usize = 8;
 
