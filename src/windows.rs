@@ -39,6 +39,128 @@ pub struct Span {
     pub end: u32,
 }
 
+/// A running total: added and subtracted with wrapping, so differences are exact.
+trait Total: Copy + Default {
+    fn plus(self, o: Self) -> Self;
+    fn minus(self, o: Self) -> Self;
+}
+
+impl Total for u32 {
+    fn plus(self, o: Self) -> Self {
+        self.wrapping_add(o)
+    }
+    fn minus(self, o: Self) -> Self {
+        self.wrapping_sub(o)
+    }
+}
+
+/// Purchases and spend (millionths).
+impl Total for (u32, i64) {
+    fn plus(self, o: Self) -> Self {
+        (self.0.wrapping_add(o.0), self.1.wrapping_add(o.1))
+    }
+    fn minus(self, o: Self) -> Self {
+        (self.0.wrapping_sub(o.0), self.1.wrapping_sub(o.1))
+    }
+}
+
+/// One stored entry: its key (ordered, bucket first) and the total up to and including it.
+/// Its own type rather than a `(key, total)` pair so that the fields pack (16 and 12 bytes).
+trait Entry: Copy {
+    type Key: Ord + Copy;
+    type Total: Total;
+    fn new(key: Self::Key, total: Self::Total) -> Self;
+    fn key(&self) -> Self::Key;
+    fn bucket(&self) -> u32;
+    fn total(&self) -> Self::Total;
+    fn set_total(&mut self, t: Self::Total);
+}
+
+/// Entries sorted by key, each holding the running total up to it (the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Totals<E>(Vec<E>);
+
+impl<E> Default for Totals<E> {
+    fn default() -> Self {
+        Totals(Vec::new())
+    }
+}
+
+impl<E: Entry> Totals<E> {
+    /// Adds `v` at `key`.
+    fn add(&mut self, key: E::Key, v: E::Total) {
+        let i = match self.0.last() {
+            // In order: the newest entry, or a new one after it.
+            Some(last) if last.key() == key => self.0.len() - 1,
+            Some(last) if last.key() < key => self.insert(self.0.len(), key),
+            None => self.insert(0, key),
+            _ => match self.0.binary_search_by_key(&key, |x| x.key()) {
+                Ok(i) => i,
+                Err(i) => self.insert(i, key),
+            },
+        };
+        for x in &mut self.0[i..] {
+            x.set_total(x.total().plus(v));
+        }
+    }
+
+    /// Inserts an empty entry at index `i`; returns `i`.
+    fn insert(&mut self, i: usize, key: E::Key) -> usize {
+        let t = self.total_before(i);
+        self.0.insert(i, E::new(key, t));
+        i
+    }
+
+    /// The total of the entries before index `i`.
+    fn total_before(&self, i: usize) -> E::Total {
+        i.checked_sub(1)
+            .map_or_else(Default::default, |j| self.0[j].total())
+    }
+
+    /// The entries in buckets `span`: `lo..hi`.
+    fn range(&self, span: Span) -> (usize, usize) {
+        (
+            self.0.partition_point(|x| x.bucket() < span.start),
+            self.0.partition_point(|x| x.bucket() <= span.end),
+        )
+    }
+
+    fn sum(&self, span: Span) -> E::Total {
+        let (lo, hi) = self.range(span);
+        if hi <= lo {
+            return Default::default();
+        }
+        self.0[hi - 1].total().minus(self.total_before(lo))
+    }
+
+    /// The entry at index `i`'s own value.
+    fn own(&self, i: usize) -> E::Total {
+        self.0[i].total().minus(self.total_before(i))
+    }
+
+    /// Drops entries before bucket `horizon` and rebases the others.
+    fn prune(&mut self, horizon: u32) {
+        if self.0.first().is_none_or(|x| x.bucket() >= horizon) {
+            return;
+        }
+        let n = self.0.partition_point(|x| x.bucket() < horizon);
+        let t = self.total_before(n);
+        self.0.drain(..n);
+        for x in &mut self.0 {
+            x.set_total(x.total().minus(t));
+        }
+    }
+
+    /// `(key, own value)` of every entry, in order.
+    fn iter(&self) -> impl Iterator<Item = (E::Key, E::Total)> + '_ {
+        (0..self.0.len()).map(|i| (self.0[i].key(), self.own(i)))
+    }
+
+    fn capacity_bytes(&self) -> usize {
+        self.0.capacity() * std::mem::size_of::<E>()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PurchaseTotal {
     bucket: u32,
@@ -48,123 +170,76 @@ struct PurchaseTotal {
     spend: i64,
 }
 
+impl Entry for PurchaseTotal {
+    type Key = u32;
+    type Total = (u32, i64);
+    fn new(bucket: u32, (count, spend): (u32, i64)) -> Self {
+        PurchaseTotal {
+            bucket,
+            count,
+            spend,
+        }
+    }
+    fn key(&self) -> u32 {
+        self.bucket
+    }
+    fn bucket(&self) -> u32 {
+        self.bucket
+    }
+    fn total(&self) -> (u32, i64) {
+        (self.count, self.spend)
+    }
+    fn set_total(&mut self, (count, spend): (u32, i64)) {
+        (self.count, self.spend) = (count, spend);
+    }
+}
+
 /// Purchases per bucket (count and spend).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Purchases {
-    buckets: Vec<PurchaseTotal>,
-}
+pub struct Purchases(Totals<PurchaseTotal>);
 
 impl Purchases {
     pub fn with_capacity(n: usize) -> Self {
-        Purchases {
-            buckets: Vec::with_capacity(n),
-        }
+        Purchases(Totals(Vec::with_capacity(n)))
     }
 
     /// Adds `count` purchases spending `spend` (millionths) to bucket `b`.
     pub fn add(&mut self, b: u32, count: u32, spend: i64) {
-        let i = match self.buckets.last() {
-            // In order: the newest bucket, or a new one after it.
-            Some(last) if last.bucket == b => self.buckets.len() - 1,
-            Some(last) if last.bucket < b => self.push_new(b),
-            None => self.push_new(b),
-            _ => match self.buckets.binary_search_by_key(&b, |x| x.bucket) {
-                Ok(i) => i,
-                Err(i) => {
-                    let (c, s) = self.total_before(i);
-                    self.buckets.insert(
-                        i,
-                        PurchaseTotal {
-                            bucket: b,
-                            count: c,
-                            spend: s,
-                        },
-                    );
-                    i
-                }
-            },
-        };
-        for x in &mut self.buckets[i..] {
-            x.count = x.count.wrapping_add(count);
-            x.spend = x.spend.wrapping_add(spend);
-        }
-    }
-
-    fn push_new(&mut self, b: u32) -> usize {
-        let (count, spend) = self.total_before(self.buckets.len());
-        self.buckets.push(PurchaseTotal {
-            bucket: b,
-            count,
-            spend,
-        });
-        self.buckets.len() - 1
-    }
-
-    /// Totals of the buckets before index `i`.
-    fn total_before(&self, i: usize) -> (u32, i64) {
-        match i.checked_sub(1) {
-            Some(j) => (self.buckets[j].count, self.buckets[j].spend),
-            None => (0, 0),
-        }
+        self.0.add(b, (count, spend));
     }
 
     /// Purchases (count, spend in millionths) in buckets `span`.
     pub fn sum(&self, span: Span) -> (u32, i64) {
-        let lo = self.buckets.partition_point(|x| x.bucket < span.start);
-        let hi = self.buckets.partition_point(|x| x.bucket <= span.end);
-        if hi <= lo {
-            return (0, 0);
-        }
-        let (c0, s0) = self.total_before(lo);
-        let top = self.buckets[hi - 1];
-        (top.count.wrapping_sub(c0), top.spend.wrapping_sub(s0))
+        self.0.sum(span)
     }
 
     /// Drops buckets before `horizon`.
     pub fn prune(&mut self, horizon: u32) {
-        if self.buckets.first().is_none_or(|x| x.bucket >= horizon) {
-            return;
-        }
-        let n = self.buckets.partition_point(|x| x.bucket < horizon);
-        let (c, s) = self.total_before(n);
-        self.buckets.drain(..n);
-        for x in &mut self.buckets {
-            x.count = x.count.wrapping_sub(c);
-            x.spend = x.spend.wrapping_sub(s);
-        }
+        self.0.prune(horizon)
     }
 
     /// `(bucket, count, spend in millionths)` of every bucket, ascending.
     pub fn iter(&self) -> impl Iterator<Item = (u32, u32, i64)> + '_ {
-        self.buckets.iter().enumerate().map(|(i, x)| {
-            let (c, s) = self.total_before(i);
-            (x.bucket, x.count.wrapping_sub(c), x.spend.wrapping_sub(s))
-        })
+        self.0.iter().map(|(b, (c, s))| (b, c, s))
     }
 
     pub fn len(&self) -> usize {
-        self.buckets.len()
+        self.0 .0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buckets.is_empty()
+        self.0 .0.is_empty()
     }
 
     pub fn capacity_bytes(&self) -> usize {
-        self.buckets.capacity() * std::mem::size_of::<PurchaseTotal>()
+        self.0.capacity_bytes()
     }
 
     /// See [`next_change`].
     pub fn next_change(&self, span: Span, window: u32, bucket_ms: i64) -> i64 {
-        let lo = self.buckets.partition_point(|x| x.bucket < span.start);
-        let hi = self.buckets.partition_point(|x| x.bucket <= span.end);
-        next_change(
-            self.buckets.get(lo).map(|x| x.bucket),
-            self.buckets.get(hi).map(|x| x.bucket),
-            span,
-            window,
-            bucket_ms,
-        )
+        let (lo, hi) = self.0.range(span);
+        let bucket = |i: usize| self.0 .0.get(i).map(|x| x.bucket);
+        next_change(bucket(lo), bucket(hi), span, window, bucket_ms)
     }
 }
 
@@ -176,11 +251,33 @@ struct EngagementTotal {
     count: u32,
 }
 
+impl Entry for EngagementTotal {
+    type Key = (u32, Sym);
+    type Total = u32;
+    fn new((bucket, action): (u32, Sym), count: u32) -> Self {
+        EngagementTotal {
+            bucket,
+            action,
+            count,
+        }
+    }
+    fn key(&self) -> (u32, Sym) {
+        (self.bucket, self.action)
+    }
+    fn bucket(&self) -> u32 {
+        self.bucket
+    }
+    fn total(&self) -> u32 {
+        self.count
+    }
+    fn set_total(&mut self, count: u32) {
+        self.count = count;
+    }
+}
+
 /// Engagements per (bucket, action), sorted by bucket then action symbol.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Engagements {
-    entries: Vec<EngagementTotal>,
-}
+pub struct Engagements(Totals<EngagementTotal>);
 
 impl Engagements {
     /// Builds from per-entry counts in any order (a changelog record).
@@ -191,134 +288,63 @@ impl Engagements {
             .into_iter()
             .map(|(bucket, action, n)| {
                 total = total.wrapping_add(n);
-                EngagementTotal {
-                    bucket,
-                    action,
-                    count: total,
-                }
+                EngagementTotal::new((bucket, action), total)
             })
             .collect();
-        Engagements { entries }
+        Engagements(Totals(entries))
     }
 
     /// Adds one engagement of `action` to bucket `b`.
     pub fn add(&mut self, b: u32, action: Sym) {
-        let key = (b, action);
-        let i = match self.entries.last() {
-            Some(last) if (last.bucket, last.action) == key => self.entries.len() - 1,
-            Some(last) if (last.bucket, last.action) < key => self.push_new(b, action),
-            None => self.push_new(b, action),
-            _ => match self
-                .entries
-                .binary_search_by_key(&key, |x| (x.bucket, x.action))
-            {
-                Ok(i) => i,
-                Err(i) => {
-                    let count = self.total_before(i);
-                    self.entries.insert(
-                        i,
-                        EngagementTotal {
-                            bucket: b,
-                            action,
-                            count,
-                        },
-                    );
-                    i
-                }
-            },
-        };
-        for x in &mut self.entries[i..] {
-            x.count = x.count.wrapping_add(1);
-        }
-    }
-
-    fn push_new(&mut self, bucket: u32, action: Sym) -> usize {
-        let count = self.total_before(self.entries.len());
-        self.entries.push(EngagementTotal {
-            bucket,
-            action,
-            count,
-        });
-        self.entries.len() - 1
-    }
-
-    fn total_before(&self, i: usize) -> u32 {
-        i.checked_sub(1).map_or(0, |j| self.entries[j].count)
-    }
-
-    fn range(&self, span: Span) -> (usize, usize) {
-        (
-            self.entries.partition_point(|x| x.bucket < span.start),
-            self.entries.partition_point(|x| x.bucket <= span.end),
-        )
+        self.0.add((b, action), 1);
     }
 
     /// Engagements (of one action, or all) in buckets `span`. All actions: constant work;
     /// one action: linear in the entries inside the span.
     pub fn sum(&self, span: Span, action: Option<Sym>) -> u32 {
-        let (lo, hi) = self.range(span);
-        if hi <= lo {
-            return 0;
-        }
-        match action {
-            None => self.entries[hi - 1]
-                .count
-                .wrapping_sub(self.total_before(lo)),
-            Some(a) => (lo..hi)
-                .filter(|&i| self.entries[i].action == a)
-                .map(|i| self.entries[i].count.wrapping_sub(self.total_before(i)))
-                .fold(0u32, u32::wrapping_add),
-        }
+        let Some(a) = action else {
+            return self.0.sum(span);
+        };
+        let (lo, hi) = self.0.range(span);
+        (lo..hi)
+            .filter(|&i| self.0 .0[i].action == a)
+            .map(|i| self.0.own(i))
+            .fold(0u32, u32::wrapping_add)
     }
 
     /// Drops entries before `horizon`.
     pub fn prune(&mut self, horizon: u32) {
-        if self.entries.first().is_none_or(|x| x.bucket >= horizon) {
-            return;
-        }
-        let n = self.entries.partition_point(|x| x.bucket < horizon);
-        let c = self.total_before(n);
-        self.entries.drain(..n);
-        for x in &mut self.entries {
-            x.count = x.count.wrapping_sub(c);
-        }
+        self.0.prune(horizon)
     }
 
     /// `(bucket, action, count)` of every entry, sorted by bucket then action symbol.
     pub fn iter(&self) -> impl Iterator<Item = (u32, Sym, u32)> + '_ {
-        self.entries.iter().enumerate().map(|(i, x)| {
-            (
-                x.bucket,
-                x.action,
-                x.count.wrapping_sub(self.total_before(i)),
-            )
-        })
+        self.0.iter().map(|((b, a), n)| (b, a, n))
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.0 .0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.0 .0.is_empty()
     }
 
     pub fn capacity_bytes(&self) -> usize {
-        self.entries.capacity() * std::mem::size_of::<EngagementTotal>()
+        self.0.capacity_bytes()
     }
 
     /// See [`next_change`]; for one action, linear in the entries from the span's start to
     /// that action's first entry.
     pub fn next_change(&self, span: Span, window: u32, bucket_ms: i64, action: Option<Sym>) -> i64 {
-        let (lo, hi) = self.range(span);
+        let (lo, hi) = self.0.range(span);
         let first = |from: usize| {
-            self.entries[from..]
+            self.0 .0[from..]
                 .iter()
                 .find(|x| action.is_none_or(|a| a == x.action))
                 .map(|x| x.bucket)
         };
-        let inside = first(lo).filter(|b| *b <= span.end);
-        next_change(inside, first(hi), span, window, bucket_ms)
+        next_change(first(lo), first(hi), span, window, bucket_ms)
     }
 }
 
