@@ -155,11 +155,11 @@ impl Customer {
         }
         if self.recent_ids.len() != keep {
             // First id, or another `dedup` setting: keep the newest that fit.
-            let mut ids: Vec<u64> = self.recent_ids().collect();
-            ids.drain(..ids.len().saturating_sub(keep));
-            ids.resize(keep, 0);
-            self.recent_next = (self.recent_ids().count().min(keep) % keep.max(1)) as u16;
-            self.recent_ids = ids.into_boxed_slice();
+            let ids: Vec<u64> = self.recent_ids().collect();
+            self.set_recent_ids(&ids, keep);
+            if self.recent_ids.is_empty() {
+                self.recent_ids = vec![0; keep].into_boxed_slice();
+            }
         }
         if let Some(x) = self.recent_ids.get_mut(self.recent_next as usize) {
             *x = h;
