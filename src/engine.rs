@@ -45,6 +45,10 @@ pub struct Customer {
     recent_next: u16,
     /// How many leading words of `words` are membership bits.
     member_words: u16,
+    /// Changed since its last changelog record: its id is in its partition's dirty list
+    /// (bookkeeping of the processor, like the timer cache ignored when customers are
+    /// compared). Fills padding.
+    dirty: bool,
     /// Current segment index per segmentation (`NO_SEGMENT` before the first event).
     pub segment: Box<[u16]>,
     /// Membership bits of the independent segments, then one word per time-dependent rule:
@@ -94,8 +98,8 @@ impl RuleTimers {
 }
 
 impl PartialEq for Customer {
-    /// Equal state and memberships; the rule timer cache and where the ring of recent ids
-    /// starts do not matter.
+    /// Equal state and memberships; the rule timer cache, where the ring of recent ids
+    /// starts and the changelog's dirty mark do not matter.
     fn eq(&self, o: &Self) -> bool {
         self.state == o.state
             && self.partition == o.partition
@@ -117,6 +121,15 @@ impl Customer {
         } else {
             self.words[i / 64] &= !(1 << (i % 64));
         }
+    }
+    /// Marks the customer changed since its last changelog record; true if it was not
+    /// marked already (the caller then lists it for the next record).
+    pub fn mark_dirty(&mut self) -> bool {
+        !std::mem::replace(&mut self.dirty, true)
+    }
+    /// Clears the changed mark; true if it was set.
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::replace(&mut self.dirty, false)
     }
     /// Membership bits of the independent segments (bit `i % 64` of word `i / 64`).
     pub fn members(&self) -> &[u64] {
@@ -287,6 +300,7 @@ impl Engine {
             partition,
             recent_next: 0,
             member_words: member_words as u16,
+            dirty: false,
             segment: vec![NO_SEGMENT; self.rules.segmentations.len()].into_boxed_slice(),
             words,
             seq: 0,

@@ -29,10 +29,11 @@
 //! Pure apart from reading the wall clock the caller passes in: the pipeline calls it with
 //! real time, the tests with a controlled one.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use compact_str::CompactString;
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use crate::changelog::{self, Checkpoint, CodecError, CHECKPOINT_KEY};
@@ -69,8 +70,9 @@ pub struct PartitionClock {
     topics: Vec<TopicTime>,
     watermark: i64,
     timers: BTreeSet<(i64, CompactString)>,
-    /// Customers changed since their last changelog record.
-    dirty: HashSet<CompactString>,
+    /// Customers changed since their last changelog record: each id once, pushed when its
+    /// customer's dirty mark is set ([`Customer::mark_dirty`]), so no set lookup per event.
+    dirty: Vec<CompactString>,
     /// Customers restored from a record newer than the partition's checkpoint (a commit
     /// interval cut short by a crash) → per input topic, the first offset their state does
     /// not reflect. Replayed input below it is skipped for them.
@@ -91,7 +93,7 @@ impl PartitionClock {
             ],
             watermark: NO_TIME,
             timers: BTreeSet::new(),
-            dirty: HashSet::new(),
+            dirty: Vec::new(),
             reflected: HashMap::new(),
             last_checkpoint: None,
         }
@@ -258,21 +260,27 @@ impl Processor {
             return Ok(Applied::Reflected);
         }
         let mut changes = Vec::new();
-        let (old, new, applied) = if let Some(mut c) = self.store.get_mut(cid) {
-            let old = c.timer;
-            let applied = self.engine.apply_at(&mut c, ev, at, &mut changes)?;
-            (old, c.timer, applied)
-        } else {
-            let mut c = self.engine.new_customer(partition);
-            let applied = self.engine.apply_at(&mut c, ev, at, &mut changes)?;
-            let new = c.timer;
-            self.store.insert(CompactString::from(cid), Box::new(c));
-            fired.new_customers += 1;
-            (NEVER, new, applied)
+        let (old, new, applied, newly_dirty) = match self.store.entry(CompactString::from(cid)) {
+            Entry::Occupied(mut o) => {
+                let c = o.get_mut();
+                let old = c.timer;
+                let applied = self.engine.apply_at(c, ev, at, &mut changes)?;
+                let newly_dirty = applied != Applied::Duplicate && c.mark_dirty();
+                (old, c.timer, applied, newly_dirty)
+            }
+            Entry::Vacant(v) => {
+                let mut c = self.engine.new_customer(partition);
+                let applied = self.engine.apply_at(&mut c, ev, at, &mut changes)?;
+                let newly_dirty = c.mark_dirty();
+                let new = c.timer;
+                v.insert(Box::new(c));
+                fired.new_customers += 1;
+                (NEVER, new, applied, newly_dirty)
+            }
         };
         clock.reschedule(cid, old, new);
-        if applied != Applied::Duplicate {
-            clock.dirty.insert(CompactString::from(cid));
+        if newly_dirty {
+            clock.dirty.push(CompactString::from(cid));
         }
         fired.timers += changes.iter().filter(|c| c.by_timer).count() as u64;
         if !changes.is_empty() {
@@ -300,11 +308,14 @@ impl Processor {
             let mut changes = Vec::new();
             self.engine.advance(&mut c, due, &mut changes);
             let next = c.timer;
+            let newly_dirty = c.mark_dirty();
             drop(c);
             if next != NEVER {
                 clock.timers.insert((next, id.clone()));
             }
-            clock.dirty.insert(id.clone());
+            if newly_dirty {
+                clock.dirty.push(id.clone());
+            }
             fired.timers += 1;
             out.extend(changes.into_iter().map(|change| Emitted {
                 customer_id: id.clone(),
@@ -362,9 +373,12 @@ impl Processor {
         };
         let mut out: Vec<(Vec<u8>, Vec<u8>)> = clock
             .dirty
-            .drain()
+            .drain(..)
             .filter_map(|id| {
-                let c = self.store.get(&id)?;
+                let mut c = self.store.get_mut(&id)?;
+                if !c.take_dirty() {
+                    return None;
+                }
                 let mut bytes = Vec::new();
                 changelog::encode(&self.engine, &c, offsets, &mut bytes);
                 drop(c);

@@ -341,3 +341,71 @@ fn records_written_under_other_rules_are_re_evaluated_silently() {
         "timers scheduled under the new rules"
     );
 }
+
+/// Processes `evs`; per partition, the customers they changed: those with an event, and
+/// those with a change (a timer's among them).
+fn changed_by(
+    p: &Processor,
+    rules: &RuleSet,
+    evs: &[(Generated, i32, i64)],
+    next: &mut [i64],
+) -> Vec<Vec<String>> {
+    let mut changed = vec![std::collections::BTreeSet::new(); next.len()];
+    for e in evs {
+        if decode(e.0.json.as_bytes()).is_ok() {
+            changed[e.1 as usize].insert(e.0.customer_id.clone());
+        }
+        for json in process(p, rules, e) {
+            let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            changed[e.1 as usize].insert(v["customer_id"].as_str().unwrap().to_owned());
+        }
+        next[e.1 as usize] = e.2 + 1;
+    }
+    changed
+        .into_iter()
+        .map(|c| c.into_iter().collect())
+        .collect()
+}
+
+/// The customer ids of one partition's changelog records, sorted.
+fn written(p: &Processor, part: i32, next: i64) -> Vec<String> {
+    let mut keys: Vec<String> = p
+        .changelog(part, &[next])
+        .into_iter()
+        .filter(|(k, _)| k.as_slice() != microseg::changelog::CHECKPOINT_KEY)
+        .map(|(k, _)| String::from_utf8(k).unwrap())
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// Each customer changed in an interval is written once, however many events or timers
+/// changed it; the next interval writes only the customers changed since; `dirty()` counts
+/// what is due.
+#[test]
+fn each_changed_customer_is_written_once_per_interval() {
+    let rules = Arc::new(RuleSet::embedded_default());
+    let events = input(11, 600);
+    let a = processor(&rules);
+    let mut next = [0i64; PARTITIONS as usize];
+    let (first, second) = events.split_at(400);
+    let changed = changed_by(&a, &rules, first, &mut next);
+    assert_eq!(a.dirty(), changed.iter().map(Vec::len).sum::<usize>());
+    for part in 0..PARTITIONS {
+        assert_eq!(
+            written(&a, part, next[part as usize]),
+            changed[part as usize]
+        );
+    }
+    assert_eq!(a.dirty(), 0);
+    let changed = changed_by(&a, &rules, second, &mut next);
+    for part in 0..PARTITIONS {
+        let ids = &changed[part as usize];
+        assert!(!ids.is_empty() && ids.len() < 60);
+        assert_eq!(&written(&a, part, next[part as usize]), ids);
+        assert!(
+            written(&a, part, next[part as usize]).is_empty(),
+            "nothing new"
+        );
+    }
+}
