@@ -354,6 +354,38 @@ impl CustomerState {
             .next_change(cfg.span(now, buckets), buckets, cfg.bucket_ms, action)
     }
 
+    /// The first instant after `now` at which, with no new purchase, `differs(count, spend)`
+    /// holds for the purchases in a window of `buckets` buckets (`NEVER`: none).
+    pub fn purchases_first_change(
+        &self,
+        cfg: &StateConfig,
+        now: i64,
+        buckets: u32,
+        mut differs: impl FnMut(u32, f64) -> bool,
+    ) -> i64 {
+        let differs = |count, spend| differs(count, windows::from_micros(spend));
+        self.purchases
+            .first_change(cfg.span(now, buckets), buckets, cfg.bucket_ms, differs)
+    }
+
+    /// Like [`Self::purchases_first_change`] for engagements (of one action, or all).
+    pub fn engagements_first_change(
+        &self,
+        cfg: &StateConfig,
+        now: i64,
+        buckets: u32,
+        action: Option<Sym>,
+        differs: impl FnMut(u32) -> bool,
+    ) -> i64 {
+        self.engagements.first_change(
+            cfg.span(now, buckets),
+            buckets,
+            cfg.bucket_ms,
+            action,
+            differs,
+        )
+    }
+
     /// Engagements (of one action, or all when `action` is None) in a window at `now`.
     pub fn engagements_in(
         &self,

@@ -151,6 +151,54 @@ impl<E: Entry> Totals<E> {
         }
     }
 
+    /// Walks the window forward in time from `span` (value `initial`) with no new data: at
+    /// every instant an entry leaves the window (bucket `b` at `(b + window) * bucket_ms`) or
+    /// enters it (an entry after the span, at its bucket's start), updates the value with the
+    /// entries `counts` selects, and returns the first such instant at which `differs(value)`
+    /// holds; `NEVER` if none. Linear in the entries, constant work per entry.
+    fn first_change(
+        &self,
+        span: Span,
+        window: u32,
+        bucket_ms: i64,
+        initial: E::Total,
+        counts: impl Fn(&E) -> bool,
+        mut differs: impl FnMut(E::Total) -> bool,
+    ) -> i64 {
+        let never = crate::state::NEVER;
+        if bucket_ms <= 0 {
+            return never;
+        }
+        let e = &self.0;
+        let leaves = |i: usize| (e[i].bucket() as i64 + window as i64) * bucket_ms;
+        let enters = |i: usize| e[i].bucket() as i64 * bucket_ms;
+        let (mut lo, mut hi) = self.range(span);
+        let mut v = initial;
+        loop {
+            let next_leave = if lo < hi { leaves(lo) } else { never };
+            let next_enter = e.get(hi).map_or(never, |_| enters(hi));
+            let t = next_leave.min(next_enter);
+            if t == never {
+                return never;
+            }
+            while lo < hi && leaves(lo) <= t {
+                if counts(&e[lo]) {
+                    v = v.minus(self.own(lo));
+                }
+                lo += 1;
+            }
+            while hi < e.len() && enters(hi) <= t {
+                if counts(&e[hi]) {
+                    v = v.plus(self.own(hi));
+                }
+                hi += 1;
+            }
+            if differs(v) {
+                return t;
+            }
+        }
+    }
+
     /// `(key, own value)` of every entry, in order.
     fn iter(&self) -> impl Iterator<Item = (E::Key, E::Total)> + '_ {
         (0..self.0.len()).map(|i| (self.0[i].key(), self.own(i)))
@@ -233,6 +281,22 @@ impl Purchases {
 
     pub fn capacity_bytes(&self) -> usize {
         self.0.capacity_bytes()
+    }
+
+    /// The first instant after the window's `span` at which, with no new purchase,
+    /// `differs(count, spend in millionths)` holds for the window's sums (`NEVER`: none).
+    /// Linear in the buckets, constant work per bucket.
+    pub fn first_change(
+        &self,
+        span: Span,
+        window: u32,
+        bucket_ms: i64,
+        mut differs: impl FnMut(u32, i64) -> bool,
+    ) -> i64 {
+        let initial = self.sum(span);
+        let differs = |(count, spend)| differs(count, spend);
+        self.0
+            .first_change(span, window, bucket_ms, initial, |_| true, differs)
     }
 
     /// See [`next_change`].
@@ -332,6 +396,22 @@ impl Engagements {
 
     pub fn capacity_bytes(&self) -> usize {
         self.0.capacity_bytes()
+    }
+
+    /// Like [`Purchases::first_change`], for the engagements (of one action, or all) in
+    /// the window.
+    pub fn first_change(
+        &self,
+        span: Span,
+        window: u32,
+        bucket_ms: i64,
+        action: Option<Sym>,
+        differs: impl FnMut(u32) -> bool,
+    ) -> i64 {
+        let initial = self.sum(span, action);
+        let counts = |x: &EngagementTotal| action.is_none_or(|a| a == x.action);
+        self.0
+            .first_change(span, window, bucket_ms, initial, counts, differs)
     }
 
     /// See [`next_change`]; for one action, linear in the entries from the span's start to
@@ -434,7 +514,8 @@ mod tests {
 
     proptest! {
         /// Against a plain list of what was added and not pruned: sums over every span, the
-        /// next change of every window, and the per-bucket view.
+        /// next change of every window, the first instant it crosses a threshold, and the
+        /// per-bucket view.
         #[test]
         fn matches_a_plain_list(ops in proptest::collection::vec(op(), 1..60)) {
             let mut p = Purchases::default();
@@ -474,6 +555,29 @@ mod tests {
                         prop_assert_eq!(e.next_change(sp, w, 10, a), want);
                         if a.is_none() {
                             prop_assert_eq!(p.next_change(sp, w, 10), want);
+                        }
+                        // The first instant (bucket K at K * 10, window K-w+1..=K) at which the
+                        // window's value crosses a threshold, by brute force: every bucket has
+                        // left by K = end + w + 40.
+                        let at = |k: u32| {
+                            let s = k + 1 - w;
+                            plain.iter().filter(of).filter(|x| x.0 >= s && x.0 <= k)
+                                .fold((0u32, 0i64), |(n, m), x| (n + x.2, m + x.3))
+                        };
+                        let first = |pred: &dyn Fn((u32, i64)) -> bool| {
+                            let initial = pred(at(end));
+                            let t = (end + 1..=end + w + 40).find(|&k| pred(at(k)) != initial);
+                            (t.map_or(i64::MAX, |k| k as i64 * 10), initial)
+                        };
+                        for limit in [1u32, 2, 4, 9] {
+                            let (want, initial) = first(&|v| v.0 < limit);
+                            prop_assert_eq!(e.first_change(sp, w, 10, a, |n| (n < limit) != initial), want);
+                            if a.is_none() {
+                                prop_assert_eq!(p.first_change(sp, w, 10, |n, _| (n < limit) != initial), want);
+                                let cap = limit as i64 * 500_000;
+                                let (want, initial) = first(&|v| v.1 < cap);
+                                prop_assert_eq!(p.first_change(sp, w, 10, |_, m| (m < cap) != initial), want);
+                            }
                         }
                     }
                 }

@@ -370,6 +370,14 @@ when = "purchases.spend_7d / 2 > 15 && not (days_since(purchases.first) <= 4)"
 [[segment]]
 name = "clicker"
 when = 'action_count("click", "1d") >= 2 && max(hours_since(last_seen), 1) < 12'
+
+[[segment]]
+name = "big_week_or_two_today"
+when = "40 <= purchases.spend_7d || engagement.count_1d == 2"
+
+[[segment]]
+name = "not_one_this_week"
+when = 'purchases.count_7d != 1 && action_count("open", "1d") < 2'
 "#;
 
 #[derive(Debug, Clone)]

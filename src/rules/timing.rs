@@ -12,8 +12,10 @@
 //! `max` break where their arguments cross; sums, differences and products or quotients by a
 //! time-independent value stay linear. A comparison of two linear pieces changes where their
 //! difference crosses zero, which is solved directly (then checked by evaluating around the
-//! solution, so float rounding cannot make the timer late); otherwise the analysis steps from
-//! breakpoint to breakpoint (at most [`MAX_STEPS`] per call). The product or quotient of two
+//! solution, so float rounding cannot make the timer late). A windowed feature compared with a
+//! time-independent value is solved by walking its buckets forward (exact, no step limit);
+//! otherwise the analysis steps from breakpoint to breakpoint (at most [`MAX_STEPS`] per
+//! call). The product or quotient of two
 //! time-dependent values is not linear: comparisons over it are re-checked every
 //! [`RECHECK_MS`] (documented in the README as the one approximate case).
 
@@ -88,6 +90,29 @@ impl Feature {
             Feature::ActionCountW(a, b) => st.engagements_window_next(cfg, now, b, Some(a)),
             _ => NEVER,
         }
+    }
+}
+
+impl Feature {
+    /// For a windowed feature: the first instant after `cx.now` at which, with no new event,
+    /// `differs` holds for its value (`NEVER`: never). None for any other feature.
+    fn first_where(&self, cx: &Ctx<'_>, mut differs: impl FnMut(Val<'_>) -> bool) -> Option<i64> {
+        let (st, cfg, now) = (cx.state, cx.cfg, cx.now);
+        Some(match *self {
+            Feature::PurchaseCountW(b) => {
+                st.purchases_first_change(cfg, now, b, |n, _| differs(Val::Num(n as f64)))
+            }
+            Feature::PurchaseSpendW(b) => {
+                st.purchases_first_change(cfg, now, b, |_, spend| differs(Val::Num(spend)))
+            }
+            Feature::EngagementCountW(b) => {
+                st.engagements_first_change(cfg, now, b, None, |n| differs(Val::Num(n as f64)))
+            }
+            Feature::ActionCountW(a, b) => {
+                st.engagements_first_change(cfg, now, b, Some(a), |n| differs(Val::Num(n as f64)))
+            }
+            _ => return None,
+        })
     }
 }
 
@@ -239,6 +264,9 @@ impl Expr {
 /// Next change of `a op b`: walk the linear pieces of both sides, solving for the zero of
 /// their difference inside each piece.
 fn cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> i64 {
+    if let Some(t) = window_cmp_next_change(op, a, b, cx) {
+        return t;
+    }
     let cmp = |t: i64| Expr::cmp_at(op, a, b, &at(cx, t));
     let initial = cmp(cx.now);
     let mut t = cx.now;
@@ -269,6 +297,27 @@ fn cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> i64 {
         t = until;
     }
     t
+}
+
+/// Next change of a windowed feature compared with a time-independent value (`count_30d >= 3`,
+/// the common case), solved exactly by walking the window's buckets forward in time, with
+/// constant work per bucket and no step limit. None for any other comparison.
+fn window_cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> Option<i64> {
+    let (f, other, feature_left) = match (a, b) {
+        (Expr::Feature(f), o) if !o.has_time() => (f, o, true),
+        (o, Expr::Feature(f)) if !o.has_time() => (f, o, false),
+        _ => return None,
+    };
+    let y = other.eval(cx);
+    let holds = |v: Val<'_>| {
+        if feature_left {
+            Expr::eval_cmp(op, v, y, cx)
+        } else {
+            Expr::eval_cmp(op, y, v, cx)
+        }
+    };
+    let initial = holds(f.read(cx));
+    f.first_where(cx, |v| holds(v) != initial)
 }
 
 impl Expr {
