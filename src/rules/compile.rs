@@ -211,6 +211,20 @@ pub enum CmpOp {
     Ge,
 }
 
+impl CmpOp {
+    /// `p op q` on numbers.
+    pub fn holds(self, p: f64, q: f64) -> bool {
+        match self {
+            CmpOp::Eq => p == q,
+            CmpOp::Ne => p != q,
+            CmpOp::Lt => p < q,
+            CmpOp::Le => p <= q,
+            CmpOp::Gt => p > q,
+            CmpOp::Ge => p >= q,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArithOp {
     Add,
@@ -479,14 +493,7 @@ impl Expr {
                 let (Some(p), Some(q)) = (num(x), num(y)) else {
                     return false;
                 };
-                match op {
-                    CmpOp::Eq => p == q,
-                    CmpOp::Ne => p != q,
-                    CmpOp::Lt => p < q,
-                    CmpOp::Le => p <= q,
-                    CmpOp::Gt => p > q,
-                    CmpOp::Ge => p >= q,
-                }
+                op.holds(p, q)
             }
             _ => match op {
                 CmpOp::Eq => str_eq(&x, &y, cx.syms),

@@ -94,22 +94,22 @@ impl Feature {
 }
 
 impl Feature {
-    /// For a windowed feature: the first instant after `cx.now` at which, with no new event,
-    /// `differs` holds for its value (`NEVER`: never). None for any other feature.
-    fn first_where(&self, cx: &Ctx<'_>, mut differs: impl FnMut(Val<'_>) -> bool) -> Option<i64> {
+    /// For a windowed feature (a number): the first instant after `cx.now` at which, with no
+    /// new event, `differs` holds for its value (`NEVER`: never). None for any other feature.
+    fn first_where(&self, cx: &Ctx<'_>, mut differs: impl FnMut(f64) -> bool) -> Option<i64> {
         let (st, cfg, now) = (cx.state, cx.cfg, cx.now);
         Some(match *self {
             Feature::PurchaseCountW(b) => {
-                st.purchases_first_change(cfg, now, b, |n, _| differs(Val::Num(n as f64)))
+                st.purchases_first_change(cfg, now, b, |n, _| differs(n as f64))
             }
             Feature::PurchaseSpendW(b) => {
-                st.purchases_first_change(cfg, now, b, |_, spend| differs(Val::Num(spend)))
+                st.purchases_first_change(cfg, now, b, |_, spend| differs(spend))
             }
             Feature::EngagementCountW(b) => {
-                st.engagements_first_change(cfg, now, b, None, |n| differs(Val::Num(n as f64)))
+                st.engagements_first_change(cfg, now, b, None, |n| differs(n as f64))
             }
             Feature::ActionCountW(a, b) => {
-                st.engagements_first_change(cfg, now, b, Some(a), |n| differs(Val::Num(n as f64)))
+                st.engagements_first_change(cfg, now, b, Some(a), |n| differs(n as f64))
             }
             _ => return None,
         })
@@ -308,15 +308,19 @@ fn window_cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> Option
         (o, Expr::Feature(f)) if !o.has_time() => (f, o, false),
         _ => return None,
     };
-    let y = other.eval(cx);
-    let holds = |v: Val<'_>| {
+    // A windowed feature is always a number; against another number the comparison is
+    // plain arithmetic (it runs once per bucket walked), otherwise it is constant.
+    let Some(y) = num(other.eval(cx)) else {
+        return Some(NEVER);
+    };
+    let holds = |v: f64| {
         if feature_left {
-            Expr::eval_cmp(op, v, y, cx)
+            op.holds(v, y)
         } else {
-            Expr::eval_cmp(op, y, v, cx)
+            op.holds(y, v)
         }
     };
-    let initial = holds(f.read(cx));
+    let initial = holds(num(f.read(cx))?);
     f.first_where(cx, |v| holds(v) != initial)
 }
 
