@@ -15,9 +15,9 @@
 //! solution, so float rounding cannot make the timer late). A windowed feature compared with a
 //! time-independent value is solved by walking its buckets forward (exact, no step limit);
 //! otherwise the analysis steps from breakpoint to breakpoint (at most [`MAX_STEPS`] per
-//! call). The product or quotient of two
-//! time-dependent values is not linear: comparisons over it are re-checked every
-//! [`RECHECK_MS`] (documented in the README as the one approximate case).
+//! call). The product or quotient of two time-dependent values is not linear: comparisons
+//! over it are re-checked every [`RECHECK_MS`] (documented in the README as the one
+//! approximate case).
 
 use super::compile::{ArithOp, CmpOp, Ctx, Expr, Feature, Func, Val};
 pub use crate::state::NEVER;
@@ -91,9 +91,7 @@ impl Feature {
             _ => NEVER,
         }
     }
-}
 
-impl Feature {
     /// For a windowed feature (a number): the first instant after `cx.now` at which, with no
     /// new event, `differs` holds for its value (`NEVER`: never). None for any other feature.
     fn first_where(&self, cx: &Ctx<'_>, mut differs: impl FnMut(f64) -> bool) -> Option<i64> {
