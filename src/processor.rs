@@ -151,15 +151,15 @@ impl PartitionClock {
         self.watermark
     }
 
-    fn reschedule(&mut self, id: &str, old: i64, new: i64) {
+    fn reschedule(&mut self, id: &CompactString, old: i64, new: i64) {
         if old == new {
             return;
         }
         if old != NEVER {
-            self.timers.remove(&(old, CompactString::from(id)));
+            self.timers.remove(&(old, id.clone()));
         }
         if new != NEVER {
-            self.timers.insert((new, CompactString::from(id)));
+            self.timers.insert((new, id.clone()));
         }
     }
 
@@ -259,8 +259,9 @@ impl Processor {
         if clock.reflects(cid, topic, offset) {
             return Ok(Applied::Reflected);
         }
+        let id = CompactString::from(cid);
         let mut changes = Vec::new();
-        let (old, new, applied, newly_dirty) = match self.store.entry(CompactString::from(cid)) {
+        let (old, new, applied, newly_dirty) = match self.store.entry(id.clone()) {
             Entry::Occupied(mut o) => {
                 let c = o.get_mut();
                 let old = c.timer;
@@ -278,13 +279,12 @@ impl Processor {
                 (NEVER, new, applied, newly_dirty)
             }
         };
-        clock.reschedule(cid, old, new);
+        clock.reschedule(&id, old, new);
         if newly_dirty {
-            clock.dirty.push(CompactString::from(cid));
+            clock.dirty.push(id.clone());
         }
         fired.timers += changes.iter().filter(|c| c.by_timer).count() as u64;
         if !changes.is_empty() {
-            let id = CompactString::from(cid);
             out.extend(changes.into_iter().map(|change| Emitted {
                 customer_id: id.clone(),
                 change,
