@@ -1,5 +1,5 @@
 //! Criterion micro-benchmarks of the hot path's parts: decode, state update, rule evaluation,
-//! and the whole engine step. `cargo bench --bench engine`; the end-to-end figures are
+//! the whole engine step, and the changelog codec. `cargo bench --bench engine`; the end-to-end figures are
 //! `microseg bench` (BENCHMARKS.md).
 
 use std::collections::HashMap;
@@ -7,6 +7,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use microseg::changelog;
 use microseg::engine::Engine;
 use microseg::event::decode;
 use microseg::generate::Generator;
@@ -124,11 +125,54 @@ fn engine_step(c: &mut Criterion) {
     g.finish();
 }
 
+/// Changelog records: every customer of the input encoded, then decoded (the restore path).
+fn changelog(c: &mut Criterion) {
+    let engine = Engine::new(Arc::new(RuleSet::embedded_default()));
+    let mut customers = HashMap::new();
+    for b in &input() {
+        if let Ok(ev) = decode(b) {
+            let c = customers
+                .entry(ev.customer_id.to_string())
+                .or_insert_with(|| engine.new_customer(0));
+            let _ = engine.apply(c, &ev, &mut Vec::new());
+        }
+    }
+    let offsets = [1_000, -1, 7];
+    let records: Vec<Vec<u8>> = customers
+        .values()
+        .map(|c| {
+            let mut out = Vec::new();
+            changelog::encode(&engine, c, &offsets, &mut out);
+            out
+        })
+        .collect();
+    let mut g = c.benchmark_group("changelog");
+    g.throughput(Throughput::Elements(customers.len() as u64));
+    g.bench_function("encode", |b| {
+        b.iter(|| {
+            for c in customers.values() {
+                let mut out = Vec::new();
+                changelog::encode(&engine, c, &offsets, &mut out);
+                black_box(out);
+            }
+        })
+    });
+    g.bench_function("decode", |b| {
+        b.iter(|| {
+            for r in &records {
+                let _ = black_box(changelog::decode(&engine, r));
+            }
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     decode_events,
     state_update,
     rule_evaluation,
-    engine_step
+    engine_step,
+    changelog
 );
 criterion_main!(benches);

@@ -104,6 +104,14 @@ fn bench_quick_prints_one_json_line_per_measurement_with_the_machine() {
         positive(e, "engine_eps");
         positive(e, "engine_vs_decode");
         positive(e, "changes");
+        positive(e, "changes_by_timer");
+        positive(e, "timers_fired");
+        positive(e, "changelog_records_per_s");
+        // Every customer the engine created was written to the changelog at least once.
+        assert!(
+            e["changelog_records"].as_u64() >= e["customers"].as_u64(),
+            "{e}"
+        );
     }
     assert_eq!(engine[1]["rules"], "heavy");
     assert!(engine[1]["rule_count"].as_u64().unwrap() >= 30);
