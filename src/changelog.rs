@@ -25,9 +25,8 @@
 //! `seq` and recent ids, but not the memberships and timer, which only mean something under the
 //! rules that computed them: [`Restored::rules_changed`] tells the caller to re-evaluate.
 
-use std::sync::Arc;
-
 use compact_str::CompactString;
+use smallvec::SmallVec;
 
 use crate::engine::{Customer, Engine};
 use crate::state::{AttrVal, CountKind, NEVER};
@@ -139,38 +138,35 @@ impl<'a> R<'a> {
 pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut Vec<u8>) {
     let rules = &engine.rules;
     let st = &c.state;
-    // The record's own string table, in order of first use.
-    let mut table: Vec<Sym> = Vec::new();
-    let mut idx = |s: Sym| -> u64 {
-        match table.iter().position(|x| *x == s) {
-            Some(i) => i as u64,
-            None => {
-                table.push(s);
-                (table.len() - 1) as u64
-            }
-        }
-    };
-    let plan = st.plan.map_or(0, |s| idx(s) + 1);
+    let names = rules.symbols.read();
     // In memory, engagement buckets are sorted by (bucket, action symbol id), and symbol ids
     // are process-local: write them in (bucket, action name) order, so the bytes do not
-    // depend on the process; the reader sorts them by its own ids.
-    let mut buckets: Vec<((u32, Sym, u32), Arc<str>)> = st
-        .engagements
-        .iter()
-        .map(|b| (b, rules.symbols.name(b.1)))
-        .collect();
-    buckets.sort_by(|x, y| (x.0 .0, &x.1).cmp(&(y.0 .0, &y.1)));
-    let actions: Vec<u64> = buckets.iter().map(|(b, _)| idx(b.1)).collect();
-    let lists: Vec<Vec<(u64, u32)>> = CountKind::ALL
-        .iter()
-        .map(|k| {
-            st.counts
-                .list(*k)
+    // depend on the process; the reader sorts them by its own ids. Entries are already in
+    // bucket order, so only ties compare names.
+    let mut engagements: SmallVec<[(u32, Sym, u32); 16]> = st.engagements.iter().collect();
+    engagements.sort_by(|x, y| {
+        x.0.cmp(&y.0)
+            .then_with(|| names.name(x.1).cmp(names.name(y.1)))
+    });
+    // The record's own string table, in order of first use by what follows it.
+    let mut table: SmallVec<[Sym; 16]> = SmallVec::new();
+    let used = st
+        .plan
+        .into_iter()
+        .chain(engagements.iter().map(|e| e.1))
+        .chain(
+            CountKind::ALL
                 .iter()
-                .map(|(s, n)| (idx(*s), *n))
-                .collect()
-        })
-        .collect();
+                .flat_map(|k| st.counts.list(*k).iter().map(|(s, _)| *s)),
+        );
+    for s in used {
+        if !table.contains(&s) {
+            table.push(s);
+        }
+    }
+    // Every symbol written below is in the table (collected above from the same sources).
+    let idx = |s: Sym| table.iter().position(|x| *x == s).map_or(0, |i| i as u64);
+    let plan = st.plan.map_or(0, |s| idx(s) + 1);
 
     let mut w = W(out);
     w.0.extend_from_slice(&[MAGIC, VERSION]);
@@ -181,7 +177,7 @@ pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut V
     w.i(c.timer);
     w.u(table.len() as u64);
     for s in &table {
-        w.s(&rules.symbols.name(*s));
+        w.s(names.name(*s));
     }
     for t in [st.last_seen, st.first_seen] {
         w.i(t);
@@ -202,17 +198,18 @@ pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut V
         w.u(count as u64);
         w.f(windows::from_micros(spend));
     }
-    w.u(buckets.len() as u64);
-    for (((bucket, _, count), _), a) in buckets.iter().zip(&actions) {
-        w.u(*bucket as u64);
-        w.u(*a);
-        w.u(*count as u64);
+    w.u(engagements.len() as u64);
+    for &(bucket, action, count) in &engagements {
+        w.u(bucket as u64);
+        w.u(idx(action));
+        w.u(count as u64);
     }
-    for l in &lists {
+    for kind in CountKind::ALL {
+        let l = st.counts.list(kind);
         w.u(l.len() as u64);
-        for (s, n) in l {
-            w.u(*s);
-            w.u(*n as u64);
+        for &(s, n) in l {
+            w.u(idx(s));
+            w.u(n as u64);
         }
     }
     w.u(st.attrs.len() as u64);

@@ -371,6 +371,9 @@ impl Processor {
         let Some(clock) = clocks.get_mut(&partition) else {
             return Vec::new();
         };
+        // Encoded into one reused buffer, then copied out at its exact size: no growth and
+        // no slack per record.
+        let mut scratch = Vec::new();
         let mut out: Vec<(Vec<u8>, Vec<u8>)> = clock
             .dirty
             .drain(..)
@@ -379,10 +382,10 @@ impl Processor {
                 if !c.take_dirty() {
                     return None;
                 }
-                let mut bytes = Vec::new();
-                changelog::encode(&self.engine, &c, offsets, &mut bytes);
+                scratch.clear();
+                changelog::encode(&self.engine, &c, offsets, &mut scratch);
                 drop(c);
-                Some((id.as_bytes().to_vec(), bytes))
+                Some((id.as_bytes().to_vec(), scratch.clone()))
             })
             .collect();
         let cp = clock.checkpoint(offsets);

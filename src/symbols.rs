@@ -7,7 +7,7 @@
 //! lock once.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 /// An interned string id.
 pub type Sym = u32;
@@ -70,6 +70,11 @@ impl Symbols {
             .unwrap_or_else(|| Arc::from(""))
     }
 
+    /// A read view for many lookups under one lock. Do not intern while holding it.
+    pub fn read(&self) -> Names<'_> {
+        Names(self.inner.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
     pub fn len(&self) -> usize {
         self.inner
             .read()
@@ -80,6 +85,21 @@ impl Symbols {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// A read view of [`Symbols`] (see [`Symbols::read`]).
+pub struct Names<'a>(RwLockReadGuard<'a, Inner>);
+
+impl Names<'_> {
+    /// The string of an id (empty if unknown, as for [`Symbols::name`]).
+    pub fn name(&self, id: Sym) -> &str {
+        self.0.names.get(id as usize).map_or("", |s| s)
+    }
+
+    /// The id of `s` if it was ever interned.
+    pub fn get(&self, s: &str) -> Option<Sym> {
+        self.0.ids.get(s).copied()
     }
 }
 
@@ -96,5 +116,11 @@ mod tests {
         assert_eq!(s.intern("online"), a);
         assert_eq!(&*s.name(b), "store");
         assert_eq!(s.get("nope"), None);
+        let names = s.read();
+        assert_eq!(
+            (names.name(a), names.name(b), names.name(99)),
+            ("online", "store", "")
+        );
+        assert_eq!((names.get("store"), names.get("nope")), (Some(b), None));
     }
 }
