@@ -374,20 +374,17 @@ impl Processor {
         // Encoded into one reused buffer, then copied out at its exact size: no growth and
         // no slack per record.
         let mut scratch = Vec::new();
-        let mut out: Vec<(Vec<u8>, Vec<u8>)> = clock
-            .dirty
-            .drain(..)
-            .filter_map(|id| {
-                let mut c = self.store.get_mut(&id)?;
-                if !c.take_dirty() {
-                    return None;
-                }
-                scratch.clear();
-                changelog::encode(&self.engine, &c, offsets, &mut scratch);
-                drop(c);
-                Some((id.as_bytes().to_vec(), scratch.clone()))
-            })
-            .collect();
+        let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(clock.dirty.len() + 1);
+        out.extend(clock.dirty.drain(..).filter_map(|id| {
+            let mut c = self.store.get_mut(&id)?;
+            if !c.take_dirty() {
+                return None;
+            }
+            scratch.clear();
+            changelog::encode(&self.engine, &c, offsets, &mut scratch);
+            drop(c);
+            Some((id.as_bytes().to_vec(), scratch.clone()))
+        }));
         let cp = clock.checkpoint(offsets);
         clock
             .reflected
