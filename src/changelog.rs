@@ -260,11 +260,21 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
     let mut c = engine.new_customer(partition);
     c.seq = r.u()?;
     c.timer = r.i()?;
+    // The record's strings, looked up under one read lock; only new ones are interned.
     let n = r.len()?;
-    let mut table = Vec::with_capacity(n);
+    let mut strings: SmallVec<[&str; 16]> = SmallVec::with_capacity(n);
     for _ in 0..n {
-        table.push(rules.symbols.intern(r.s()?));
+        strings.push(r.s()?);
     }
+    let known: SmallVec<[Option<Sym>; 16]> = {
+        let names = rules.symbols.read();
+        strings.iter().map(|s| names.get(s)).collect()
+    };
+    let table: SmallVec<[Sym; 16]> = known
+        .iter()
+        .zip(&strings)
+        .map(|(k, s)| k.unwrap_or_else(|| rules.symbols.intern(s)))
+        .collect();
     let sym = |i: u64| -> Result<Sym, CodecError> {
         table
             .get(i as usize)
@@ -310,28 +320,33 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
     if n != st.attrs.len() && !rules_changed {
         return Err(CodecError("attribute count does not match the rules"));
     }
-    let mut attrs = Vec::with_capacity(n);
-    for _ in 0..n {
-        attrs.push(match r.u()? {
+    // Read into the customer's own slots. Under other rules, attributes are declared by the
+    // rules file: only a layout that still fits is kept (the values are read either way).
+    let fits = n == st.attrs.len();
+    for i in 0..n {
+        let v = match r.u()? {
             0 => None,
             1 => Some(AttrVal::Num(r.f()?)),
             2 => Some(AttrVal::Str(CompactString::from(r.s()?))),
             3 => Some(AttrVal::Bool(r.u()? != 0)),
             _ => return Err(CodecError("unknown attribute tag")),
-        });
+        };
+        if fits {
+            st.attrs[i] = v;
+        }
     }
     let n = r.len()?;
-    let mut segment = Vec::with_capacity(n);
+    let mut segment: SmallVec<[u16; 8]> = SmallVec::with_capacity(n);
     for _ in 0..n {
         segment.push(u16::try_from(r.u()?).map_err(|_| CodecError("segment out of range"))?);
     }
     let n = r.len()?;
-    let mut member = Vec::with_capacity(n);
+    let mut member: SmallVec<[u64; 4]> = SmallVec::with_capacity(n);
     for _ in 0..n {
         member.push(r.u()?);
     }
     let n = r.len()?;
-    let mut recent = Vec::with_capacity(n);
+    let mut recent: SmallVec<[u64; 8]> = SmallVec::with_capacity(n);
     for _ in 0..n {
         let b = r.0.get(..8).ok_or(CodecError("truncated"))?;
         recent.push(u64::from_le_bytes(
@@ -344,17 +359,12 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
         return Err(CodecError("trailing bytes"));
     }
     if rules_changed {
-        // Attributes are declared by the rules file: keep only a layout that still fits.
-        if attrs.len() == c.state.attrs.len() {
-            c.state.attrs = attrs.into_boxed_slice();
-        }
         c.timer = NEVER;
     } else {
         if segment.len() != c.segment.len() || !c.set_members(&member) {
             return Err(CodecError("membership layout does not match the rules"));
         }
-        c.state.attrs = attrs.into_boxed_slice();
-        c.segment = segment.into_boxed_slice();
+        c.segment.copy_from_slice(&segment);
     }
     Ok(Restored {
         customer: c,
