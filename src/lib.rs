@@ -28,8 +28,9 @@
 //! [`changelog`] (record format), [`commit`] (what is safe to commit, and when), and
 //! [`processor`] (which only reads the wall time it is given). Effects: [`pipeline`] (Kafka in and out, commit interval, restore), [`demo`]
 //! (embedded broker + generator), [`generate`] (synthetic customers), [`bench`](mod@bench)
-//! (measurements). Configuration: [`config`].
+//! (measurements). Configuration: [`config`]. The global allocator: [`alloc`].
 
+pub mod alloc;
 pub mod api;
 pub mod bench;
 pub mod changelog;

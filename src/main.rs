@@ -20,9 +20,10 @@ use microseg::rules::RuleSet;
 use microseg::time::{parse_rfc3339, DAY_MS};
 
 /// mimalloc: the state is many small allocations; restore and churn measured faster with it
-/// than with the system allocator (BENCHMARKS.md).
+/// than with the system allocator, and word-aligned blocks in their exact size class
+/// (`microseg::alloc`, BENCHMARKS.md).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: microseg::alloc::Allocator = microseg::alloc::Allocator;
 
 #[derive(Parser)]
 #[command(
