@@ -156,8 +156,8 @@ async fn customer(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Res
     let segmentations: Map<String, Value> = rules
         .segmentations
         .iter()
-        .zip(c.segment.iter())
-        .map(|(s, &i)| {
+        .zip(c.segments())
+        .map(|(s, i)| {
             let v = if i == NO_SEGMENT {
                 Value::Null
             } else {
@@ -297,7 +297,7 @@ async fn explain(
             "customer_id": id,
             "segment": s.segment_name(i),
             "segmentation": s.name,
-            "member": c.segment[si] as usize == i,
+            "member": c.segment(si) as usize == i,
             "holds": own && !blocked,
             "rule": rule,
             "condition": condition,

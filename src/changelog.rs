@@ -230,9 +230,9 @@ pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut V
             }
         }
     }
-    w.u(c.segment.len() as u64);
-    for s in c.segment.iter() {
-        w.u(*s as u64);
+    w.u(c.segment_count() as u64);
+    for s in c.segments() {
+        w.u(s as u64);
     }
     w.u(c.members().len() as u64);
     for m in c.members() {
@@ -361,10 +361,9 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
     if rules_changed {
         c.timer = NEVER;
     } else {
-        if segment.len() != c.segment.len() || !c.set_members(&member) {
+        if !c.set_segments(&segment) || !c.set_members(&member) {
             return Err(CodecError("membership layout does not match the rules"));
         }
-        c.segment.copy_from_slice(&segment);
     }
     Ok(Restored {
         customer: c,
@@ -543,11 +542,11 @@ mod tests {
         assert_eq!(back.customer.seq, c.seq);
         assert_eq!(back.customer.state.purchase_count, c.state.purchase_count);
         assert_eq!(back.customer.timer, NEVER);
+        assert_eq!(back.customer.segment_count(), 2);
         assert!(back
             .customer
-            .segment
-            .iter()
-            .all(|s| *s == crate::engine::NO_SEGMENT));
+            .segments()
+            .all(|s| s == crate::engine::NO_SEGMENT));
     }
 
     #[test]

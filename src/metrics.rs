@@ -249,8 +249,8 @@ impl Metrics {
             .collect();
         let mut ind = vec![0i64; rules.segments.len()];
         for c in store.iter() {
-            let (segment, member) = (&c.segment, c.members());
-            for (si, &i) in segment.iter().enumerate() {
+            let member = c.members();
+            for (si, i) in c.segments().enumerate() {
                 if let Some(n) = seg.get_mut(si).and_then(|v| v.get_mut(i as usize)) {
                     *n += 1;
                 }

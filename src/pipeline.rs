@@ -1346,7 +1346,6 @@ pub fn state_bytes(store: &Store) -> usize {
                 }
                 + c.state.approx_bytes()
                 - std::mem::size_of::<crate::state::CustomerState>()
-                + c.segment.len() * 2
                 + c.approx_heap_bytes()
         })
         .sum()

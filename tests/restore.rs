@@ -224,8 +224,18 @@ fn crashes_at_any_moment_re_emit_only_identical_changes_and_lose_none() {
             let c = last.store().get(r.key()).unwrap();
             assert_eq!(c.state, r.state, "seed {seed}: state of {}", r.key());
             assert_eq!(
-                (&c.segment, c.members(), c.seq, c.timer),
-                (&r.segment, r.members(), r.seq, r.timer)
+                (
+                    c.segments().collect::<Vec<_>>(),
+                    c.members(),
+                    c.seq,
+                    c.timer
+                ),
+                (
+                    r.segments().collect::<Vec<_>>(),
+                    r.members(),
+                    r.seq,
+                    r.timer
+                )
             );
         }
     }
