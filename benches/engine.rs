@@ -1,6 +1,6 @@
 //! Criterion micro-benchmarks of the hot path's parts: decode, state update, rule evaluation,
-//! the whole engine step, and the changelog codec. `cargo bench --bench engine`; the end-to-end figures are
-//! `microseg bench` (BENCHMARKS.md).
+//! the whole engine step, and the changelog codec. `cargo bench --bench engine`; the
+//! end-to-end figures are `microseg bench` (BENCHMARKS.md).
 
 use std::collections::HashMap;
 use std::hint::black_box;
