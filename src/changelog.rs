@@ -25,11 +25,10 @@
 //! `seq` and recent ids, but not the memberships and timer, which only mean something under the
 //! rules that computed them: [`Restored::rules_changed`] tells the caller to re-evaluate.
 
-use compact_str::CompactString;
 use smallvec::SmallVec;
 
 use crate::engine::{Customer, Engine};
-use crate::state::{AttrVal, CountKind, NEVER};
+use crate::state::{AttrStr, AttrVal, CountKind, NEVER};
 use crate::symbols::Sym;
 use crate::windows::{self, Engagements, Purchases};
 
@@ -222,7 +221,7 @@ pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut V
             }
             Some(AttrVal::Str(s)) => {
                 w.u(2);
-                w.s(s);
+                w.s(s.as_str());
             }
             Some(AttrVal::Bool(b)) => {
                 w.u(3);
@@ -327,7 +326,7 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
         let v = match r.u()? {
             0 => None,
             1 => Some(AttrVal::Num(r.f()?)),
-            2 => Some(AttrVal::Str(CompactString::from(r.s()?))),
+            2 => Some(AttrVal::Str(AttrStr::new(r.s()?))),
             3 => Some(AttrVal::Bool(r.u()? != 0)),
             _ => return Err(CodecError("unknown attribute tag")),
         };

@@ -12,8 +12,6 @@
 //! evaluated at time `now` covers the `w / b` buckets ending with the bucket that contains
 //! `now`, i.e. events with `ts >= floor(now / b) * b + b - w`.
 
-use compact_str::CompactString;
-
 use crate::event::{Body, Event, Scalar};
 use crate::symbols::{Sym, Symbols};
 use crate::windows::{self, Engagements, Purchases, Span};
@@ -47,12 +45,68 @@ impl AttrType {
     }
 }
 
-/// A stored profile attribute value.
+/// A stored profile attribute value: 16 bytes, also as an `Option` (a test holds it to that),
+/// since every customer holds one per declared attribute.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttrVal {
     Num(f64),
-    Str(CompactString),
+    Str(AttrStr),
     Bool(bool),
+}
+
+/// Bytes an [`AttrStr`] keeps inline.
+const INLINE: usize = 14;
+
+/// An attribute's string: up to 14 bytes inline, longer ones in their own allocation. Profile
+/// attributes are mostly short (a country, an industry, a role), and a `CompactString` would
+/// make every attribute slot 24 bytes.
+#[derive(Clone)]
+pub enum AttrStr {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<Box<str>>),
+}
+
+impl AttrStr {
+    pub fn new(s: &str) -> Self {
+        if s.len() <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            AttrStr::Inline {
+                len: s.len() as u8,
+                bytes,
+            }
+        } else {
+            AttrStr::Heap(Box::new(s.into()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            // Built from a `&str` cut at its length: always UTF-8.
+            AttrStr::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).unwrap_or_default()
+            }
+            AttrStr::Heap(s) => s,
+        }
+    }
+}
+
+impl From<&str> for AttrStr {
+    fn from(s: &str) -> Self {
+        AttrStr::new(s)
+    }
+}
+
+impl PartialEq for AttrStr {
+    fn eq(&self, o: &Self) -> bool {
+        self.as_str() == o.as_str()
+    }
+}
+
+impl std::fmt::Debug for AttrStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
 }
 
 /// What the state keeps and how: bucket width, windows and declared attributes.
@@ -307,7 +361,7 @@ impl CustomerState {
                     };
                     self.attrs[i] = match value {
                         Scalar::Num(n) => Some(AttrVal::Num(*n)),
-                        Scalar::Str(s) => Some(AttrVal::Str(CompactString::from(&**s))),
+                        Scalar::Str(s) => Some(AttrVal::Str(AttrStr::new(s))),
                         Scalar::Bool(v) => Some(AttrVal::Bool(*v)),
                         Scalar::Null | Scalar::Nested => None,
                     };
@@ -450,6 +504,32 @@ mod tests {
     use super::*;
     use crate::event::decode;
     use crate::time::{DAY_MS, HOUR_MS};
+
+    #[test]
+    fn an_attribute_slot_is_16_bytes_and_strings_round_trip_inline_or_not() {
+        assert_eq!(std::mem::size_of::<Option<AttrVal>>(), 16);
+        for s in [
+            "",
+            "US",
+            "finance",
+            "12345678901234",
+            "123456789012345",
+            "ééééééé",
+            "éééééééé",
+            "a much longer job role title",
+        ] {
+            let a = AttrStr::new(s);
+            assert_eq!(a.as_str(), s);
+            assert_eq!(matches!(a, AttrStr::Inline { .. }), s.len() <= 14, "{s:?}");
+            assert_eq!(a, AttrStr::from(s));
+            assert_eq!(format!("{a:?}"), format!("{s:?}"));
+        }
+        assert_ne!(AttrStr::new("finance"), AttrStr::new("financ"));
+        assert_ne!(
+            AttrStr::new("a much longer job role title"),
+            AttrStr::new("finance")
+        );
+    }
 
     fn cfg() -> StateConfig {
         StateConfig {
