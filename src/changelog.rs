@@ -265,15 +265,7 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
     for _ in 0..n {
         strings.push(r.s()?);
     }
-    let known: SmallVec<[Option<Sym>; 16]> = {
-        let names = rules.symbols.read();
-        strings.iter().map(|s| names.get(s)).collect()
-    };
-    let table: SmallVec<[Sym; 16]> = known
-        .iter()
-        .zip(&strings)
-        .map(|(k, s)| k.unwrap_or_else(|| rules.symbols.intern(s)))
-        .collect();
+    let table: SmallVec<[Sym; 16]> = rules.symbols.intern_all(&strings);
     let sym = |i: u64| -> Result<Sym, CodecError> {
         table
             .get(i as usize)

@@ -9,6 +9,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
+use smallvec::SmallVec;
+
 /// An interned string id.
 pub type Sym = u32;
 
@@ -53,12 +55,21 @@ impl Symbols {
 
     /// The id of `s` if it was ever interned.
     pub fn get(&self, s: &str) -> Option<Sym> {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .ids
-            .get(s)
-            .copied()
+        self.read().get(s)
+    }
+
+    /// The ids of many strings, in order: looked up under one read lock, and only the new
+    /// ones interned (each then takes the write lock).
+    pub fn intern_all<C: FromIterator<Sym>>(&self, strings: &[&str]) -> C {
+        let known: SmallVec<[Option<Sym>; 16]> = {
+            let names = self.read();
+            strings.iter().map(|s| names.get(s)).collect()
+        };
+        known
+            .iter()
+            .zip(strings)
+            .map(|(k, s)| k.unwrap_or_else(|| self.intern(s)))
+            .collect()
     }
 
     /// The string of an id (empty if unknown, which cannot happen for ids this table issued).
@@ -122,5 +133,10 @@ mod tests {
             ("online", "store", "")
         );
         assert_eq!((names.get("store"), names.get("nope")), (Some(b), None));
+        drop(names);
+        let ids: Vec<Sym> = s.intern_all(&["store", "web", "online", "web"]);
+        let web = s.get("web").unwrap();
+        assert_eq!(ids, vec![b, web, a, web]);
+        assert_eq!(s.len(), 3);
     }
 }
