@@ -107,6 +107,8 @@ fn bench_quick_prints_one_json_line_per_measurement_with_the_machine() {
         positive(e, "changes_by_timer");
         positive(e, "timers_fired");
         positive(e, "changelog_records_per_s");
+        positive(e, "engine_with_changelog_eps");
+        assert!(e["engine_with_changelog_eps"].as_f64() <= e["engine_eps"].as_f64());
         // Every customer the engine created was written to the changelog at least once.
         assert!(
             e["changelog_records"].as_u64() >= e["customers"].as_u64(),

@@ -320,6 +320,9 @@ fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), 
                 "engine_vs_decode": (engine_eps / decode_eps * 1000.0).round() / 1000.0,
                 "changelog_records": r.changelog_records,
                 "changelog_records_per_s": (r.changelog_records as f64 / r.changelog_secs.max(1e-9)).round(),
+                // What the pipeline's consumer task does per event: the engine, then its share
+                // of the changelog takes.
+                "engine_with_changelog_eps": (opts.events as f64 / (r.engine_secs + r.changelog_secs)).round(),
             }),
         );
         if name == "default" {
