@@ -133,8 +133,25 @@ impl<'a> R<'a> {
 }
 
 /// Appends the changelog record of `c`, reflecting its partition's input up to
-/// `source_offsets` (per input topic, the next offset to process), to `out`.
+/// `source_offsets` (per input topic, the next offset to process), to `out`: the
+/// [`encode_header`] then the [`encode_body`].
 pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut Vec<u8>) {
+    encode_header(engine, source_offsets, out);
+    encode_body(engine, c, out);
+}
+
+/// Appends the part of a record that does not depend on the customer (magic, version, rules
+/// version, source offsets): the same for every record of a partition's commit interval.
+pub fn encode_header(engine: &Engine, source_offsets: &[i64], out: &mut Vec<u8>) {
+    let mut w = W(out);
+    w.0.extend_from_slice(&[MAGIC, VERSION]);
+    w.s(&engine.rules.version);
+    w.offsets(source_offsets);
+}
+
+/// Appends the part of a record that only depends on the customer (everything after the
+/// source offsets), so it can be encoded before the offsets are known.
+pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
     let rules = &engine.rules;
     let st = &c.state;
     let names = rules.symbols.read();
@@ -168,9 +185,6 @@ pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut V
     let plan = st.plan.map_or(0, |s| idx(s) + 1);
 
     let mut w = W(out);
-    w.0.extend_from_slice(&[MAGIC, VERSION]);
-    w.s(&rules.version);
-    w.offsets(source_offsets);
     w.i(c.partition as i64);
     w.u(c.seq);
     w.i(c.timer);
@@ -363,6 +377,110 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
     })
 }
 
+/// The most bytes [`encode_header`] writes for `topics` input topics under `engine`'s rules.
+pub fn header_room(engine: &Engine, topics: usize) -> usize {
+    let mut out = Vec::new();
+    // Zigzag of i64::MIN is the longest varint.
+    encode_header(engine, &vec![i64::MIN; topics], &mut out);
+    out.len()
+}
+
+/// Changelog records, keys and values, in one buffer: what a take hands out, without an
+/// allocation per record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    bytes: Vec<u8>,
+    spans: Vec<Span>,
+}
+
+/// Where one record's key and value are in [`Batch::bytes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub key: (usize, usize),
+    pub value: (usize, usize),
+}
+
+impl Batch {
+    /// A batch of the records at `spans` in `bytes` (in that order).
+    ///
+    /// # Panics
+    ///
+    /// If a span is out of `bytes`.
+    pub fn from_parts(bytes: Vec<u8>, spans: Vec<Span>) -> Batch {
+        for s in &spans {
+            assert!(
+                s.key.0 <= s.key.1 && s.key.1 <= bytes.len(),
+                "a key out of the batch"
+            );
+            assert!(
+                s.value.0 <= s.value.1 && s.value.1 <= bytes.len(),
+                "a value out of the batch"
+            );
+        }
+        Batch { bytes, spans }
+    }
+
+    /// Appends a record.
+    pub fn push(&mut self, key: &[u8], value: &[u8]) {
+        let k = self.bytes.len();
+        self.bytes.extend_from_slice(key);
+        let v = self.bytes.len();
+        self.bytes.extend_from_slice(value);
+        self.spans.push(Span {
+            key: (k, v),
+            value: (v, self.bytes.len()),
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The records, `(key, value)`, in order.
+    pub fn iter(&self) -> Records<'_> {
+        Records {
+            bytes: &self.bytes,
+            spans: self.spans.iter(),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Batch {
+    type Item = (&'a [u8], &'a [u8]);
+    type IntoIter = Records<'a>;
+    fn into_iter(self) -> Records<'a> {
+        self.iter()
+    }
+}
+
+/// The records of a [`Batch`], `(key, value)`.
+#[derive(Debug, Clone)]
+pub struct Records<'a> {
+    bytes: &'a [u8],
+    spans: std::slice::Iter<'a, Span>,
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+    fn next(&mut self) -> Option<Self::Item> {
+        let s = self.spans.next()?;
+        // In the bytes: checked when the batch was made.
+        Some((
+            &self.bytes[s.key.0..s.key.1],
+            &self.bytes[s.value.0..s.value.1],
+        ))
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.spans.size_hint()
+    }
+}
+
+impl ExactSizeIterator for Records<'_> {}
+
 /// The key of a partition's checkpoint record: one byte that is not UTF-8, so no customer id
 /// can be it (and not empty: librdkafka sends an empty key as null, which a compacted topic
 /// refuses).
@@ -433,6 +551,33 @@ mod tests {
     use crate::rules::RuleSet;
     use std::collections::BTreeMap;
     use std::sync::Arc;
+
+    #[test]
+    fn a_batch_hands_out_its_records_in_order_and_refuses_spans_outside_it() {
+        let mut b = Batch::default();
+        assert!(b.is_empty());
+        b.push(b"c-1", b"one");
+        b.push(b"", b"");
+        b.push(CHECKPOINT_KEY, b"three");
+        let got: Vec<(&[u8], &[u8])> = b.iter().collect();
+        let want: [(&[u8], &[u8]); 3] = [(b"c-1", b"one"), (b"", b""), (CHECKPOINT_KEY, b"three")];
+        assert_eq!(got, want);
+        assert_eq!((b.len(), b.iter().len()), (3, 3));
+        // Spans may leave gaps and point anywhere inside the bytes.
+        let spans = vec![Span {
+            key: (4, 5),
+            value: (0, 3),
+        }];
+        let b = Batch::from_parts(b"abc.k".to_vec(), spans);
+        assert_eq!(b.iter().collect::<Vec<_>>(), [(&b"k"[..], &b"abc"[..])]);
+        let outside = vec![Span {
+            key: (0, 1),
+            value: (2, 6),
+        }];
+        assert!(
+            std::panic::catch_unwind(|| Batch::from_parts(b"abcde".to_vec(), outside)).is_err()
+        );
+    }
 
     /// Customers built by the engine from generated input (all event types, attributes,
     /// windows, timers, recent ids).

@@ -158,12 +158,16 @@ impl Progress {
 /// An input position per (input topic index, partition).
 pub type Offsets = Vec<((u16, i32), i64)>;
 
-/// One changelog record to send: key and value, in the customer's input partition.
+/// Changelog records to send, in their customers' input partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChangelogRecord {
+pub struct ChangelogBatch {
     pub partition: i32,
-    pub key: Vec<u8>,
-    pub value: Vec<u8>,
+    pub records: crate::changelog::Batch,
+}
+
+/// How many records `batches` hold.
+pub fn record_count(batches: &[ChangelogBatch]) -> usize {
+    batches.iter().map(|b| b.records.len()).sum()
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -173,7 +177,7 @@ enum Stage {
     /// Records taken at a tick, reflecting input up to `offsets`; sent once the output of the
     /// input before `offsets` is delivered.
     Taken {
-        records: Vec<ChangelogRecord>,
+        records: Vec<ChangelogBatch>,
         offsets: Offsets,
     },
     /// Records sent; `offsets` are committed once the changelog is delivered.
@@ -195,7 +199,7 @@ impl CommitCycle {
     /// Starts a cycle with the changelog `records` taken now, which reflect the input up to
     /// `offsets` (per input partition, the next offset to process). Ignored, returning
     /// false, while a cycle is under way: its records must go first.
-    pub fn take(&mut self, records: Vec<ChangelogRecord>, offsets: Offsets) -> bool {
+    pub fn take(&mut self, records: Vec<ChangelogBatch>, offsets: Offsets) -> bool {
         if !self.idle() {
             return false;
         }
@@ -205,7 +209,7 @@ impl CommitCycle {
 
     /// The records to send now, if every output of the input they reflect is delivered.
     /// The caller sends them all and counts them in [`Progress::changelog_inflight`].
-    pub fn sendable(&mut self, p: &Progress) -> Option<Vec<ChangelogRecord>> {
+    pub fn sendable(&mut self, p: &Progress) -> Option<Vec<ChangelogBatch>> {
         let Stage::Taken { offsets, .. } = &self.stage else {
             return None;
         };
@@ -238,7 +242,7 @@ impl CommitCycle {
 
     /// Ends the cycle for a blocking commit interval, which commits everything itself:
     /// returns the records taken and not sent yet, to be sent before anything newer.
-    pub fn take_unsent(&mut self) -> Vec<ChangelogRecord> {
+    pub fn take_unsent(&mut self) -> Vec<ChangelogBatch> {
         match std::mem::take(&mut self.stage) {
             Stage::Taken { records, .. } => records,
             _ => Vec::new(),
@@ -300,12 +304,10 @@ mod tests {
         assert_eq!(pr.in_flight(), 0);
     }
 
-    fn rec(partition: i32, key: &str) -> ChangelogRecord {
-        ChangelogRecord {
-            partition,
-            key: key.as_bytes().to_vec(),
-            value: vec![1],
-        }
+    fn rec(partition: i32, key: &str) -> ChangelogBatch {
+        let mut records = crate::changelog::Batch::default();
+        records.push(key.as_bytes(), &[1]);
+        ChangelogBatch { partition, records }
     }
 
     #[test]

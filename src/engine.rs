@@ -54,10 +54,11 @@ pub struct Customer {
     segmentations: u16,
     /// How many words of membership bits follow the segment words.
     member_words: u16,
-    /// Changed since its last changelog record: its id is in its partition's dirty list
-    /// (bookkeeping of the processor, like the timer cache ignored when customers are
-    /// compared). Fills padding.
-    dirty: bool,
+    /// Where the customer's entry was put in its partition's list of customers changed since
+    /// their last changelog record. It is this customer's entry only if the entry there names
+    /// it: the list is emptied at every take without visiting the customers. Bookkeeping of
+    /// the processor, like the timer cache ignored when customers are compared. Fills padding.
+    dirty_slot: u32,
     /// Sequence number of the last change emitted for this customer (0: none yet).
     pub seq: u64,
     /// When a time-dependent rule can next flip (`NEVER`: no timer).
@@ -194,14 +195,13 @@ impl Customer {
             *w &= !(1 << (i % 64));
         }
     }
-    /// Marks the customer changed since its last changelog record; true if it was not
-    /// marked already (the caller then lists it for the next record).
-    pub fn mark_dirty(&mut self) -> bool {
-        !std::mem::replace(&mut self.dirty, true)
+    /// Index of the customer's entry in its partition's dirty list, if it has one: see
+    /// `dirty_slot` (the processor checks that the entry names this customer).
+    pub fn dirty_slot(&self) -> u32 {
+        self.dirty_slot
     }
-    /// Clears the changed mark; true if it was set.
-    pub fn take_dirty(&mut self) -> bool {
-        std::mem::replace(&mut self.dirty, false)
+    pub fn set_dirty_slot(&mut self, slot: u32) {
+        self.dirty_slot = slot;
     }
     /// Membership bits of the independent segments (bit `i % 64` of word `i / 64`).
     pub fn members(&self) -> &[u64] {
@@ -382,7 +382,7 @@ impl Engine {
             recent_len: self.dedup as u16,
             segmentations: segmentations as u16,
             member_words: member_words as u16,
-            dirty: false,
+            dirty_slot: u32::MAX,
             seq: 0,
             timer: NEVER,
             words: words.into_boxed_slice(),

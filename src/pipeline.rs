@@ -60,7 +60,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
-use crate::commit::{ChangelogRecord, CommitCycle, Offsets, Progress, SourcePos};
+use crate::commit::{record_count, ChangelogBatch, CommitCycle, Offsets, Progress, SourcePos};
 use crate::config::{Config, Guarantee};
 use crate::engine::{Applied, Engine};
 use crate::event::decode;
@@ -140,17 +140,18 @@ impl Shared {
 
     /// The changelog records due now over every assigned partition (customers changed since
     /// the last call, then each partition's checkpoint), with the input offsets they reflect.
-    fn take_changelog(&self) -> (Vec<ChangelogRecord>, Offsets) {
+    fn take_changelog(&self) -> (Vec<ChangelogBatch>, Offsets) {
         let mut records = Vec::new();
         let mut reflected = Vec::new();
         for partition in self.assigned_partitions() {
             let offsets = self.progress().offsets(partition, self.topics.len());
             let batch = self.processor.changelog(partition, &offsets);
-            records.extend(batch.into_iter().map(|(key, value)| ChangelogRecord {
-                partition,
-                key,
-                value,
-            }));
+            if !batch.is_empty() {
+                records.push(ChangelogBatch {
+                    partition,
+                    records: batch,
+                });
+            }
             reflected.extend(
                 offsets
                     .iter()
@@ -164,25 +165,29 @@ impl Shared {
 
     fn changelog_record<'a>(
         &'a self,
-        r: &'a ChangelogRecord,
+        partition: i32,
+        (key, value): (&'a [u8], &'a [u8]),
     ) -> BaseRecord<'a, [u8], [u8], Box<Sent>> {
         BaseRecord::with_opaque_to(&self.changelog_topic, Box::new(Sent::Changelog))
-            .partition(r.partition)
-            .key(r.key.as_slice())
-            .payload(r.value.as_slice())
+            .partition(partition)
+            .key(key)
+            .payload(value)
     }
 
     /// Enqueues changelog records from a thread that may block, counting them in flight.
     fn send_changelog_blocking(
         &self,
         producer: &ThreadedProducer<ProducerCtx>,
-        records: &[ChangelogRecord],
+        batches: &[ChangelogBatch],
     ) -> Result<(), PipelineError> {
-        self.progress().changelog_inflight += records.len() as u64;
-        for r in records {
-            send_blocking(producer, self.changelog_record(r), self)?;
+        let n = record_count(batches) as u64;
+        self.progress().changelog_inflight += n;
+        for b in batches {
+            for r in b.records.iter() {
+                send_blocking(producer, self.changelog_record(b.partition, r), self)?;
+            }
         }
-        self.metrics.changelog_records.inc_by(records.len() as u64);
+        self.metrics.changelog_records.inc_by(n);
         Ok(())
     }
 
@@ -217,17 +222,21 @@ impl Shared {
         let sendable = {
             let mut cycle = self.cycle();
             let mut progress = self.progress();
-            let records = cycle.sendable(&progress);
-            if let Some(r) = &records {
-                progress.changelog_inflight += r.len() as u64;
+            let batches = cycle.sendable(&progress);
+            if let Some(b) = &batches {
+                progress.changelog_inflight += record_count(b) as u64;
             }
-            records
+            batches
         };
-        if let Some(records) = sendable {
-            for r in &records {
-                send(producer, self.changelog_record(r), self).await?;
+        if let Some(batches) = sendable {
+            for b in &batches {
+                for r in b.records.iter() {
+                    send(producer, self.changelog_record(b.partition, r), self).await?;
+                }
             }
-            self.metrics.changelog_records.inc_by(records.len() as u64);
+            self.metrics
+                .changelog_records
+                .inc_by(record_count(&batches) as u64);
         }
         let offsets = {
             let mut cycle = self.cycle();

@@ -18,9 +18,11 @@
 //! due. Before an event is applied, every timer the event's watermark makes due fires (they
 //! happened before it); then the event is applied under the new watermark.
 //!
-//! It also owns what the changelog needs: the set of customers changed since their last
-//! record ([`Processor::changelog`] hands out their records and the partition's checkpoint)
-//! and the rebuild from those records ([`Processor::restorer`]). A customer restored from a
+//! It also owns what the changelog needs: the list of customers changed since their last
+//! record, with each record's body encoded at the customer's first change while its state is
+//! in cache ([`Processor::changelog`] adds the headers and hands the records out in one
+//! buffer, with the partition's checkpoint), and the rebuild from those records
+//! ([`Processor::restorer`]). A customer restored from a
 //! record newer than the partition's checkpoint (a commit interval cut short by a crash)
 //! skips replayed input its state already reflects ([`Applied::Reflected`]), so a replay
 //! from the checkpoint neither applies an event twice nor emits a change twice with another
@@ -70,9 +72,15 @@ pub struct PartitionClock {
     topics: Vec<TopicTime>,
     watermark: i64,
     timers: BTreeSet<(i64, CompactString)>,
-    /// Customers changed since their last changelog record: each id once, pushed when its
-    /// customer's dirty mark is set ([`Customer::mark_dirty`]), so no set lookup per event.
-    dirty: Vec<CompactString>,
+    /// Customers changed since their last changelog record, each once, in order of their
+    /// first change; a customer knows its entry's index ([`Customer::dirty_slot`]), so no set
+    /// lookup per event.
+    dirty: Vec<Dirty>,
+    /// What the next take hands out: per entry of `dirty`, its key, room for the record's
+    /// header, then its body ([`Dirty`]).
+    bodies: Vec<u8>,
+    /// The room left for a record's header ([`changelog::header_room`]).
+    header_room: usize,
     /// Customers restored from a record newer than the partition's checkpoint (a commit
     /// interval cut short by a crash) → per input topic, the first offset their state does
     /// not reflect. Replayed input below it is skipped for them.
@@ -82,7 +90,7 @@ pub struct PartitionClock {
 }
 
 impl PartitionClock {
-    fn new(topics: usize) -> Self {
+    fn new(topics: usize, header_room: usize) -> Self {
         PartitionClock {
             topics: vec![
                 TopicTime {
@@ -94,9 +102,71 @@ impl PartitionClock {
             watermark: NO_TIME,
             timers: BTreeSet::new(),
             dirty: Vec::new(),
+            bodies: Vec::new(),
+            header_room,
             reflected: HashMap::new(),
             last_checkpoint: None,
         }
+    }
+
+    /// Notes that customer `id` changed. Its first change since the last take lists it and
+    /// encodes its record's body now, while its state is in cache (at the take, most
+    /// customers' state is not: reading it back then cost more than the engine's work per
+    /// event, BENCHMARKS.md). A further change marks that body stale: it is encoded again at
+    /// the take, once, however often the customer changes in between.
+    fn changed(&mut self, engine: &Engine, id: &str, c: &mut Customer) {
+        if let Some(d) = self.dirty.get_mut(c.dirty_slot() as usize) {
+            if self.bodies.get(d.key..d.value) == Some(id.as_bytes()) {
+                d.end = STALE_BODY;
+                return;
+            }
+        }
+        let key = self.bodies.len();
+        self.bodies.extend_from_slice(id.as_bytes());
+        let value = self.bodies.len();
+        self.bodies.resize(value + self.header_room, 0);
+        changelog::encode_body(engine, c, &mut self.bodies);
+        // Past 4 G entries the customer is listed again at its next change: two records.
+        c.set_dirty_slot(u32::try_from(self.dirty.len()).unwrap_or(u32::MAX));
+        self.dirty.push(Dirty {
+            key,
+            value,
+            end: self.bodies.len(),
+        });
+    }
+
+    /// Hands out the records of the customers changed since the last take (their state
+    /// reflecting the input up to `offsets`) and empties the list.
+    fn take(&mut self, engine: &Engine, store: &Store, offsets: &[i64]) -> changelog::Batch {
+        let mut header = Vec::new();
+        changelog::encode_header(engine, offsets, &mut header);
+        let mut bytes = std::mem::take(&mut self.bodies);
+        let mut spans = Vec::with_capacity(self.dirty.len() + 1);
+        for d in self.dirty.drain(..) {
+            let room = d.value + self.header_room;
+            let value = if d.end != STALE_BODY && header.len() <= self.header_room {
+                // The header goes right before the body.
+                let start = room - header.len();
+                bytes[start..room].copy_from_slice(&header);
+                (start, d.end)
+            } else {
+                // Changed again since its body was encoded: the record is written now (the
+                // old body stays in the buffer, unused).
+                let id = std::str::from_utf8(&bytes[d.key..d.value]).unwrap_or_default();
+                let Some(c) = store.get(id) else { continue };
+                let mut record = header.clone();
+                changelog::encode_body(engine, &c, &mut record);
+                drop(c);
+                let start = bytes.len();
+                bytes.extend_from_slice(&record);
+                (start, bytes.len())
+            };
+            spans.push(changelog::Span {
+                key: (d.key, d.value),
+                value,
+            });
+        }
+        changelog::Batch::from_parts(bytes, spans)
     }
 
     fn checkpoint(&self, offsets: &[i64]) -> Checkpoint {
@@ -172,6 +242,18 @@ impl PartitionClock {
     }
 }
 
+/// A customer changed since its last changelog record (see [`PartitionClock::changed`]):
+/// in [`PartitionClock::bodies`], its id from `key` to `value`, then the header's room, then
+/// its record's body up to `end` (`STALE_BODY`: changed again since, encoded at the take).
+#[derive(Debug)]
+struct Dirty {
+    key: usize,
+    value: usize,
+    end: usize,
+}
+
+const STALE_BODY: usize = usize::MAX;
+
 /// Where an input message was read: input topic (index in the configuration), partition,
 /// offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +269,8 @@ pub struct Processor {
     store: Arc<Store>,
     time: TimeConfig,
     topics: usize,
+    /// [`changelog::header_room`] for `topics`.
+    header_room: usize,
     clocks: Mutex<BTreeMap<i32, PartitionClock>>,
 }
 
@@ -200,6 +284,7 @@ pub struct Fired {
 impl Processor {
     pub fn new(engine: Engine, store: Arc<Store>, time: &TimeConfig, topics: usize) -> Self {
         Processor {
+            header_room: changelog::header_room(&engine, topics.max(1)),
             engine,
             store,
             time: time.clone(),
@@ -240,7 +325,7 @@ impl Processor {
         let mut clocks = self.clocks();
         let clock = clocks
             .entry(partition)
-            .or_insert_with(|| PartitionClock::new(self.topics));
+            .or_insert_with(|| PartitionClock::new(self.topics, self.header_room));
         let at = match self.time.clock {
             ClockMode::Event => {
                 clock.observe(topic, ev.ts, wall);
@@ -261,28 +346,27 @@ impl Processor {
         }
         let id = CompactString::from(cid);
         let mut changes = Vec::new();
-        let (old, new, applied, newly_dirty) = match self.store.entry(id.clone()) {
+        let (old, new, applied) = match self.store.entry(id.clone()) {
             Entry::Occupied(mut o) => {
                 let c = o.get_mut();
                 let old = c.timer;
                 let applied = self.engine.apply_at(c, ev, at, &mut changes)?;
-                let newly_dirty = applied != Applied::Duplicate && c.mark_dirty();
-                (old, c.timer, applied, newly_dirty)
+                if applied != Applied::Duplicate {
+                    clock.changed(&self.engine, &id, c);
+                }
+                (old, c.timer, applied)
             }
             Entry::Vacant(v) => {
                 let mut c = self.engine.new_customer(partition);
                 let applied = self.engine.apply_at(&mut c, ev, at, &mut changes)?;
-                let newly_dirty = c.mark_dirty();
+                clock.changed(&self.engine, &id, &mut c);
                 let new = c.timer;
                 v.insert(Box::new(c));
                 fired.new_customers += 1;
-                (NEVER, new, applied, newly_dirty)
+                (NEVER, new, applied)
             }
         };
         clock.reschedule(&id, old, new);
-        if newly_dirty {
-            clock.dirty.push(id.clone());
-        }
         fired.timers += changes.iter().filter(|c| c.by_timer).count() as u64;
         if !changes.is_empty() {
             out.extend(changes.into_iter().map(|change| Emitted {
@@ -308,13 +392,10 @@ impl Processor {
             let mut changes = Vec::new();
             self.engine.advance(&mut c, due, &mut changes);
             let next = c.timer;
-            let newly_dirty = c.mark_dirty();
+            clock.changed(&self.engine, &id, &mut c);
             drop(c);
             if next != NEVER {
                 clock.timers.insert((next, id.clone()));
-            }
-            if newly_dirty {
-                clock.dirty.push(id.clone());
             }
             fired.timers += 1;
             out.extend(changes.into_iter().map(|change| Emitted {
@@ -366,25 +447,12 @@ impl Processor {
     /// `offsets` (per input topic, the next offset to process): the latest record of every
     /// customer changed since the last call, then the partition's checkpoint (key
     /// [`CHECKPOINT_KEY`]) if anything moved. Marks those customers clean.
-    pub fn changelog(&self, partition: i32, offsets: &[i64]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub fn changelog(&self, partition: i32, offsets: &[i64]) -> changelog::Batch {
         let mut clocks = self.clocks();
         let Some(clock) = clocks.get_mut(&partition) else {
-            return Vec::new();
+            return changelog::Batch::default();
         };
-        // Encoded into one reused buffer, then copied out at its exact size: no growth and
-        // no slack per record.
-        let mut scratch = Vec::new();
-        let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(clock.dirty.len() + 1);
-        out.extend(clock.dirty.drain(..).filter_map(|id| {
-            let mut c = self.store.get_mut(&id)?;
-            if !c.take_dirty() {
-                return None;
-            }
-            scratch.clear();
-            changelog::encode(&self.engine, &c, offsets, &mut scratch);
-            drop(c);
-            Some((id.as_bytes().to_vec(), scratch.clone()))
-        }));
+        let mut out = clock.take(&self.engine, &self.store, offsets);
         let cp = clock.checkpoint(offsets);
         clock
             .reflected
@@ -392,7 +460,7 @@ impl Processor {
         if !out.is_empty() || clock.last_checkpoint.as_ref() != Some(&cp) {
             let mut bytes = Vec::new();
             cp.encode(&mut bytes);
-            out.push((CHECKPOINT_KEY.to_vec(), bytes));
+            out.push(CHECKPOINT_KEY, &bytes);
             clock.last_checkpoint = Some(cp);
         }
         out
@@ -413,7 +481,7 @@ impl Processor {
         Restorer {
             processor: self,
             partition,
-            clock: PartitionClock::new(self.topics),
+            clock: PartitionClock::new(self.topics, self.header_room),
             checkpoint: None,
             customers: 0,
             pending: Vec::new(),

@@ -144,11 +144,14 @@ fn run_with_crashes(
             }
             let mut n = 0;
             'write: for part in 0..PARTITIONS {
-                for (k, v) in p.changelog(part, &[next[part as usize]]) {
+                for (k, v) in &p.changelog(part, &[next[part as usize]]) {
                     if cut.is_some_and(|c| n >= c) {
                         break 'write;
                     }
-                    changelog.entry(part).or_default().push((k, v));
+                    changelog
+                        .entry(part)
+                        .or_default()
+                        .push((k.to_vec(), v.to_vec()));
                     n += 1;
                 }
             }
@@ -303,8 +306,8 @@ fn records_written_under_other_rules_are_re_evaluated_silently() {
     let b = processor(&new_rules);
     for part in 0..PARTITIONS {
         let mut r = b.restorer(part);
-        for (k, v) in a.changelog(part, &[next[part as usize]]) {
-            r.record(&k, Some(&v)).unwrap();
+        for (k, v) in &a.changelog(part, &[next[part as usize]]) {
+            r.record(k, Some(v)).unwrap();
         }
         r.finish();
     }
@@ -381,9 +384,9 @@ fn changed_by(
 fn written(p: &Processor, part: i32, next: i64) -> Vec<String> {
     let mut keys: Vec<String> = p
         .changelog(part, &[next])
-        .into_iter()
-        .filter(|(k, _)| k.as_slice() != microseg::changelog::CHECKPOINT_KEY)
-        .map(|(k, _)| String::from_utf8(k).unwrap())
+        .iter()
+        .filter(|(k, _)| *k != microseg::changelog::CHECKPOINT_KEY)
+        .map(|(k, _)| String::from_utf8(k.to_vec()).unwrap())
         .collect();
     keys.sort_unstable();
     keys
@@ -418,4 +421,51 @@ fn each_changed_customer_is_written_once_per_interval() {
             "nothing new"
         );
     }
+}
+
+/// Every record holds the customer's state at the take, byte for byte: whether its body was
+/// encoded at the customer's first change in the interval (and nothing changed it since) or
+/// again at the take (changed more than once). Takes every few events, so both happen often.
+#[test]
+fn records_hold_the_state_at_the_take_however_often_the_customer_changed() {
+    use microseg::changelog::{encode, CHECKPOINT_KEY};
+    let rules = Arc::new(RuleSet::embedded_default());
+    let a = processor(&rules);
+    let mut next = [0i64; PARTITIONS as usize];
+    let (mut once, mut more) = (0, 0);
+    for chunk in input(13, 1_500).chunks(9) {
+        let mut events: HashMap<&str, usize> = HashMap::new();
+        for e in chunk {
+            process(&a, &rules, e);
+            next[e.1 as usize] = e.2 + 1;
+            *events.entry(e.0.customer_id.as_str()).or_default() += 1;
+        }
+        for part in 0..PARTITIONS {
+            let offsets = [next[part as usize]];
+            let records = a.changelog(part, &offsets);
+            let mut keys: Vec<&[u8]> = records.iter().map(|(k, _)| k).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            assert_eq!(keys.len(), records.len(), "one record per customer");
+            for (k, v) in &records {
+                if k == CHECKPOINT_KEY {
+                    continue;
+                }
+                let id = std::str::from_utf8(k).unwrap();
+                match events.get(id) {
+                    Some(1) => once += 1,
+                    Some(_) => more += 1,
+                    None => {} // changed by a timer only
+                }
+                let c = a.store().get(id).unwrap();
+                let mut expected = Vec::new();
+                encode(a.engine(), &c, &offsets, &mut expected);
+                assert!(v == expected, "{id}'s record is not its state at the take");
+            }
+        }
+    }
+    assert!(
+        once > 100 && more > 100,
+        "both cases covered: {once} / {more}"
+    );
 }
