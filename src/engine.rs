@@ -195,6 +195,12 @@ impl Customer {
             *w &= !(1 << (i % 64));
         }
     }
+    /// Starts loading the customer's separate allocations, which an event and its changelog
+    /// record read (see [`crate::state::prefetch`]).
+    pub fn prefetch(&self) {
+        self.state.prefetch();
+        crate::state::prefetch(&self.words);
+    }
     /// Index of the customer's entry in its partition's dirty list, if it has one: see
     /// `dirty_slot` (the processor checks that the entry names this customer).
     pub fn dirty_slot(&self) -> u32 {

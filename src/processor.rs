@@ -349,6 +349,7 @@ impl Processor {
         let (old, new, applied) = match self.store.entry(id.clone()) {
             Entry::Occupied(mut o) => {
                 let c = o.get_mut();
+                c.prefetch();
                 let old = c.timer;
                 let applied = self.engine.apply_at(c, ev, at, &mut changes)?;
                 if applied != Applied::Duplicate {
@@ -389,6 +390,7 @@ impl Processor {
             let Some(mut c) = self.store.get_mut(&id) else {
                 continue;
             };
+            c.prefetch();
             let mut changes = Vec::new();
             self.engine.advance(&mut c, due, &mut changes);
             let next = c.timer;

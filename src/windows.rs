@@ -87,6 +87,11 @@ impl<E> Default for Totals<E> {
 }
 
 impl<E: Entry> Totals<E> {
+    /// Asks the CPU to start loading the entries (see [`crate::state::prefetch`]).
+    fn prefetch(&self) {
+        crate::state::prefetch(&self.0);
+    }
+
     /// Adds `v` at `key`.
     fn add(&mut self, key: E::Key, v: E::Total) {
         let i = match self.0.last() {
@@ -247,6 +252,10 @@ impl Entry for PurchaseTotal {
 pub struct Purchases(Totals<PurchaseTotal>);
 
 impl Purchases {
+    pub(crate) fn prefetch(&self) {
+        self.0.prefetch();
+    }
+
     pub fn with_capacity(n: usize) -> Self {
         Purchases(Totals(Vec::with_capacity(n)))
     }
@@ -344,6 +353,10 @@ impl Entry for EngagementTotal {
 pub struct Engagements(Totals<EngagementTotal>);
 
 impl Engagements {
+    pub(crate) fn prefetch(&self) {
+        self.0.prefetch();
+    }
+
     /// Builds from per-entry counts in any order (a changelog record).
     pub fn from_counts(mut counts: Vec<(u32, Sym, u32)>) -> Self {
         counts.sort_unstable_by_key(|&(b, a, _)| (b, a));
