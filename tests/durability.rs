@@ -660,7 +660,13 @@ async fn the_broker_benchmarks_restore_consume_and_measure_latency_through_the_b
     // The baseline decoded every pre-loaded event; the pipeline produced changes for them.
     assert_eq!(e2e["baseline_decoded"], 5000, "{e2e}");
     assert!(e2e["changes"].as_u64().unwrap() >= 1000, "{e2e}");
-    for f in ["e2e_eps", "baseline_eps", "e2e_vs_baseline"] {
+    for f in [
+        "e2e_eps",
+        "baseline_eps",
+        "e2e_vs_baseline",
+        "baseline_cpu_us_per_event",
+        "e2e_cpu_us_per_event",
+    ] {
         positive(&e2e, f);
     }
 

@@ -5,7 +5,9 @@
 //!   full pipeline consumes the same topic, runs the engine and produces every change
 //!   (`e2e_eps`, up to the last change acknowledged by the broker). Both are timed from the
 //!   first message received to the last, so the group join is not counted, and both run
-//!   in this process against the same broker.
+//!   in this process against the same broker. Over the same spans, the CPU time the process
+//!   used (every thread), per event (`baseline_cpu_us_per_event`, `e2e_cpu_us_per_event`):
+//!   what each costs, less sensitive than throughput to the broker and the VM's drift.
 //! * `latency`: a running pipeline (caught up, ready) is fed generated events at a fixed
 //!   offered rate. A consumer of the output topic records, for every change caused by an
 //!   event, the time from the event's send call to the change's arrival
@@ -38,6 +40,18 @@ fn messages_in(c: &BaseConsumer, topic: &str, partitions: i32) -> Result<i64, St
         n += hi - lo;
     }
     Ok(n)
+}
+
+/// CPU time this process has used so far (every thread: the consumer, librdkafka's, the
+/// producer's), in seconds; 0 if the OS does not say.
+fn process_cpu_secs() -> f64 {
+    // SAFETY: `getrusage` only writes the struct it is given, which is zeroed and owned here.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// Generated events (customer id as the key, JSON payload).
@@ -93,6 +107,7 @@ pub(super) async fn throughput(
     let consumer: StreamConsumer = cc.create().map_err(|e| e.to_string())?;
     consumer.subscribe(&[&input]).map_err(|e| e.to_string())?;
     let (mut seen, mut decoded, mut first) = (0u64, 0u64, None);
+    let mut baseline_cpu = 0.0;
     let deadline = Instant::now() + PHASE_TIMEOUT;
     while seen < n {
         if Instant::now() > deadline {
@@ -100,7 +115,10 @@ pub(super) async fn throughput(
         }
         match tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
             Ok(Ok(m)) => {
-                first.get_or_insert_with(Instant::now);
+                first.get_or_insert_with(|| {
+                    baseline_cpu = process_cpu_secs();
+                    Instant::now()
+                });
                 seen += 1;
                 if let Some(p) = m.payload() {
                     decoded += std::hint::black_box(decode(p)).is_ok() as u64;
@@ -111,6 +129,7 @@ pub(super) async fn throughput(
         }
     }
     let baseline_secs = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    baseline_cpu = process_cpu_secs() - baseline_cpu;
     drop(consumer);
 
     // The full pipeline over the same topic, until every change is acknowledged.
@@ -120,6 +139,7 @@ pub(super) async fn throughput(
         .until("the first event", |r| r.metrics.events_processed() > 0)
         .await?;
     let started = Instant::now();
+    let e2e_cpu = process_cpu_secs();
     running
         .until("every event", |r| r.metrics.events_processed() >= n)
         .await?;
@@ -146,6 +166,7 @@ pub(super) async fn throughput(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let e2e_secs = started.elapsed().as_secs_f64();
+    let e2e_cpu = process_cpu_secs() - e2e_cpu;
     running.stop().await;
 
     let e2e_eps = n as f64 / e2e_secs.max(1e-9);
@@ -165,6 +186,8 @@ pub(super) async fn throughput(
             "e2e_seconds": e2e_secs,
             "e2e_eps": e2e_eps.round(),
             "e2e_vs_baseline": (e2e_eps / baseline_eps * 1000.0).round() / 1000.0,
+            "baseline_cpu_us_per_event": (baseline_cpu * 1e7 / n.max(1) as f64).round() / 10.0,
+            "e2e_cpu_us_per_event": (e2e_cpu * 1e7 / n.max(1) as f64).round() / 10.0,
         }),
     );
     Ok(())
