@@ -436,6 +436,20 @@ impl Batch {
         self.spans.len()
     }
 
+    /// Bytes of keys and values (and of any unused room between them).
+    pub fn bytes_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Its buffers, emptied, with their capacity: for the next batch to be written into
+    /// memory already in use instead of fresh pages.
+    pub fn into_buffers(self) -> (Vec<u8>, Vec<Span>) {
+        let (mut bytes, mut spans) = (self.bytes, self.spans);
+        bytes.clear();
+        spans.clear();
+        (bytes, spans)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.spans.is_empty()
     }

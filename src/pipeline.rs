@@ -174,6 +174,14 @@ impl Shared {
             .payload(value)
     }
 
+    /// Hands sent batches' buffers back to the processor (the records are copied into the
+    /// producer's queue when sent).
+    fn recycle(&self, batches: Vec<ChangelogBatch>) {
+        for b in batches {
+            self.processor.recycle(b.partition, b.records);
+        }
+    }
+
     /// Enqueues changelog records from a thread that may block, counting them in flight.
     fn send_changelog_blocking(
         &self,
@@ -237,6 +245,7 @@ impl Shared {
             self.metrics
                 .changelog_records
                 .inc_by(record_count(&batches) as u64);
+            self.recycle(batches);
         }
         let offsets = {
             let mut cycle = self.cycle();
@@ -281,6 +290,9 @@ impl Shared {
         let (records, _) = self.take_changelog();
         self.send_changelog_blocking(producer, &unsent)?;
         self.send_changelog_blocking(producer, &records)?;
+        let sent_changelog = !unsent.is_empty() || !records.is_empty();
+        self.recycle(unsent);
+        self.recycle(records);
         let offsets = self.progress().committable();
         if exactly_once {
             // Output, changelog and offsets commit together.
@@ -300,7 +312,7 @@ impl Shared {
             return Ok(true);
         }
         // 3. Changelog delivered.
-        if !unsent.is_empty() || !records.is_empty() {
+        if sent_changelog {
             let _ = producer.flush(wait);
             if self.progress().changelog_inflight > 0 {
                 debug!("commit interval: changelog not delivered yet; not committing");

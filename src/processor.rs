@@ -81,6 +81,8 @@ pub struct PartitionClock {
     bodies: Vec<u8>,
     /// The room left for a record's header ([`changelog::header_room`]).
     header_room: usize,
+    /// The buffers of a batch already sent ([`Processor::recycle`]), for the next take.
+    spare: Option<(Vec<u8>, Vec<changelog::Span>)>,
     /// Customers restored from a record newer than the partition's checkpoint (a commit
     /// interval cut short by a crash) → per input topic, the first offset their state does
     /// not reflect. Replayed input below it is skipped for them.
@@ -104,6 +106,7 @@ impl PartitionClock {
             dirty: Vec::new(),
             bodies: Vec::new(),
             header_room,
+            spare: None,
             reflected: HashMap::new(),
             last_checkpoint: None,
         }
@@ -140,8 +143,9 @@ impl PartitionClock {
     fn take(&mut self, engine: &Engine, store: &Store, offsets: &[i64]) -> changelog::Batch {
         let mut header = Vec::new();
         changelog::encode_header(engine, offsets, &mut header);
-        let mut bytes = std::mem::take(&mut self.bodies);
-        let mut spans = Vec::with_capacity(self.dirty.len() + 1);
+        let (next, mut spans) = self.spare.take().unwrap_or_default();
+        let mut bytes = std::mem::replace(&mut self.bodies, next);
+        spans.reserve(self.dirty.len() + 1);
         for d in self.dirty.drain(..) {
             let room = d.value + self.header_room;
             let value = if d.end != STALE_BODY && header.len() <= self.header_room {
@@ -253,6 +257,9 @@ struct Dirty {
 }
 
 const STALE_BODY: usize = usize::MAX;
+
+/// A spare buffer up to this size is kept whatever its batch used ([`Processor::recycle`]).
+const SPARE_KEPT_ANYWAY: usize = 1 << 20;
 
 /// Where an input message was read: input topic (index in the configuration), partition,
 /// offset.
@@ -466,6 +473,22 @@ impl Processor {
             clock.last_checkpoint = Some(cp);
         }
         out
+    }
+
+    /// Takes back a batch of `partition`'s records once they are sent, so that the partition's
+    /// next records are written into its buffers. A fresh buffer is fresh pages: zeroing
+    /// them on first touch was most of the pipeline's page faults, and growing one copies
+    /// it (BENCHMARKS.md). One spare per partition; one much larger than what its batch used
+    /// (after a burst) is freed instead.
+    pub fn recycle(&self, partition: i32, batch: changelog::Batch) {
+        let used = batch.bytes_len();
+        let (bytes, spans) = batch.into_buffers();
+        if bytes.capacity() > 2 * used.max(SPARE_KEPT_ANYWAY) {
+            return;
+        }
+        if let Some(clock) = self.clocks().get_mut(&partition) {
+            clock.spare.get_or_insert((bytes, spans));
+        }
     }
 
     /// Customers changed since their last changelog record, over all partitions.

@@ -427,7 +427,7 @@ fn each_changed_customer_is_written_once_per_interval() {
 /// encoded at the customer's first change in the interval (and nothing changed it since) or
 /// again at the take (changed more than once). Takes every few events, so both happen often.
 #[test]
-fn records_hold_the_state_at_the_take_however_often_the_customer_changed() {
+fn records_hold_the_state_at_the_take_however_often_the_customer_changed_and_in_reused_buffers() {
     use microseg::changelog::{encode, CHECKPOINT_KEY};
     let rules = Arc::new(RuleSet::embedded_default());
     let a = processor(&rules);
@@ -461,6 +461,11 @@ fn records_hold_the_state_at_the_take_however_often_the_customer_changed() {
                 let mut expected = Vec::new();
                 encode(a.engine(), &c, &offsets, &mut expected);
                 assert!(v == expected, "{id}'s record is not its state at the take");
+            }
+            // As the pipeline does once they are sent: the next take writes into these
+            // buffers (every other chunk, so fresh buffers are covered as well).
+            if next[0] % 2 == 0 {
+                a.recycle(part, records);
             }
         }
     }

@@ -259,7 +259,10 @@ fn engine_run(rules: &Arc<RuleSet>, customers: usize, events: u64) -> EngineRun 
         // interval, which empties the dirty lists; a chunk is a fraction of a second's input.
         let t = Instant::now();
         for (p, offset) in offsets.iter().enumerate() {
-            changelog_records += processor.changelog(p as i32, &[*offset]).len() as u64;
+            let batch = processor.changelog(p as i32, &[*offset]);
+            changelog_records += batch.len() as u64;
+            // As the pipeline does once the records are sent.
+            processor.recycle(p as i32, batch);
         }
         changelog_secs += t.elapsed().as_secs_f64();
         done += n;
