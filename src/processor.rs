@@ -157,9 +157,7 @@ impl PartitionClock {
                 // Changed again since its body was encoded: the record is written now (the
                 // old body stays in the buffer, unused).
                 let id = std::str::from_utf8(&bytes[d.key..d.value]).unwrap_or_default();
-                let Some(c) = store.get(&CompactString::from(id)) else {
-                    continue;
-                };
+                let Some(c) = store.get(id) else { continue };
                 let start = bytes.len();
                 bytes.extend_from_slice(&header);
                 changelog::encode_body(engine, &c, &mut bytes);
