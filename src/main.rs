@@ -86,6 +86,10 @@ enum Command {
         /// Events pre-loaded for the end-to-end measurement (default 1 000 000; quick 20 000).
         #[arg(long)]
         e2e_events: Option<u64>,
+        /// Baseline / pipeline pairs of the end-to-end measurement, run alternately; the
+        /// figures are their medians (default 3; quick 2).
+        #[arg(long)]
+        e2e_pairs: Option<u32>,
         /// Offered load of the latency measurement, events/s (the 50 000 is far above
         /// what the local Nisshi broker sustains on 2 cores; see BENCHMARKS.md).
         #[arg(long, default_value_t = 1_000)]
@@ -302,6 +306,7 @@ async fn main() -> ExitCode {
             brokers,
             partitions,
             e2e_events,
+            e2e_pairs,
             latency_rate,
             latency_seconds,
         } => {
@@ -312,6 +317,7 @@ async fn main() -> ExitCode {
                 brokers,
                 partitions: partitions.max(1),
                 e2e_events: e2e_events.unwrap_or(if quick { 20_000 } else { 1_000_000 }),
+                e2e_pairs: e2e_pairs.unwrap_or(if quick { 2 } else { 3 }).max(1),
                 latency_rate,
                 latency_seconds: latency_seconds.unwrap_or(if quick { 3.0 } else { 20.0 }),
                 command: std::env::args().collect::<Vec<_>>().join(" "),

@@ -669,6 +669,22 @@ async fn the_broker_benchmarks_restore_consume_and_measure_latency_through_the_b
     ] {
         positive(&e2e, f);
     }
+    // Quick runs two alternating baseline / pipeline pairs and reports each.
+    assert_eq!(e2e["pairs"], 2, "{e2e}");
+    for f in [
+        "pairs_baseline_eps",
+        "pairs_e2e_eps",
+        "pairs_e2e_vs_baseline",
+        "pairs_baseline_cpu_us_per_event",
+        "pairs_e2e_cpu_us_per_event",
+    ] {
+        let v = e2e[f].as_array().unwrap_or_else(|| panic!("{f} in {e2e}"));
+        assert_eq!(v.len(), 2, "{f} in {e2e}");
+        assert!(
+            v.iter().all(|x| x.as_f64().is_some_and(|x| x > 0.0)),
+            "{f} in {e2e}"
+        );
+    }
 
     let lat = line("latency");
     assert_eq!(lat["offered_eps"], 500, "{lat}");

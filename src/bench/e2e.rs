@@ -5,7 +5,9 @@
 //!   full pipeline consumes the same topic, runs the engine and produces every change
 //!   (`e2e_eps`, up to the last change acknowledged by the broker). Both are timed from the
 //!   first message received to the last, so the group join is not counted, and both run
-//!   in this process against the same broker. Over the same spans, the CPU time the process
+//!   in this process against the same broker. The two alternate, `--e2e-pairs` times over
+//!   the same topic (each pass in a group of its own), and the figures are the pairs'
+//!   medians; each pair's figures are reported as `pairs_*`. Over the same spans, the CPU time the process
 //!   used (every thread), per event (`baseline_cpu_us_per_event`, `e2e_cpu_us_per_event`):
 //!   what each costs, less sensitive than throughput to the broker and the VM's drift.
 //! * `latency`: a running pipeline (caught up, ready) is fed generated events at a fixed
@@ -71,7 +73,10 @@ fn events(
         .collect()
 }
 
-/// `e2e_eps` against `baseline_eps` over the same pre-loaded topic.
+/// `e2e_eps` against `baseline_eps` over the same pre-loaded topic, in `opts.e2e_pairs`
+/// alternating pairs (baseline, then pipeline); the figures are the medians of the pairs,
+/// and every pair's figures are reported too. The broker and this VM drift by tens of per
+/// cent within a minute, so one pair alone says little about the ratio.
 pub(super) async fn throughput(
     opts: &BenchOptions,
     rules: &Arc<RuleSet>,
@@ -100,14 +105,84 @@ pub(super) async fn throughput(
     let load_secs = loading.elapsed().as_secs_f64();
     drop(evs);
 
-    // Baseline: the pipeline's consumer settings, consume and decode only.
-    let mut cc = client_config(&cfg, &CONSUMER_DEFAULTS, &cfg.kafka.consumer);
-    cc.set("group.id", format!("{run}-baseline"))
-        .set("enable.auto.commit", "false");
+    let mut pairs = Vec::new();
+    for i in 0..opts.e2e_pairs.max(1) {
+        let base = baseline(&cfg, &format!("{run}-baseline-{i}"), n).await?;
+        let mut pass = bench_config(brokers, &run, &format!("e2e-{i}"));
+        pass.kafka.input_topics = vec![input.clone()];
+        let full = pipeline(pass, rules, brokers, opts.partitions, n).await?;
+        pairs.push((base, full));
+    }
+    let eps = |p: &Pass| n as f64 / p.seconds.max(1e-9);
+    let us_per_event = |p: &Pass| p.cpu_seconds * 1e6 / n.max(1) as f64;
+    let round = |x: f64, places: i32| {
+        let f = 10f64.powi(places);
+        (x * f).round() / f
+    };
+    let col = |f: &dyn Fn(&(Pass, Pass)) -> f64| -> Vec<f64> { pairs.iter().map(f).collect() };
+    let baseline_eps = col(&|(b, _)| eps(b));
+    let e2e_eps = col(&|(_, e)| eps(e));
+    let ratios = col(&|(b, e)| eps(e) / eps(b));
+    let baseline_cpu = col(&|(b, _)| us_per_event(b));
+    let e2e_cpu = col(&|(_, e)| us_per_event(e));
+    let rounded = |v: &[f64], places: i32| v.iter().map(|x| round(*x, places)).collect::<Vec<_>>();
+    emit(
+        "e2e",
+        opts,
+        json!({
+            "events": n,
+            "customers": customers,
+            "partitions": opts.partitions,
+            "pairs": pairs.len(),
+            "changes": pairs.iter().map(|(_, e)| e.count).min().unwrap_or(0),
+            "load_seconds": load_secs,
+            "baseline_decoded": pairs.iter().map(|(b, _)| b.count).min().unwrap_or(0),
+            "baseline_eps": median(&baseline_eps).round(),
+            "e2e_eps": median(&e2e_eps).round(),
+            "e2e_vs_baseline": round(median(&ratios), 3),
+            "baseline_cpu_us_per_event": round(median(&baseline_cpu), 1),
+            "e2e_cpu_us_per_event": round(median(&e2e_cpu), 1),
+            "pairs_baseline_eps": rounded(&baseline_eps, 0),
+            "pairs_e2e_eps": rounded(&e2e_eps, 0),
+            "pairs_e2e_vs_baseline": rounded(&ratios, 3),
+            "pairs_baseline_cpu_us_per_event": rounded(&baseline_cpu, 1),
+            "pairs_e2e_cpu_us_per_event": rounded(&e2e_cpu, 1),
+        }),
+    );
+    Ok(())
+}
+
+/// One pass over the pre-loaded events: how long it took from its first message, the CPU
+/// time the whole process used over the same span, and what it counted (events decoded by
+/// the baseline, changes produced by the pipeline).
+struct Pass {
+    seconds: f64,
+    cpu_seconds: f64,
+    count: u64,
+}
+
+/// The median (the mean of the middle two for an even count); 0 for none.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The baseline: the pipeline's consumer settings, in a group of its own, consume and
+/// decode all `n` pre-loaded events; nothing else.
+async fn baseline(cfg: &crate::config::Config, group: &str, n: u64) -> Result<Pass, String> {
+    let mut cc = client_config(cfg, &CONSUMER_DEFAULTS, &cfg.kafka.consumer);
+    cc.set("group.id", group).set("enable.auto.commit", "false");
     let consumer: StreamConsumer = cc.create().map_err(|e| e.to_string())?;
-    consumer.subscribe(&[&input]).map_err(|e| e.to_string())?;
+    consumer
+        .subscribe(&[&cfg.kafka.input_topics[0]])
+        .map_err(|e| e.to_string())?;
     let (mut seen, mut decoded, mut first) = (0u64, 0u64, None);
-    let mut baseline_cpu = 0.0;
+    let mut cpu = 0.0;
     let deadline = Instant::now() + PHASE_TIMEOUT;
     while seen < n {
         if Instant::now() > deadline {
@@ -116,7 +191,7 @@ pub(super) async fn throughput(
         match tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
             Ok(Ok(m)) => {
                 first.get_or_insert_with(|| {
-                    baseline_cpu = process_cpu_secs();
+                    cpu = process_cpu_secs();
                     Instant::now()
                 });
                 seen += 1;
@@ -128,18 +203,29 @@ pub(super) async fn throughput(
             Err(_) => {}
         }
     }
-    let baseline_secs = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
-    baseline_cpu = process_cpu_secs() - baseline_cpu;
-    drop(consumer);
+    Ok(Pass {
+        seconds: first.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+        cpu_seconds: process_cpu_secs() - cpu,
+        count: decoded,
+    })
+}
 
-    // The full pipeline over the same topic, until every change is acknowledged.
+/// The full pipeline over the pre-loaded events, from its first event until every change
+/// is acknowledged by the broker (the output topic holds them all).
+async fn pipeline(
+    cfg: crate::config::Config,
+    rules: &Arc<RuleSet>,
+    brokers: &str,
+    partitions: i32,
+    n: u64,
+) -> Result<Pass, String> {
     let out_topic = cfg.kafka.output_topic.clone();
     let mut running = Running::start(cfg, rules);
     running
         .until("the first event", |r| r.metrics.events_processed() > 0)
         .await?;
     let started = Instant::now();
-    let e2e_cpu = process_cpu_secs();
+    let cpu = process_cpu_secs();
     running
         .until("every event", |r| r.metrics.events_processed() >= n)
         .await?;
@@ -153,8 +239,8 @@ pub(super) async fn throughput(
     );
     let deadline = Instant::now() + PHASE_TIMEOUT;
     loop {
-        let (c, t, p) = (watermarks.clone(), out_topic.clone(), opts.partitions);
-        let written = tokio::task::spawn_blocking(move || messages_in(&c, &t, p))
+        let (c, t) = (watermarks.clone(), out_topic.clone());
+        let written = tokio::task::spawn_blocking(move || messages_in(&c, &t, partitions))
             .await
             .map_err(|e| e.to_string())??;
         if written >= changes as i64 {
@@ -165,32 +251,13 @@ pub(super) async fn throughput(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let e2e_secs = started.elapsed().as_secs_f64();
-    let e2e_cpu = process_cpu_secs() - e2e_cpu;
+    let pass = Pass {
+        seconds: started.elapsed().as_secs_f64(),
+        cpu_seconds: process_cpu_secs() - cpu,
+        count: changes,
+    };
     running.stop().await;
-
-    let e2e_eps = n as f64 / e2e_secs.max(1e-9);
-    let baseline_eps = n as f64 / baseline_secs.max(1e-9);
-    emit(
-        "e2e",
-        opts,
-        json!({
-            "events": n,
-            "customers": customers,
-            "partitions": opts.partitions,
-            "changes": changes,
-            "load_seconds": load_secs,
-            "baseline_decoded": decoded,
-            "baseline_seconds": baseline_secs,
-            "baseline_eps": baseline_eps.round(),
-            "e2e_seconds": e2e_secs,
-            "e2e_eps": e2e_eps.round(),
-            "e2e_vs_baseline": (e2e_eps / baseline_eps * 1000.0).round() / 1000.0,
-            "baseline_cpu_us_per_event": (baseline_cpu * 1e7 / n.max(1) as f64).round() / 10.0,
-            "e2e_cpu_us_per_event": (e2e_cpu * 1e7 / n.max(1) as f64).round() / 10.0,
-        }),
-    );
-    Ok(())
+    Ok(pass)
 }
 
 /// The consumers' longest fetch wait in the latency measurement. Nisshi holds a fetch for
@@ -390,5 +457,18 @@ fn watch(
             }
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_is_the_middle_value_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[3.0]), 3.0);
+        assert_eq!(median(&[0.9, 0.5, 0.7]), 0.7);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
     }
 }
