@@ -714,6 +714,22 @@ pub(crate) fn client_config(
     c
 }
 
+/// The output producer's settings: no delivery timeout (an outage is waited out), and a
+/// bounded queue (64 MiB): when it is full, consumption waits. Idempotent, keyed like the
+/// Java client. The user's `kafka.producer` properties override the defaults, not the last
+/// two.
+pub(crate) fn producer_config(cfg: &Config) -> ClientConfig {
+    let defaults = [
+        ("linger.ms", "5"),
+        ("message.timeout.ms", "0"),
+        ("queue.buffering.max.kbytes", "65536"),
+    ];
+    let mut pc = client_config(cfg, &defaults, &cfg.kafka.producer);
+    pc.set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random");
+    pc
+}
+
 /// The input consumer's defaults (the user's `kafka.consumer` properties override them).
 pub(crate) const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
     ("auto.offset.reset", "earliest"),
@@ -975,16 +991,7 @@ impl Pipeline {
         self.ensure_changelog().await?;
         let k = &self.cfg.kafka;
         let exactly_once = self.cfg.processing.guarantee == Guarantee::ExactlyOnce;
-        // No delivery timeout (an outage is waited out), and a bounded queue (64 MiB): when
-        // it is full, consumption waits.
-        let defaults = [
-            ("linger.ms", "5"),
-            ("message.timeout.ms", "0"),
-            ("queue.buffering.max.kbytes", "65536"),
-        ];
-        let mut pc = client_config(&self.cfg, &defaults, &k.producer);
-        pc.set("enable.idempotence", "true")
-            .set("partitioner", "murmur2_random");
+        let mut pc = producer_config(&self.cfg);
         if exactly_once {
             pc.set("transactional.id", self.cfg.transactional_id());
         }

@@ -666,9 +666,14 @@ async fn the_broker_benchmarks_restore_consume_and_measure_latency_through_the_b
         "e2e_vs_baseline",
         "baseline_cpu_us_per_event",
         "e2e_cpu_us_per_event",
+        "echo_eps",
+        "echo_vs_baseline",
+        "echo_cpu_us_per_event",
     ] {
         positive(&e2e, f);
     }
+    // The echo pass produced every event it consumed, and each was acknowledged.
+    assert_eq!(e2e["echoed"], 5000, "{e2e}");
     // Quick runs two alternating baseline / pipeline pairs and reports each.
     assert_eq!(e2e["pairs"], 2, "{e2e}");
     for f in [
@@ -677,6 +682,9 @@ async fn the_broker_benchmarks_restore_consume_and_measure_latency_through_the_b
         "pairs_e2e_vs_baseline",
         "pairs_baseline_cpu_us_per_event",
         "pairs_e2e_cpu_us_per_event",
+        "pairs_echo_eps",
+        "pairs_echo_vs_baseline",
+        "pairs_echo_cpu_us_per_event",
     ] {
         let v = e2e[f].as_array().unwrap_or_else(|| panic!("{f} in {e2e}"));
         assert_eq!(v.len(), 2, "{f} in {e2e}");

@@ -5,9 +5,13 @@
 //!   full pipeline consumes the same topic, runs the engine and produces every change
 //!   (`e2e_eps`, up to the last change acknowledged by the broker). Both are timed from the
 //!   first message received to the last, so the group join is not counted, and both run
-//!   in this process against the same broker. The two alternate, `--e2e-pairs` times over
-//!   the same topic (each pass in a group of its own), and the figures are the pairs'
-//!   medians; each pair's figures are reported as `pairs_*`. Over the same spans, the CPU time the process
+//!   in this process against the same broker. Between the two, an `echo` pass consumes
+//!   and decodes like the baseline and also produces every event unchanged to an output
+//!   topic with the pipeline's producer settings, until the broker acknowledged them all
+//!   (`echo_eps`): what the broker allows a stream that writes about one record per event,
+//!   with no engine at all. The three alternate, `--e2e-pairs` rounds over the same topic
+//!   (each pass in a group of its own), and the figures are the rounds' medians; each
+//!   round's figures are reported as `pairs_*`. Over the same spans, the CPU time the process
 //!   used (every thread), per event (`baseline_cpu_us_per_event`, `e2e_cpu_us_per_event`):
 //!   what each costs, less sensitive than throughput to the broker and the VM's drift.
 //! * `latency`: a running pipeline (caught up, ready) is fed generated events at a fixed
@@ -21,6 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::json;
 
@@ -29,7 +35,7 @@ use super::{
 };
 use crate::event::decode;
 use crate::generate::Generator;
-use crate::pipeline::{client_config, CONSUMER_DEFAULTS};
+use crate::pipeline::{client_config, producer_config, CONSUMER_DEFAULTS};
 use crate::rules::RuleSet;
 
 /// Sum of the high watermarks of `topic`'s partitions (messages written to it).
@@ -107,11 +113,14 @@ pub(super) async fn throughput(
 
     let mut pairs = Vec::new();
     for i in 0..opts.e2e_pairs.max(1) {
-        let base = baseline(&cfg, &format!("{run}-baseline-{i}"), n).await?;
+        let base = baseline(&cfg, &format!("{run}-baseline-{i}"), n, None).await?;
+        let echo_topic = format!("{run}-echo-{i}");
+        create_topics(brokers, &[(&echo_topic, opts.partitions, false)]).await?;
+        let echo = baseline(&cfg, &format!("{run}-echo-{i}"), n, Some(&echo_topic)).await?;
         let mut pass = bench_config(brokers, &run, &format!("e2e-{i}"));
         pass.kafka.input_topics = vec![input.clone()];
         let full = pipeline(pass, rules, brokers, opts.partitions, n).await?;
-        pairs.push((base, full));
+        pairs.push((base, echo, full));
     }
     let eps = |p: &Pass| n as f64 / p.seconds.max(1e-9);
     let us_per_event = |p: &Pass| p.cpu_seconds * 1e6 / n.max(1) as f64;
@@ -119,12 +128,16 @@ pub(super) async fn throughput(
         let f = 10f64.powi(places);
         (x * f).round() / f
     };
-    let col = |f: &dyn Fn(&(Pass, Pass)) -> f64| -> Vec<f64> { pairs.iter().map(f).collect() };
-    let baseline_eps = col(&|(b, _)| eps(b));
-    let e2e_eps = col(&|(_, e)| eps(e));
-    let ratios = col(&|(b, e)| eps(e) / eps(b));
-    let baseline_cpu = col(&|(b, _)| us_per_event(b));
-    let e2e_cpu = col(&|(_, e)| us_per_event(e));
+    let col =
+        |f: &dyn Fn(&(Pass, Pass, Pass)) -> f64| -> Vec<f64> { pairs.iter().map(f).collect() };
+    let baseline_eps = col(&|(b, _, _)| eps(b));
+    let echo_eps = col(&|(_, o, _)| eps(o));
+    let e2e_eps = col(&|(_, _, e)| eps(e));
+    let ratios = col(&|(b, _, e)| eps(e) / eps(b));
+    let echo_ratios = col(&|(b, o, _)| eps(o) / eps(b));
+    let baseline_cpu = col(&|(b, _, _)| us_per_event(b));
+    let echo_cpu = col(&|(_, o, _)| us_per_event(o));
+    let e2e_cpu = col(&|(_, _, e)| us_per_event(e));
     let rounded = |v: &[f64], places: i32| v.iter().map(|x| round(*x, places)).collect::<Vec<_>>();
     emit(
         "e2e",
@@ -134,19 +147,26 @@ pub(super) async fn throughput(
             "customers": customers,
             "partitions": opts.partitions,
             "pairs": pairs.len(),
-            "changes": pairs.iter().map(|(_, e)| e.count).min().unwrap_or(0),
+            "changes": pairs.iter().map(|(_, _, e)| e.count).min().unwrap_or(0),
             "load_seconds": load_secs,
-            "baseline_decoded": pairs.iter().map(|(b, _)| b.count).min().unwrap_or(0),
+            "baseline_decoded": pairs.iter().map(|(b, _, _)| b.count).min().unwrap_or(0),
+            "echoed": pairs.iter().map(|(_, o, _)| o.count).min().unwrap_or(0),
             "baseline_eps": median(&baseline_eps).round(),
             "e2e_eps": median(&e2e_eps).round(),
             "e2e_vs_baseline": round(median(&ratios), 3),
             "baseline_cpu_us_per_event": round(median(&baseline_cpu), 1),
             "e2e_cpu_us_per_event": round(median(&e2e_cpu), 1),
+            "echo_eps": median(&echo_eps).round(),
+            "echo_vs_baseline": round(median(&echo_ratios), 3),
+            "echo_cpu_us_per_event": round(median(&echo_cpu), 1),
             "pairs_baseline_eps": rounded(&baseline_eps, 0),
             "pairs_e2e_eps": rounded(&e2e_eps, 0),
             "pairs_e2e_vs_baseline": rounded(&ratios, 3),
             "pairs_baseline_cpu_us_per_event": rounded(&baseline_cpu, 1),
             "pairs_e2e_cpu_us_per_event": rounded(&e2e_cpu, 1),
+            "pairs_echo_eps": rounded(&echo_eps, 0),
+            "pairs_echo_vs_baseline": rounded(&echo_ratios, 3),
+            "pairs_echo_cpu_us_per_event": rounded(&echo_cpu, 1),
         }),
     );
     Ok(())
@@ -173,15 +193,28 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// The baseline: the pipeline's consumer settings, in a group of its own, consume and
-/// decode all `n` pre-loaded events; nothing else.
-async fn baseline(cfg: &crate::config::Config, group: &str, n: u64) -> Result<Pass, String> {
+/// decode all `n` pre-loaded events; nothing else. With `echo`, each event is also produced
+/// unchanged to that topic with the pipeline's producer settings, and the pass ends when
+/// the broker has acknowledged them all: what the broker allows a stream that writes about
+/// one record per event (the pipeline writes 1.09 changes per event here, and the
+/// changelog).
+async fn baseline(
+    cfg: &crate::config::Config,
+    group: &str,
+    n: u64,
+    echo: Option<&str>,
+) -> Result<Pass, String> {
     let mut cc = client_config(cfg, &CONSUMER_DEFAULTS, &cfg.kafka.consumer);
     cc.set("group.id", group).set("enable.auto.commit", "false");
     let consumer: StreamConsumer = cc.create().map_err(|e| e.to_string())?;
     consumer
         .subscribe(&[&cfg.kafka.input_topics[0]])
         .map_err(|e| e.to_string())?;
-    let (mut seen, mut decoded, mut first) = (0u64, 0u64, None);
+    let producer: Option<ThreadedProducer<DefaultProducerContext>> = match echo {
+        Some(_) => Some(producer_config(cfg).create().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let (mut seen, mut decoded, mut echoed, mut first) = (0u64, 0u64, 0u64, None);
     let mut cpu = 0.0;
     let deadline = Instant::now() + PHASE_TIMEOUT;
     while seen < n {
@@ -195,18 +228,44 @@ async fn baseline(cfg: &crate::config::Config, group: &str, n: u64) -> Result<Pa
                     Instant::now()
                 });
                 seen += 1;
-                if let Some(p) = m.payload() {
-                    decoded += std::hint::black_box(decode(p)).is_ok() as u64;
+                let payload = m.payload().unwrap_or_default();
+                if !payload.is_empty() {
+                    decoded += std::hint::black_box(decode(payload)).is_ok() as u64;
+                }
+                if let (Some(p), Some(topic)) = (&producer, echo) {
+                    let mut rec = BaseRecord::<[u8], [u8]>::to(topic)
+                        .key(m.key().unwrap_or_default())
+                        .payload(payload);
+                    loop {
+                        match p.send(rec) {
+                            Ok(()) => break,
+                            Err((
+                                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                                r,
+                            )) => {
+                                rec = r;
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Err((e, _)) => return Err(format!("echo: {e}")),
+                        }
+                    }
+                    echoed += 1;
                 }
             }
             Ok(Err(e)) => return Err(format!("baseline consumer: {e}")),
             Err(_) => {}
         }
     }
+    if let Some(p) = producer {
+        tokio::task::spawn_blocking(move || p.flush(PHASE_TIMEOUT))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("echo: not all acknowledged: {e}"))?;
+    }
     Ok(Pass {
         seconds: first.map_or(0.0, |t| t.elapsed().as_secs_f64()),
         cpu_seconds: process_cpu_secs() - cpu,
-        count: decoded,
+        count: if echo.is_some() { echoed } else { decoded },
     })
 }
 
