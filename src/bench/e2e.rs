@@ -113,10 +113,24 @@ pub(super) async fn throughput(
 
     let mut pairs = Vec::new();
     for i in 0..opts.e2e_pairs.max(1) {
-        let base = baseline(&cfg, &format!("{run}-baseline-{i}"), n, None).await?;
+        let base = baseline(
+            &cfg,
+            &format!("{run}-baseline-{i}"),
+            n,
+            None,
+            opts.partitions,
+        )
+        .await?;
         let echo_topic = format!("{run}-echo-{i}");
         create_topics(brokers, &[(&echo_topic, opts.partitions, false)]).await?;
-        let echo = baseline(&cfg, &format!("{run}-echo-{i}"), n, Some(&echo_topic)).await?;
+        let echo = baseline(
+            &cfg,
+            &format!("{run}-echo-{i}"),
+            n,
+            Some(&echo_topic),
+            opts.partitions,
+        )
+        .await?;
         let mut pass = bench_config(brokers, &run, &format!("e2e-{i}"));
         pass.kafka.input_topics = vec![input.clone()];
         let full = pipeline(pass, rules, brokers, opts.partitions, n).await?;
@@ -193,16 +207,18 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// The baseline: the pipeline's consumer settings, in a group of its own, consume and
-/// decode all `n` pre-loaded events; nothing else. With `echo`, each event is also produced
-/// unchanged to that topic with the pipeline's producer settings, and the pass ends when
-/// the broker has acknowledged them all: what the broker allows a stream that writes about
-/// one record per event (the pipeline writes 1.09 changes per event here, and the
+/// decode all `n` pre-loaded events; nothing else (counts the events decoded). With `echo`,
+/// each event is also produced unchanged to that topic (`partitions` partitions) with the
+/// pipeline's producer settings, the pass ends when the broker has acknowledged them all,
+/// and it counts the messages the topic holds: what the broker allows a stream that writes
+/// about one record per event (the pipeline writes 1.09 changes per event here, plus the
 /// changelog).
 async fn baseline(
     cfg: &crate::config::Config,
     group: &str,
     n: u64,
     echo: Option<&str>,
+    partitions: i32,
 ) -> Result<Pass, String> {
     let mut cc = client_config(cfg, &CONSUMER_DEFAULTS, &cfg.kafka.consumer);
     cc.set("group.id", group).set("enable.auto.commit", "false");
@@ -214,7 +230,7 @@ async fn baseline(
         Some(_) => Some(producer_config(cfg).create().map_err(|e| e.to_string())?),
         None => None,
     };
-    let (mut seen, mut decoded, mut echoed, mut first) = (0u64, 0u64, 0u64, None);
+    let (mut seen, mut decoded, mut first) = (0u64, 0u64, None);
     let mut cpu = 0.0;
     let deadline = Instant::now() + PHASE_TIMEOUT;
     while seen < n {
@@ -249,7 +265,6 @@ async fn baseline(
                             Err((e, _)) => return Err(format!("echo: {e}")),
                         }
                     }
-                    echoed += 1;
                 }
             }
             Ok(Err(e)) => return Err(format!("baseline consumer: {e}")),
@@ -262,11 +277,29 @@ async fn baseline(
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("echo: not all acknowledged: {e}"))?;
     }
-    Ok(Pass {
+    let pass = Pass {
         seconds: first.map_or(0.0, |t| t.elapsed().as_secs_f64()),
         cpu_seconds: process_cpu_secs() - cpu,
-        count: if echo.is_some() { echoed } else { decoded },
-    })
+        count: decoded,
+    };
+    match echo {
+        None => Ok(pass),
+        // Counted in the topic itself: what the broker holds, not what was handed over.
+        Some(topic) => {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &cfg.kafka.brokers)
+                .create()
+                .map_err(|e| e.to_string())?;
+            let (t, partitions) = (topic.to_owned(), partitions);
+            let written = tokio::task::spawn_blocking(move || messages_in(&c, &t, partitions))
+                .await
+                .map_err(|e| e.to_string())??;
+            Ok(Pass {
+                count: u64::try_from(written).unwrap_or(0),
+                ..pass
+            })
+        }
+    }
 }
 
 /// The full pipeline over the pre-loaded events, from its first event until every change
