@@ -669,6 +669,7 @@ async fn the_broker_benchmarks_restore_consume_and_measure_latency_through_the_b
         "echo_eps",
         "echo_vs_baseline",
         "echo_cpu_us_per_event",
+        "warmup_eps",
     ] {
         positive(&e2e, f);
     }
