@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -130,14 +130,28 @@ async fn verify(
     let o = oracle(rules, &config(broker, group, &[TOPIC]), &input);
     assert!(o.changes.len() > 100, "the input moves customers");
 
-    let got = broker
-        .read(
-            "segment-changes",
-            o.changes.len(),
-            Duration::from_secs(90),
-            Duration::from_secs(2),
-        )
-        .await;
+    // Read until every expected change is there (duplicates do not count towards it), so a
+    // slow fetch after the outage cannot end the read early; a lost change waits out the
+    // timeout and fails below.
+    let wanted: HashSet<(String, u64)> = o.changes.iter().map(change_key).collect();
+    let (mut found, mut checked) = (HashSet::new(), 0);
+    let got = common::read_topic_until(
+        &broker.addr,
+        "segment-changes",
+        Duration::from_secs(90),
+        Duration::from_secs(2),
+        |read: &[common::Record]| {
+            for r in &read[checked..] {
+                let k = change_key(&r.json());
+                if wanted.contains(&k) {
+                    found.insert(k);
+                }
+            }
+            checked = read.len();
+            found.len() == wanted.len()
+        },
+    )
+    .await;
     let mut seen: BTreeMap<(String, u64), Value> = BTreeMap::new();
     let mut duplicates = 0;
     for r in &got {

@@ -213,6 +213,18 @@ pub async fn read_topic(
     timeout: Duration,
     settle: Duration,
 ) -> Vec<Record> {
+    read_topic_until(addr, topic, timeout, settle, |read| read.len() >= want).await
+}
+
+/// Reads `topic` from the start until `enough` says what was read so far is (checked after
+/// every record), then for `settle` more, to catch anything extra; or until `timeout`.
+pub async fn read_topic_until(
+    addr: &str,
+    topic: &str,
+    timeout: Duration,
+    settle: Duration,
+    mut enough: impl FnMut(&[Record]) -> bool,
+) -> Vec<Record> {
     let c: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", addr)
         .set("group.id", format!("reader-{}", rand_suffix()))
@@ -225,7 +237,7 @@ pub async fn read_topic(
     let mut deadline = Instant::now() + timeout;
     let mut settling = false;
     loop {
-        if out.len() >= want && !settling {
+        if !settling && enough(&out) {
             settling = true;
             deadline = Instant::now() + settle;
         }
