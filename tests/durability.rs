@@ -684,6 +684,7 @@ async fn the_broker_benchmarks_restore_consume_and_measure_latency_through_the_b
         "echo_vs_baseline",
         "echo_cpu_us_per_event",
         "warmup_eps",
+        "e2e_vs_echo",
     ] {
         positive(&e2e, f);
     }
@@ -700,6 +701,7 @@ async fn the_broker_benchmarks_restore_consume_and_measure_latency_through_the_b
         "pairs_echo_eps",
         "pairs_echo_vs_baseline",
         "pairs_echo_cpu_us_per_event",
+        "pairs_e2e_vs_echo",
     ] {
         let v = e2e[f].as_array().unwrap_or_else(|| panic!("{f} in {e2e}"));
         assert_eq!(v.len(), 2, "{f} in {e2e}");

@@ -9,12 +9,16 @@
 //!   and decodes like the baseline and also produces every event unchanged to an output
 //!   topic with the pipeline's producer settings, until the broker acknowledged them all
 //!   (`echo_eps`): what the broker allows a stream that writes about one record per event,
-//!   with no engine at all. The three alternate, `--e2e-pairs` rounds over the same topic
-//!   (each pass in a group of its own), after one uncounted read of the topic
-//!   (`warmup_eps`: the broker serves a topic faster once it has served it), and the figures
-//!   are the rounds' medians; each round's figures are reported as `pairs_*`. Over the same spans, the CPU time the process
-//!   used (every thread), per event (`baseline_cpu_us_per_event`, `e2e_cpu_us_per_event`):
-//!   what each costs, less sensitive than throughput to the broker and the VM's drift.
+//!   with no engine at all. `e2e_vs_echo` is then what the pipeline's own work costs; it is
+//!   steadier than `e2e_vs_baseline`, because the baseline's rate swings most.
+//!
+//!   The three alternate, `--e2e-pairs` rounds over the same topic (each pass in a group
+//!   of its own), after one uncounted read of the topic (`warmup_eps`: the broker serves a
+//!   topic faster once it has served it). The figures are the rounds' medians; each
+//!   round's figures are reported as `pairs_*`. Over the same spans, the CPU time the
+//!   process used (every thread), per event (`baseline_cpu_us_per_event`,
+//!   `echo_cpu_us_per_event`, `e2e_cpu_us_per_event`): what each costs, less sensitive
+//!   than throughput to the broker and the VM's drift.
 //! * `latency`: a running pipeline (caught up, ready) is fed generated events at a fixed
 //!   offered rate. A consumer of the output topic records, for every change caused by an
 //!   event, the time from the event's send call to the change's arrival
@@ -154,6 +158,7 @@ pub(super) async fn throughput(
     let e2e_eps = col(&|(_, _, e)| eps(e));
     let ratios = col(&|(b, _, e)| eps(e) / eps(b));
     let echo_ratios = col(&|(b, o, _)| eps(o) / eps(b));
+    let vs_echo = col(&|(_, o, e)| eps(e) / eps(o));
     let baseline_cpu = col(&|(b, _, _)| us_per_event(b));
     let echo_cpu = col(&|(_, o, _)| us_per_event(o));
     let e2e_cpu = col(&|(_, _, e)| us_per_event(e));
@@ -179,6 +184,7 @@ pub(super) async fn throughput(
             "echo_eps": median(&echo_eps).round(),
             "echo_vs_baseline": round(median(&echo_ratios), 3),
             "echo_cpu_us_per_event": round(median(&echo_cpu), 1),
+            "e2e_vs_echo": round(median(&vs_echo), 3),
             "pairs_baseline_eps": rounded(&baseline_eps, 0),
             "pairs_e2e_eps": rounded(&e2e_eps, 0),
             "pairs_e2e_vs_baseline": rounded(&ratios, 3),
@@ -187,6 +193,7 @@ pub(super) async fn throughput(
             "pairs_echo_eps": rounded(&echo_eps, 0),
             "pairs_echo_vs_baseline": rounded(&echo_ratios, 3),
             "pairs_echo_cpu_us_per_event": rounded(&echo_cpu, 1),
+            "pairs_e2e_vs_echo": rounded(&vs_echo, 3),
         }),
     );
     Ok(())
