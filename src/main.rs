@@ -86,8 +86,8 @@ enum Command {
         /// Events pre-loaded for the end-to-end measurement (default 1 000 000; quick 20 000).
         #[arg(long)]
         e2e_events: Option<u64>,
-        /// Baseline / pipeline pairs of the end-to-end measurement, run alternately; the
-        /// figures are their medians (default 3; quick 2).
+        /// Rounds of the end-to-end measurement (a baseline, an echo and a pipeline pass
+        /// each, alternately); the figures are their medians (default 3; quick 2).
         #[arg(long)]
         e2e_pairs: Option<u32>,
         /// Offered load of the latency measurement, events/s (the 50 000 is far above

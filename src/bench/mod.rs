@@ -66,7 +66,7 @@ pub struct BenchOptions {
     pub partitions: i32,
     /// Events pre-loaded for the end-to-end measurement (with `brokers`).
     pub e2e_events: u64,
-    /// Baseline / pipeline pairs of the end-to-end measurement (at least 1).
+    /// Rounds of the end-to-end measurement: baseline, echo and pipeline passes (at least 1).
     pub e2e_pairs: u32,
     /// Offered load of the latency measurement, events/s (with `brokers`).
     pub latency_rate: u64,
