@@ -1390,21 +1390,38 @@ fn wall_ms() -> i64 {
 /// a full queue is backpressure, not an error.
 async fn send(
     producer: &ThreadedProducer<ProducerCtx>,
-    mut rec: BaseRecord<'_, [u8], [u8], Box<Sent>>,
+    rec: BaseRecord<'_, [u8], [u8], Box<Sent>>,
     shared: &Shared,
 ) -> Result<(), PipelineError> {
+    send_pausing(producer, rec, Duration::from_millis(5))
+        .await
+        .map_err(|e| {
+            let reason = format!("cannot enqueue output: {e}");
+            shared.progress().failed.get_or_insert(reason.clone());
+            PipelineError::Delivery(reason)
+        })
+}
+
+/// [`send_waiting`] for async code: while the producer's queue is full it awaits `pause`
+/// (backpressure, not an error) instead of blocking the thread. Other errors are returned.
+pub(crate) async fn send_pausing<C, K, P>(
+    producer: &ThreadedProducer<C>,
+    mut rec: BaseRecord<'_, K, P, C::DeliveryOpaque>,
+    pause: Duration,
+) -> Result<(), KafkaError>
+where
+    C: rdkafka::producer::ProducerContext,
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
     loop {
         match producer.send(rec) {
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 rec = r;
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(pause).await;
             }
-            Err((e, _)) => {
-                let reason = format!("cannot enqueue output: {e}");
-                shared.progress().failed.get_or_insert(reason.clone());
-                return Err(PipelineError::Delivery(reason));
-            }
+            Err((e, _)) => return Err(e),
         }
     }
 }

@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::json;
@@ -40,7 +39,7 @@ use super::{
 };
 use crate::event::decode;
 use crate::generate::Generator;
-use crate::pipeline::{client_config, producer_config, CONSUMER_DEFAULTS};
+use crate::pipeline::{client_config, producer_config, send_pausing, CONSUMER_DEFAULTS};
 use crate::rules::RuleSet;
 
 /// Sum of the high watermarks of `topic`'s partitions (messages written to it).
@@ -53,6 +52,23 @@ fn messages_in(c: &BaseConsumer, topic: &str, partitions: i32) -> Result<i64, St
         n += hi - lo;
     }
     Ok(n)
+}
+
+/// A client that only reads topics' watermarks ([`messages_in`]).
+fn watermark_client(brokers: &str) -> Result<Arc<BaseConsumer>, String> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+/// [`messages_in`] off the async threads (it blocks on the broker).
+async fn written(c: &Arc<BaseConsumer>, topic: &str, partitions: i32) -> Result<i64, String> {
+    let (c, t) = (c.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || messages_in(&c, &t, partitions))
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 /// CPU time this process has used so far (every thread: the consumer, librdkafka's, the
@@ -84,10 +100,11 @@ fn events(
         .collect()
 }
 
-/// `e2e_eps` against `baseline_eps` over the same pre-loaded topic, in `opts.e2e_pairs`
-/// alternating pairs (baseline, then pipeline); the figures are the medians of the pairs,
-/// and every pair's figures are reported too. The broker and this VM drift by tens of per
-/// cent within a minute, so one pair alone says little about the ratio.
+/// `e2e_eps` against `baseline_eps` and `echo_eps` over the same pre-loaded topic, in
+/// `opts.e2e_pairs` rounds (baseline, echo, then pipeline) after one warm-up read; the
+/// figures are the medians of the rounds, and every round's figures are reported too. The
+/// broker and this VM drift by tens of per cent within a minute, so one round alone says
+/// little about the ratios.
 pub(super) async fn throughput(
     opts: &BenchOptions,
     rules: &Arc<RuleSet>,
@@ -262,22 +279,12 @@ async fn baseline(
                     decoded += std::hint::black_box(decode(payload)).is_ok() as u64;
                 }
                 if let (Some(p), Some(topic)) = (&producer, echo) {
-                    let mut rec = BaseRecord::<[u8], [u8]>::to(topic)
+                    let rec = BaseRecord::<[u8], [u8]>::to(topic)
                         .key(m.key().unwrap_or_default())
                         .payload(payload);
-                    loop {
-                        match p.send(rec) {
-                            Ok(()) => break,
-                            Err((
-                                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                                r,
-                            )) => {
-                                rec = r;
-                                tokio::time::sleep(Duration::from_millis(5)).await;
-                            }
-                            Err((e, _)) => return Err(format!("echo: {e}")),
-                        }
-                    }
+                    send_pausing(p, rec, Duration::from_millis(5))
+                        .await
+                        .map_err(|e| format!("echo: {e}"))?;
                 }
             }
             Ok(Err(e)) => return Err(format!("baseline consumer: {e}")),
@@ -299,16 +306,9 @@ async fn baseline(
         None => Ok(pass),
         // Counted in the topic itself: what the broker holds, not what was handed over.
         Some(topic) => {
-            let c: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &cfg.kafka.brokers)
-                .create()
-                .map_err(|e| e.to_string())?;
-            let (t, partitions) = (topic.to_owned(), partitions);
-            let written = tokio::task::spawn_blocking(move || messages_in(&c, &t, partitions))
-                .await
-                .map_err(|e| e.to_string())??;
+            let n = written(&watermark_client(&cfg.kafka.brokers)?, topic, partitions).await?;
             Ok(Pass {
-                count: u64::try_from(written).unwrap_or(0),
+                count: u64::try_from(n).unwrap_or(0),
                 ..pass
             })
         }
@@ -336,18 +336,10 @@ async fn pipeline(
         .await?;
     let changes =
         running.metrics.changes_total("entered") + running.metrics.changes_total("exited");
-    let watermarks: Arc<BaseConsumer> = Arc::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .create()
-            .map_err(|e| e.to_string())?,
-    );
+    let watermarks = watermark_client(brokers)?;
     let deadline = Instant::now() + PHASE_TIMEOUT;
     loop {
-        let (c, t) = (watermarks.clone(), out_topic.clone());
-        let written = tokio::task::spawn_blocking(move || messages_in(&c, &t, partitions))
-            .await
-            .map_err(|e| e.to_string())??;
+        let written = written(&watermarks, &out_topic, partitions).await?;
         if written >= changes as i64 {
             break;
         }
