@@ -21,12 +21,14 @@
 //!
 //!   every commit interval: output delivered ─► changed customers + partition checkpoints
 //!   (changelog::encode) ─► compacted changelog topic ─► input offsets committed
-//!   on assignment: changelog ─► processor::Restorer ─► customers, timers, watermark
+//!   on assignment: changelog ─► restore (a worker thread per share of the partitions:
+//!                  processor::Restorer) ─► customers, timers, watermark
 //! ```
 //!
 //! Pure logic (no I/O): [`time`], [`event`], [`state`] (with [`windows`]), [`rules`], [`engine`], [`output`],
 //! [`changelog`] (record format), [`commit`] (what is safe to commit, and when), and
-//! [`processor`] (which only reads the wall time it is given). Effects: [`pipeline`] (Kafka in and out, commit interval, restore), [`demo`]
+//! [`processor`] (which only reads the wall time it is given), [`restore`] (restorers on
+//! worker threads, fed by the caller). Effects: [`pipeline`] (Kafka in and out, commit interval, restore), [`demo`]
 //! (embedded broker + generator), [`generate`] (synthetic customers), [`bench`](mod@bench)
 //! (measurements). Configuration: [`config`]. The global allocator: [`alloc`].
 
@@ -44,6 +46,7 @@ pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod processor;
+pub mod restore;
 pub mod rules;
 pub mod state;
 pub mod symbols;

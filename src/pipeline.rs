@@ -526,12 +526,12 @@ impl ConsumerCtx {
                 ends.insert(p, high);
             }
         }
-        let mut restorers: HashMap<i32, crate::processor::Restorer<'_>> = partitions
-            .iter()
-            .map(|&p| (p, shared.processor.restorer(p)))
-            .collect();
         let mut records = 0u64;
-        if !open.is_empty() {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let restorers = crate::restore::restore(&shared.processor, partitions, threads, |feed| {
+            if open.is_empty() {
+                return Ok(());
+            }
             reader.assign(&tpl).map_err(|e| e.to_string())?;
             let mut last_log = Instant::now();
             while !open.is_empty() {
@@ -550,11 +550,8 @@ impl ConsumerCtx {
                     }
                 };
                 let p = m.partition();
-                if let Some(r) = restorers.get_mut(&p) {
-                    r.record(m.key().unwrap_or(&[]), m.payload())
-                        .map_err(|e| format!("{topic} partition {p} offset {}: {e}", m.offset()))?;
-                    records += 1;
-                }
+                feed.record(p, m.offset(), m.key().unwrap_or(&[]), m.payload())?;
+                records += 1;
                 if ends.get(&p).is_some_and(|end| m.offset() + 1 >= *end) {
                     open.remove(&p);
                 }
@@ -563,7 +560,9 @@ impl ConsumerCtx {
                     last_log = Instant::now();
                 }
             }
-        }
+            Ok(())
+        })
+        .map_err(|e| format!("{topic}: {e}"))?;
         // Input positions: the checkpoint where there is one, else the committed offset.
         let mut seek = TopicPartitionList::new();
         let mut customers = 0;

@@ -12,6 +12,7 @@ use microseg::event::decode;
 use microseg::generate::{Generated, Generator};
 use microseg::output::{change_json, Cause};
 use microseg::processor::{Fired, Processor, Source, Store};
+use microseg::restore::restore;
 use microseg::rules::RuleSet;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -172,12 +173,19 @@ fn run_with_crashes(
         // checkpoint (or the committed offset when there is none).
         pending.clear();
         restores += 1;
+        // As the pipeline does: the partitions on worker threads, fed in log order.
         p = processor(rules);
-        for part in 0..PARTITIONS {
-            let mut r = p.restorer(part);
-            for (k, v) in changelog.get(&part).into_iter().flatten() {
-                r.record(k, Some(v)).unwrap();
+        let parts: Vec<i32> = (0..PARTITIONS).collect();
+        let restorers = restore(&p, &parts, 2, |feed| {
+            for part in 0..PARTITIONS {
+                for (o, (k, v)) in changelog.get(&part).into_iter().flatten().enumerate() {
+                    feed.record(part, o as i64, k, Some(v))?;
+                }
             }
+            Ok(())
+        })
+        .unwrap();
+        for (part, r) in restorers {
             let restored = r.finish();
             next[part as usize] = match restored.offsets {
                 Some(o) => o[0].max(0),
@@ -256,8 +264,15 @@ fn a_restore_rebuilds_customers_timers_and_the_watermark() {
         next[e.1 as usize] = e.2 + 1;
     }
     let b = processor(&rules);
+    let mut all: Vec<Vec<(Vec<u8>, Vec<u8>)>> = Vec::new();
     for part in 0..PARTITIONS {
         let records = a.changelog(part, &[next[part as usize]]);
+        all.push(
+            records
+                .iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
+        );
         let customers = records.len() - 1;
         assert!(
             a.changelog(part, &[next[part as usize]]).is_empty(),
@@ -278,6 +293,54 @@ fn a_restore_rebuilds_customers_timers_and_the_watermark() {
     for c in a.store().iter() {
         assert_eq!(*b.store().get(c.key()).unwrap(), *c);
     }
+    // The same records on worker threads, as the pipeline restores, rebuild the same.
+    for threads in [1, 2, 4] {
+        let c = processor(&rules);
+        let parts: Vec<i32> = (0..PARTITIONS).collect();
+        let restorers = restore(&c, &parts, threads, |feed| {
+            // Interleaved across partitions, as a reader of several receives them; a record
+            // of a partition not being restored is ignored.
+            let longest = all.iter().map(Vec::len).max().unwrap_or(0);
+            for i in 0..longest {
+                for (part, records) in all.iter().enumerate() {
+                    if let Some((k, v)) = records.get(i) {
+                        feed.record(part as i32, i as i64, k, Some(v))?;
+                    }
+                }
+                feed.record(PARTITIONS, i as i64, b"c-x", Some(b"not restored"))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            restorers.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            parts,
+            "in the order asked"
+        );
+        for (part, r) in restorers {
+            let restored = r.finish();
+            assert_eq!(restored.offsets, Some(vec![next[part as usize]]));
+            assert_eq!(c.watermark(part), a.watermark(part));
+        }
+        assert_eq!(c.timers_pending(), a.timers_pending(), "{threads} threads");
+        assert_eq!(c.store().len(), a.store().len(), "{threads} threads");
+        for x in a.store().iter() {
+            assert_eq!(*c.store().get(x.key()).unwrap(), *x, "{threads} threads");
+        }
+        // A corrupt record fails the restore with its partition and offset, however much
+        // is fed after it (the worker stops taking batches).
+        let failed = restore(&c, &parts, threads, |feed| {
+            feed.record(1, 0, &all[1][0].0, Some(&all[1][0].1))?;
+            feed.record(1, 1, b"c-1", Some(b"Mxyz"))?;
+            for i in 0..20_000 {
+                feed.record(1, 2 + i, &all[1][0].0, Some(&all[1][0].1))?;
+            }
+            Ok(())
+        });
+        let e = failed.err().expect("a corrupt record fails the restore");
+        assert!(e.contains("partition 1 offset 1"), "{e}");
+    }
+
     // A corrupt record is an error, not a silently missing customer.
     let mut r = b.restorer(0);
     assert!(r.record(b"c-1", Some(b"Mxyz")).is_err());

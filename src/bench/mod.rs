@@ -20,8 +20,11 @@
 //! and restore from the changelog:
 //!
 //! * `restore_in_memory`: changelog records already in memory → customers, timers and
-//!   checkpoints rebuilt by the processor's restorer, one core (the codec's and the
-//!   restorer's limit);
+//!   checkpoints rebuilt as the pipeline rebuilds them ([`crate::restore`]: the partitions'
+//!   restorers on one worker thread per core, fed by one thread), into memory the process
+//!   has not held restored customers in yet; then `restore_in_memory_one_core`, the
+//!   restorers fed directly on one thread, into the memory the first one freed (the codec's
+//!   and the restorer's limit on one core);
 //! * `restore_kafka` (with `--brokers`): the same records in a compacted changelog topic on a
 //!   real broker; a pipeline joins a fresh group, restores every partition before consuming
 //!   and reports ready. The figure is the time the pipeline spent restoring (from
@@ -528,41 +531,74 @@ impl Running {
     }
 }
 
-/// The restore measurements.
-async fn restore_measurements(opts: &BenchOptions, rules: Arc<RuleSet>) -> Result<(), String> {
-    let engine = Engine::new(rules.clone());
-    let recs = records(&engine, opts.customers, opts.partitions);
-    let bytes: usize = recs.iter().map(|(_, k, v)| k.len() + v.len()).sum();
-
-    // In memory, one core.
+/// Restores `recs` into a new processor as the pipeline does (`restore::restore`, on up to
+/// `threads` worker threads), or (`None`) with the restorers fed directly on this thread:
+/// (customers, seconds).
+fn restore_in_memory(
+    rules: &Arc<RuleSet>,
+    recs: &[(i32, Vec<u8>, Vec<u8>)],
+    partitions: i32,
+    threads: Option<usize>,
+) -> Result<(u64, f64), String> {
     let processor = Processor::new(
         Engine::new(rules.clone()),
         Arc::new(Store::new()),
         &Config::default().time,
         1,
     );
+    let parts: Vec<i32> = (0..partitions).collect();
     let started = Instant::now();
-    let mut restorers: Vec<_> = (0..opts.partitions)
-        .map(|p| processor.restorer(p))
-        .collect();
-    for (p, k, v) in &recs {
-        restorers[*p as usize]
-            .record(k, Some(v))
-            .map_err(|e| e.to_string())?;
+    let restorers = match threads {
+        Some(threads) => crate::restore::restore(&processor, &parts, threads, |feed| {
+            recs.iter()
+                .try_for_each(|(p, k, v)| feed.record(*p, 0, k, Some(v)))
+        })?,
+        None => {
+            let mut restorers: Vec<_> = parts.iter().map(|&p| (p, processor.restorer(p))).collect();
+            for (p, k, v) in recs {
+                restorers[*p as usize]
+                    .1
+                    .record(k, Some(v))
+                    .map_err(|e| e.to_string())?;
+            }
+            restorers
+        }
+    };
+    let restored: u64 = restorers
+        .into_iter()
+        .map(|(_, r)| r.finish().customers)
+        .sum();
+    Ok((restored, started.elapsed().as_secs_f64()))
+}
+
+/// The restore measurements.
+async fn restore_measurements(opts: &BenchOptions, rules: Arc<RuleSet>) -> Result<(), String> {
+    let engine = Engine::new(rules.clone());
+    let recs = records(&engine, opts.customers, opts.partitions);
+    let bytes: usize = recs.iter().map(|(_, k, v)| k.len() + v.len()).sum();
+
+    // In memory: on the pipeline's worker threads, into memory the process has not held
+    // restored customers in yet (as after a restart), then on this thread alone, into the
+    // memory the first restore freed.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (name, threads) in [
+        ("restore_in_memory", Some(cores)),
+        ("restore_in_memory_one_core", None),
+    ] {
+        let (restored, secs) = restore_in_memory(&rules, &recs, opts.partitions, threads)?;
+        emit(
+            name,
+            opts,
+            json!({
+                "customers": restored,
+                // Worker threads (0: none, the restorers fed on the reading thread).
+                "workers": threads.map_or(0, |t| t.min(opts.partitions.max(1) as usize)),
+                "record_bytes_avg": bytes / recs.len().max(1),
+                "seconds": secs,
+                "restore_customers_per_s": (restored as f64 / secs).round(),
+            }),
+        );
     }
-    let restored: u64 = restorers.into_iter().map(|r| r.finish().customers).sum();
-    let secs = started.elapsed().as_secs_f64();
-    emit(
-        "restore_in_memory",
-        opts,
-        json!({
-            "customers": restored,
-            "record_bytes_avg": bytes / recs.len().max(1),
-            "seconds": secs,
-            "restore_customers_per_s": (restored as f64 / secs).round(),
-        }),
-    );
-    drop(processor);
 
     let Some(brokers) = opts.brokers.clone() else {
         return Ok(());
