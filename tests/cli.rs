@@ -118,9 +118,17 @@ fn bench_quick_prints_one_json_line_per_measurement_with_the_machine() {
     assert_eq!(engine[1]["rules"], "heavy");
     assert!(engine[1]["rule_count"].as_u64().unwrap() >= 30);
     positive(find("bytes_per_customer")[0], "bytes_per_customer");
-    let restore = find("restore_in_memory");
-    assert_eq!(restore[0]["customers"], 2000);
-    positive(restore[0], "restore_customers_per_s");
+    // On the pipeline's workers, then fed directly on one core: every customer each time.
+    for (m, workers) in [
+        ("restore_in_memory", num_cpus().min(3)),
+        ("restore_in_memory_one_core", 0),
+    ] {
+        let restore = find(m);
+        assert_eq!(restore.len(), 1, "{m}: {text}");
+        assert_eq!(restore[0]["customers"], 2000, "{m}");
+        assert_eq!(restore[0]["workers"], workers, "{m}");
+        positive(restore[0], "restore_customers_per_s");
+    }
     for v in &lines {
         assert!(v["machine"]["cores"].as_u64().unwrap() >= 1, "{v}");
         assert!(
@@ -128,4 +136,9 @@ fn bench_quick_prints_one_json_line_per_measurement_with_the_machine() {
             "{v}"
         );
     }
+}
+
+/// The cores the bench sees.
+fn num_cpus() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
 }
