@@ -527,7 +527,7 @@ impl ConsumerCtx {
             }
         }
         let mut records = 0u64;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = crate::restore::workers(partitions.len());
         let restorers = crate::restore::restore(&shared.processor, partitions, threads, |feed| {
             if open.is_empty() {
                 return Ok(());

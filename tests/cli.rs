@@ -120,7 +120,7 @@ fn bench_quick_prints_one_json_line_per_measurement_with_the_machine() {
     positive(find("bytes_per_customer")[0], "bytes_per_customer");
     // On the pipeline's workers, then fed directly on one core: every customer each time.
     for (m, workers) in [
-        ("restore_in_memory", num_cpus().min(3)),
+        ("restore_in_memory", microseg::restore::workers(3) as u64),
         ("restore_in_memory_one_core", 0),
     ] {
         let restore = find(m);
@@ -136,9 +136,4 @@ fn bench_quick_prints_one_json_line_per_measurement_with_the_machine() {
             "{v}"
         );
     }
-}
-
-/// The cores the bench sees.
-fn num_cpus() -> u64 {
-    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
 }

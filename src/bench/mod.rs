@@ -21,7 +21,7 @@
 //!
 //! * `restore_in_memory`: changelog records already in memory → customers, timers and
 //!   checkpoints rebuilt as the pipeline rebuilds them ([`crate::restore`]: the partitions'
-//!   restorers on one worker thread per core, fed by one thread), into memory the process
+//!   restorers on worker threads, fed by one thread), into memory the process
 //!   has not held restored customers in yet; then `restore_in_memory_one_core`, the
 //!   restorers fed directly on one thread, into the memory the first one freed (the codec's
 //!   and the restorer's limit on one core);
@@ -580,9 +580,9 @@ async fn restore_measurements(opts: &BenchOptions, rules: Arc<RuleSet>) -> Resul
     // In memory: on the pipeline's worker threads, into memory the process has not held
     // restored customers in yet (as after a restart), then on this thread alone, into the
     // memory the first restore freed.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = crate::restore::workers(opts.partitions.max(1) as usize);
     for (name, threads) in [
-        ("restore_in_memory", Some(cores)),
+        ("restore_in_memory", Some(workers)),
         ("restore_in_memory_one_core", None),
     ] {
         let (restored, secs) = restore_in_memory(&rules, &recs, opts.partitions, threads)?;
@@ -592,7 +592,7 @@ async fn restore_measurements(opts: &BenchOptions, rules: Arc<RuleSet>) -> Resul
             json!({
                 "customers": restored,
                 // Worker threads (0: none, the restorers fed on the reading thread).
-                "workers": threads.map_or(0, |t| t.min(opts.partitions.max(1) as usize)),
+                "workers": threads.unwrap_or(0),
                 "record_bytes_avg": bytes / recs.len().max(1),
                 "seconds": secs,
                 "restore_customers_per_s": (restored as f64 / secs).round(),
