@@ -98,7 +98,7 @@ impl Feed {
 /// core. A partition's records go to one worker, so with as many workers as cores some would
 /// hold more partitions than others (3 on 2 cores: 2 and 1) and finish last; with more
 /// workers than cores the scheduler evens the load out. Measured (BENCHMARKS.md, fifth
-/// session): 3 workers restored 1 M customers from 3 partitions 10–70 % faster than 2, on 2
+/// session): 3 workers restored 1 M customers from 3 partitions 7–67 % faster than 2, on 2
 /// cores.
 pub fn workers(partitions: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
