@@ -107,9 +107,9 @@ pub fn workers(partitions: usize) -> usize {
 
 /// Restores `partitions` of `processor` on up to `threads` worker threads (at least one),
 /// fed by `feed`, and returns their restorers, unfinished, in the order of `partitions`.
-/// Errors are messages, for the log.
 /// The partitions are dealt to the workers in turn. A record that does not decode fails the
-/// restore with its partition and offset; so does an error of `feed`.
+/// restore with its partition and offset; so does an error of `feed`. Errors are messages,
+/// for the log.
 pub fn restore<'p>(
     processor: &'p Processor,
     partitions: &[i32],
