@@ -1422,16 +1422,11 @@ where
     K: rdkafka::message::ToBytes + ?Sized,
     P: rdkafka::message::ToBytes + ?Sized,
 {
-    loop {
-        match producer.send(rec) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                rec = r;
-                tokio::time::sleep(pause).await;
-            }
-            Err((e, _)) => return Err(e),
-        }
+    while let Some(r) = try_send(producer, rec)? {
+        rec = r;
+        tokio::time::sleep(pause).await;
     }
+    Ok(())
 }
 
 /// [`send`] for the commit interval and the rebalance callbacks, which are not async.
@@ -1460,14 +1455,28 @@ where
     K: rdkafka::message::ToBytes + ?Sized,
     P: rdkafka::message::ToBytes + ?Sized,
 {
-    loop {
-        match producer.send(rec) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                rec = r;
-                std::thread::sleep(pause);
-            }
-            Err((e, _)) => return Err(e),
-        }
+    while let Some(r) = try_send(producer, rec)? {
+        rec = r;
+        std::thread::sleep(pause);
+    }
+    Ok(())
+}
+
+/// One attempt to enqueue `rec`: `Ok(None)` enqueued, `Ok(Some(rec))` the producer's queue
+/// is full (try again later), `Err` any other error. The waiting is the callers'
+/// ([`send_waiting`], [`send_pausing`]).
+fn try_send<'a, C, K, P>(
+    producer: &ThreadedProducer<C>,
+    rec: BaseRecord<'a, K, P, C::DeliveryOpaque>,
+) -> Result<Option<BaseRecord<'a, K, P, C::DeliveryOpaque>>, KafkaError>
+where
+    C: rdkafka::producer::ProducerContext,
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    match producer.send(rec) {
+        Ok(()) => Ok(None),
+        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => Ok(Some(r)),
+        Err((e, _)) => Err(e),
     }
 }
