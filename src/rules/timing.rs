@@ -129,13 +129,16 @@ impl Expr {
                 // A conjunction changes only when a false side can turn true (or, when both
                 // are true, when either can change); dually for a disjunction.
                 let blocking = matches!(self, Expr::Or(..));
+                // Only the sides that matter are analysed (each analysis may walk buckets).
                 let (va, vb) = (a.eval_bool(cx), b.eval_bool(cx));
-                let (ta, tb) = (a.next_change(cx), b.next_change(cx));
                 match (va == blocking, vb == blocking) {
-                    (true, true) => ta.max(tb),
-                    (true, false) => ta,
-                    (false, true) => tb,
-                    (false, false) => ta.min(tb),
+                    (true, true) => match a.next_change(cx) {
+                        NEVER => NEVER,
+                        ta => ta.max(b.next_change(cx)),
+                    },
+                    (true, false) => a.next_change(cx),
+                    (false, true) => b.next_change(cx),
+                    (false, false) => a.next_change(cx).min(b.next_change(cx)),
                 }
             }
             Expr::Cmp(op, a, b) => cmp_next_change(*op, a, b, cx),
