@@ -55,9 +55,10 @@ pub struct Customer {
     /// How many words of membership bits follow the segment words.
     member_words: u16,
     /// Where the customer's entry was put in its partition's list of customers changed since
-    /// their last changelog record. It is this customer's entry only if the entry there names
-    /// it: the list is emptied at every take without visiting the customers. Bookkeeping of
-    /// the processor, like the timer cache ignored when customers are compared. Fills padding.
+    /// their last changelog record (and at which take: the processor's encoding). It is this
+    /// customer's entry only if the entry there names it: the list is emptied at every take
+    /// without visiting the customers. Bookkeeping of the processor, like the timer cache
+    /// ignored when customers are compared. Fills padding.
     dirty_slot: u32,
     /// Sequence number of the last change emitted for this customer (0: none yet).
     pub seq: u64,
@@ -201,8 +202,8 @@ impl Customer {
         self.state.prefetch();
         crate::state::prefetch(&self.words);
     }
-    /// Index of the customer's entry in its partition's dirty list, if it has one: see
-    /// `dirty_slot` (the processor checks that the entry names this customer).
+    /// The processor's mark of the customer's entry in its partition's dirty list, if it has
+    /// one: see `dirty_slot` (the processor checks that the entry names this customer).
     pub fn dirty_slot(&self) -> u32 {
         self.dirty_slot
     }

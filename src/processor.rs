@@ -76,6 +76,9 @@ pub struct PartitionClock {
     /// first change; a customer knows its entry's index ([`Customer::dirty_slot`]), so no set
     /// lookup per event.
     dirty: Vec<Dirty>,
+    /// Takes so far (wrapping): a customer's mark ([`Customer::dirty_slot`]) is this in the
+    /// top 8 bits and its entry's index in `dirty` below ([`SLOT_BITS`]).
+    takes: u8,
     /// What the next take hands out: per entry of `dirty`, its key, room for the record's
     /// header, then its body ([`Dirty`]).
     bodies: Vec<u8>,
@@ -104,6 +107,7 @@ impl PartitionClock {
             watermark: NO_TIME,
             timers: BTreeSet::new(),
             dirty: Vec::new(),
+            takes: 0,
             bodies: Vec::new(),
             header_room,
             spare: None,
@@ -118,10 +122,16 @@ impl PartitionClock {
     /// event, BENCHMARKS.md). A further change marks that body stale: it is encoded again at
     /// the take, once, however often the customer changes in between.
     fn changed(&mut self, engine: &Engine, id: &str, c: &mut Customer) {
-        if let Some(d) = self.dirty.get_mut(c.dirty_slot() as usize) {
-            if self.bodies.get(d.key..d.value) == Some(id.as_bytes()) {
-                d.end = STALE_BODY;
-                return;
+        let mark = c.dirty_slot();
+        // A mark from an earlier take (most customers, most of the time) is told apart
+        // without reading the list or the buffer, both likely out of cache.
+        if mark >> SLOT_BITS == self.takes as u32 {
+            if let Some(d) = self.dirty.get_mut((mark & SLOT_MASK) as usize) {
+                // Takes wrap around every 256: the entry must name this customer.
+                if self.bodies.get(d.key..d.value) == Some(id.as_bytes()) {
+                    d.end = STALE_BODY;
+                    return;
+                }
             }
         }
         let key = self.bodies.len();
@@ -129,8 +139,9 @@ impl PartitionClock {
         let value = self.bodies.len();
         self.bodies.resize(value + self.header_room, 0);
         changelog::encode_body(engine, c, &mut self.bodies);
-        // Past 4 G entries the customer is listed again at its next change: two records.
-        c.set_dirty_slot(u32::try_from(self.dirty.len()).unwrap_or(u32::MAX));
+        // Past 16 M entries the customer is listed again at its next change: two records.
+        let slot = u32::try_from(self.dirty.len()).map_or(SLOT_MASK, |s| s.min(SLOT_MASK));
+        c.set_dirty_slot((self.takes as u32) << SLOT_BITS | slot);
         self.dirty.push(Dirty {
             key,
             value,
@@ -146,6 +157,7 @@ impl PartitionClock {
         let (next, mut spans) = self.spare.take().unwrap_or_default();
         let mut bytes = std::mem::replace(&mut self.bodies, next);
         spans.reserve(self.dirty.len() + 1);
+        self.takes = self.takes.wrapping_add(1);
         for d in self.dirty.drain(..) {
             let room = d.value + self.header_room;
             let value = if d.end != STALE_BODY && header.len() <= self.header_room {
@@ -255,6 +267,10 @@ struct Dirty {
 }
 
 const STALE_BODY: usize = usize::MAX;
+
+/// The bits of a customer's dirty mark that hold its entry's index; the take count is above.
+const SLOT_BITS: u32 = 24;
+const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
 
 /// A spare buffer up to this size is kept whatever its batch used ([`Processor::recycle`]).
 const SPARE_KEPT_ANYWAY: usize = 1 << 20;

@@ -537,3 +537,36 @@ fn records_hold_the_state_at_the_take_however_often_the_customer_changed_and_in_
         "both cases covered: {once} / {more}"
     );
 }
+
+/// A customer's mark in the dirty list carries the take it was made in, which wraps around
+/// every 256 takes: a mark from 256 takes ago that points at another customer's entry must
+/// not pass for this customer's, or its change would be missing from the changelog.
+#[test]
+fn a_mark_from_256_takes_ago_does_not_hide_a_change() {
+    let rules = Arc::new(RuleSet::embedded_default());
+    let a = processor(&rules);
+    // A purchase by `id` on `day`, read at `offset` of partition 0.
+    let purchase = |id: &str, day: i64, offset: i64| {
+        let json = format!(
+            r#"{{"event_id":"{id}-{day}","customer_id":"{id}","type":"purchase","timestamp":{},"amount":10}}"#,
+            1_767_225_600_000 + day * 86_400_000
+        );
+        let g = Generated {
+            customer_id: id.to_string(),
+            kind: microseg::generate::Kind::Purchase,
+            json,
+        };
+        process(&a, &rules, &(g, 0, offset));
+    };
+    // "a" gets the first entry of take 0's list.
+    purchase("a", 0, 0);
+    assert_eq!(written(&a, 0, 1), ["a"]);
+    // 255 more takes: the count is back where "a"'s mark was made.
+    for _ in 0..255 {
+        assert!(written(&a, 0, 1).is_empty());
+    }
+    // "b" gets the first entry now; then "a" changes, its mark pointing at "b"'s entry.
+    purchase("b", 1, 1);
+    purchase("a", 2, 2);
+    assert_eq!(written(&a, 0, 3), ["a", "b"]);
+}
