@@ -161,6 +161,9 @@ pub async fn run(
     // Two-phase stop: the generator first, then (once the pipeline has caught up, or after a
     // grace period) the pipeline, the tail and the display.
     let (gen_stop_tx, gen_stop_rx) = watch::channel(false);
+    // The generator says when it has stopped: until then it may still send a tick's events,
+    // which the stop would otherwise not wait for.
+    let (gen_done_tx, mut gen_done_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (tail_stop_tx, tail_stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -208,6 +211,7 @@ pub async fn run(
                 }
                 *sim_now.lock().unwrap_or_else(|p| p.into_inner()) = generator.now();
             }
+            let _ = gen_done_tx.send(true);
         }
     };
 
@@ -310,6 +314,7 @@ pub async fn run(
             _ = ctrl_c => {},
         }
         let _ = gen_stop_tx.send(true);
+        let _ = gen_done_rx.wait_for(|d| *d).await;
         let _ = producer.flush(Duration::from_secs(2));
         let target = *produced.lock().unwrap_or_else(|p| p.into_inner());
         let grace = Instant::now();

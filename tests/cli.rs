@@ -1,4 +1,4 @@
-//! The `microseg` binary as a user runs it: check-rules, generate and bench.
+//! The `microseg` binary as a user runs it: check-rules, generate, bench and demo.
 
 use std::process::Command;
 
@@ -136,4 +136,34 @@ fn bench_quick_prints_one_json_line_per_measurement_with_the_machine() {
             "{v}"
         );
     }
+}
+
+/// The demo on its embedded cluster: at the stop, every event produced was processed and
+/// every change delivered was read back from the output topic.
+#[test]
+fn demo_processes_every_event_it_produced_and_reads_back_every_change() {
+    let out = microseg(&["demo", "--duration", "4"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout
+        .lines()
+        .find(|l| l.starts_with("demo finished:"))
+        .unwrap_or_else(|| panic!("no summary line in:\n{stdout}"));
+    // "demo finished: produced P events, processed Q, dead-lettered D (…), changes E entered
+    // / X exited, R change messages read back from the output topic"
+    let n: Vec<u64> = last
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [produced, processed, dead, entered, exited, read_back] = n[..] else {
+        panic!("unexpected summary: {last}");
+    };
+    assert!(produced > 5_000, "{last}");
+    assert_eq!(processed, produced, "{last}");
+    assert!(dead > 0 && entered > 0 && exited > 0, "{last}");
+    assert_eq!(read_back, entered + exited, "{last}");
 }
