@@ -130,7 +130,16 @@ impl Expr {
                 // are true, when either can change); dually for a disjunction.
                 let blocking = matches!(self, Expr::Or(..));
                 // Only the sides that matter are analysed (each analysis may walk buckets).
-                let (va, vb) = (a.eval_bool(cx), b.eval_bool(cx));
+                // A blocking side that time cannot change blocks for good: the other side is
+                // not even evaluated.
+                let va = a.eval_bool(cx);
+                if va == blocking && !a.has_time() {
+                    return NEVER;
+                }
+                let vb = b.eval_bool(cx);
+                if vb == blocking && !b.has_time() {
+                    return NEVER;
+                }
                 match (va == blocking, vb == blocking) {
                     (true, true) => match a.next_change(cx) {
                         NEVER => NEVER,
