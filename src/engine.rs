@@ -199,6 +199,8 @@ impl Customer {
     /// Starts loading the customer's separate allocations, which an event and its changelog
     /// record read (see [`crate::state::prefetch`]).
     pub fn prefetch(&self) {
+        // The struct's own lines first: reading the pointers below waits for one of them.
+        crate::state::prefetch(std::slice::from_ref(self));
         self.state.prefetch();
         crate::state::prefetch(&self.words);
     }

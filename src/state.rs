@@ -256,19 +256,31 @@ pub const NEVER: i64 = i64::MAX;
 #[error("{0}")]
 pub struct Rejected(pub String);
 
-/// Asks the CPU to start loading `s`'s first and last cache lines, so that the misses of a
-/// customer's separate allocations overlap instead of coming one after the other. Only a
-/// hint: it never faults and changes nothing.
+/// Asks the CPU to start loading `s`'s cache lines (all of them up to 512 bytes, otherwise
+/// those of its first and last 256 bytes), so that the misses of a customer's separate
+/// allocations overlap instead of coming one after the other. Only a hint: it never faults
+/// and changes nothing.
 pub(crate) fn prefetch<T>(s: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let Some(last) = s.last() else { return };
-        // SAFETY: a prefetch is a hint to the cache: it does not fault on any address and
-        // reads nothing into the program; SSE is part of the x86_64 baseline.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().cast());
-            _mm_prefetch::<_MM_HINT_T0>((last as *const T).cast());
+        const LINE: usize = 64;
+        let (p, len) = (s.as_ptr().cast::<i8>(), std::mem::size_of_val(s));
+        let lines = |from: usize, to: usize| {
+            for at in (from..to).step_by(LINE).chain(std::iter::once(to - 1)) {
+                // SAFETY: a prefetch is a hint to the cache: it does not fault on any
+                // address and reads nothing into the program; SSE is part of the x86_64
+                // baseline. The address is computed without dereferencing anything.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at)) };
+            }
+        };
+        match len {
+            0 => {}
+            1..=512 => lines(0, len),
+            _ => {
+                lines(0, 256);
+                lines(len - 256, len);
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
