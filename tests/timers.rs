@@ -378,6 +378,15 @@ when = "40 <= purchases.spend_7d || engagement.count_1d == 2"
 [[segment]]
 name = "not_one_this_week"
 when = 'purchases.count_7d != 1 && action_count("open", "1d") < 2'
+
+# A side that time cannot change: on the left of `||`, on the right of `&&`.
+[[segment]]
+name = "never_bought_or_recent"
+when = "purchases.count == 0 || days_since(purchases.last) < 2"
+
+[[segment]]
+name = "old_repeat_buyer"
+when = "days_since(purchases.first) > 4 && purchases.count >= 2"
 "#;
 
 #[derive(Debug, Clone)]
