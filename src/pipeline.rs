@@ -729,13 +729,17 @@ pub(crate) fn producer_config(cfg: &Config) -> ClientConfig {
     pc
 }
 
+/// How far both consumers (input and restore) read ahead, as librdkafka's
+/// `queued.min.messages`: far enough that its byte cap for the consumer's queue
+/// (`queued.max.messages.kbytes`, 64 MiB by default) is the bound, rather than its default
+/// 100 000 messages per partition. Measured (BENCHMARKS.md, fifth session): through Nisshi the
+/// plain consumer 3.5–4× and the pipeline 1.7–1.9× faster, the restore 1.2–1.3×, for more
+/// memory held by librdkafka.
+const READ_AHEAD: (&str, &str) = ("queued.min.messages", "1000000");
+
 /// The input consumer's defaults (the user's `kafka.consumer` properties override them).
-/// `queued.min.messages`: read ahead as far as librdkafka's byte cap for the consumer's queue
-/// (`queued.max.messages.kbytes`, 64 MiB by default) rather than its default 100 000
-/// messages per partition. Measured (BENCHMARKS.md, fifth session): the plain consumer 3.5–4×
-/// and the pipeline 1.7–1.9× faster through Nisshi, for more memory held by librdkafka.
 pub(crate) const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
-    ("queued.min.messages", "1000000"),
+    READ_AHEAD,
     ("auto.offset.reset", "earliest"),
     ("partition.assignment.strategy", "range"),
     ("statistics.interval.ms", "5000"),
@@ -760,16 +764,13 @@ impl Pipeline {
             restore_config: {
                 let mut c = client_config(&cfg, &[], &BTreeMap::new());
                 // librdkafka wants a group id to assign partitions; this consumer never joins
-                // the group nor commits. It reads ahead as far as its byte cap allows
-                // (`queued.max.messages.kbytes`, one queue for the consumer, 64 MiB by
-                // default) rather than librdkafka's default 100 000 messages per partition:
-                // 1.2–1.3× faster through Nisshi (BENCHMARKS.md, fifth session).
+                // the group nor commits. It reads ahead like the input consumer.
                 c.set("client.id", format!("{}-restore", cfg.kafka.client_id))
                     .set("group.id", format!("{}-restore", cfg.kafka.group_id))
                     .set("enable.auto.commit", "false")
                     .set("enable.partition.eof", "true")
                     .set("isolation.level", "read_committed")
-                    .set("queued.min.messages", "1000000");
+                    .set(READ_AHEAD.0, READ_AHEAD.1);
                 c
             },
             changelog_topic: cfg.changelog_topic(),

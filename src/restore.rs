@@ -120,14 +120,11 @@ pub fn restore<'p>(
     // Created here, not on the workers: a restorer clears what the processor held of its
     // partition, a scan of the whole store.
     let mut shares: Vec<Vec<(i32, Restorer<'p>)>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut route = Vec::with_capacity(partitions.len());
     for (i, &p) in partitions.iter().enumerate() {
         shares[i % threads].push((p, processor.restorer(p)));
+        route.push((p, i % threads));
     }
-    let route = partitions
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| (p, i % threads))
-        .collect();
     std::thread::scope(|s| {
         let mut senders = Vec::with_capacity(threads);
         let mut handles = Vec::with_capacity(threads);
