@@ -23,7 +23,7 @@
 use serde::Serialize;
 
 use crate::event::{Event, EventKind};
-use crate::rules::compile::{deps, val_to_json, Atom, Ctx};
+use crate::rules::compile::{deps, val_to_json, Atom, Ctx, Shown};
 use crate::rules::{fnv1a, Rule, RuleSet};
 use crate::state::{CustomerState, Rejected, NEVER, NO_TIME};
 use std::sync::Arc;
@@ -298,10 +298,19 @@ pub struct Change<'r> {
     /// When the change happened (the customer's clock, epoch ms).
     pub at: i64,
     pub seq: u64,
-    /// The feature values behind the decision, in rule order.
-    pub because: Vec<(&'r str, serde_json::Value)>,
+    /// The feature values behind the decision, in rule order (shared by the `exited` and
+    /// `entered` of one move).
+    pub because: Because<'r>,
     /// Caused by time passing (a timer due at `at`) rather than by an event.
     pub by_timer: bool,
+}
+
+/// The values behind a change: `(atom text, value)` in rule order.
+pub type Because<'r> = Arc<[(&'r str, Shown)]>;
+
+/// `because` as JSON values (for tests and tools; the output writes [`Shown`] directly).
+pub fn because_json<'r>(b: &[(&'r str, Shown)]) -> Vec<(&'r str, serde_json::Value)> {
+    b.iter().map(|(k, v)| (*k, v.to_json())).collect()
 }
 
 /// Which clock an event is evaluated against.
@@ -566,9 +575,7 @@ impl Engine {
             if winner == current {
                 continue;
             }
-            let evaluated = &seg.segments[..(winner as usize + 1).min(seg.segments.len())];
-            let because =
-                self.because(evaluated.iter().flat_map(|r| r.atoms.iter()), &c.state, now);
+            let because = self.shown(seg.atoms_upto(winner as usize), &c.state, now);
             let new_name = seg.segment_name(winner as usize);
             if current != NO_SEGMENT {
                 c.seq += 1;
@@ -623,13 +630,12 @@ impl Engine {
                 next: None,
                 at: now,
                 seq: c.seq,
-                because: self.because(rule.atoms.iter(), &c.state, now),
+                because: self.shown(&rule.atoms, &c.state, now),
                 by_timer,
             });
         }
     }
 
-    /// The values of the given atoms, deduplicated by text, in order.
     /// Whether one of these rules may have changed value by `now` as time passed: its
     /// cached timer (see [`RuleTimers`]) is due or unknown. False means every one of them
     /// still has the value it had when last evaluated.
@@ -640,6 +646,20 @@ impl Engine {
         })
     }
 
+    /// The values of `atoms` (each text once already), for a change.
+    fn shown<'r>(&'r self, atoms: &'r [Atom], st: &CustomerState, now: i64) -> Because<'r> {
+        let cx = self.ctx(st, now);
+        atoms
+            .iter()
+            .map(|a| {
+                let v = Shown::of(a.expr.eval(&cx), &self.rules.symbols);
+                (a.text.as_str(), v)
+            })
+            .collect()
+    }
+
+    /// The values of the given atoms, deduplicated by text, in order, as JSON (for
+    /// explanations; a change carries [`Shown`] values instead).
     pub fn because<'r>(
         &'r self,
         atoms: impl Iterator<Item = &'r Atom>,
@@ -859,7 +879,7 @@ when = "purchases.count_30d >= 3"
             ("active", ChangeKind::Entered, Some("prospect"), 3)
         );
         assert_eq!(
-            ch[1].because,
+            because_json(&ch[1].because),
             vec![
                 ("purchases.count", serde_json::json!(1)),
                 ("days_since(purchases.last)", serde_json::json!(0)),
@@ -907,7 +927,7 @@ when = "purchases.count_30d >= 3"
             ]
         );
         assert_eq!(
-            ch[3].because[1],
+            because_json(&ch[3].because)[1],
             // 60 days and 1 ms, shown rounded to 6 decimals.
             ("days_since(purchases.last)", serde_json::json!(60.0))
         );
@@ -939,7 +959,7 @@ when = "purchases.count_30d >= 3"
             ("enterprise_finance", ChangeKind::Exited)
         );
         assert_eq!(
-            ch[0].because,
+            because_json(&ch[0].because),
             vec![
                 ("attr.industry", serde_json::json!("finance")),
                 ("attr.company_size", serde_json::json!(100))

@@ -97,8 +97,7 @@ pub fn change_json(
         }
         json_str(&mut o, k);
         o.push(b':');
-        // Writing a JSON value into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut o, v);
+        v.write_json(&mut o);
     }
     o.extend_from_slice(b"},\"seq\":");
     o.extend_from_slice(itoa::Buffer::new().format(change.seq).as_bytes());
@@ -107,7 +106,7 @@ pub fn change_json(
 }
 
 /// Appends `s` as a JSON string.
-fn json_str(o: &mut Vec<u8>, s: &str) {
+pub(crate) fn json_str(o: &mut Vec<u8>, s: &str) {
     if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
         o.push(b'"');
         o.extend_from_slice(s.as_bytes());
@@ -138,6 +137,7 @@ mod tests {
     use super::*;
     use crate::engine::Engine;
     use crate::event::decode;
+    use crate::rules::compile::Shown;
     use proptest::prelude::*;
     use std::sync::Arc;
 
@@ -171,7 +171,7 @@ mod tests {
             because: c
                 .because
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
+                .map(|(k, v)| (k.to_string(), v.to_json()))
                 .collect(),
             seq: c.seq,
         })
@@ -186,13 +186,17 @@ mod tests {
         ]
     }
 
-    fn value() -> impl Strategy<Value = serde_json::Value> {
+    fn value() -> impl Strategy<Value = Shown> {
         prop_oneof![
-            Just(serde_json::Value::Null),
-            any::<bool>().prop_map(serde_json::Value::from),
-            any::<i64>().prop_map(serde_json::Value::from),
-            (-1e12f64..1e12).prop_map(serde_json::Value::from),
-            text().prop_map(serde_json::Value::from),
+            Just(Shown::Null),
+            any::<bool>().prop_map(Shown::Bool),
+            any::<i64>().prop_map(Shown::Int),
+            (-1e12f64..1e12).prop_map(Shown::Num),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Shown::Num),
+            (-10_000_000_000_000i64..300_000_000_000_000).prop_map(Shown::Time),
+            text().prop_map(|t| Shown::Str(t.into())),
         ]
     }
 
@@ -212,7 +216,7 @@ mod tests {
         ) {
             let rules = RuleSet::from_toml("config/segments.toml", include_str!("../config/segments.toml")).unwrap();
             // Distinct keys, as rule atoms are.
-            let mut because: Vec<(String, serde_json::Value)> = because;
+            let mut because: Vec<(String, Shown)> = because;
             because.sort_by(|a, b| a.0.cmp(&b.0));
             because.dedup_by(|a, b| a.0 == b.0);
             let change = Change {

@@ -1096,23 +1096,81 @@ fn ty_of(l: &Lit) -> Ty {
     }
 }
 
+/// A value as shown in `because` and `explain`: what [`val_to_json`] renders, without
+/// building a `serde_json::Value` (every change carries several, so this is on the hot path:
+/// numbers stay numbers, instants stay integers until written, short strings stay inline).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shown {
+    Null,
+    Bool(bool),
+    /// A whole number (shown without a fraction).
+    Int(i64),
+    /// Any other number, rounded to 6 decimals (always finite).
+    Num(f64),
+    /// An instant (epoch ms), shown as RFC 3339.
+    Time(i64),
+    Str(compact_str::CompactString),
+}
+
+impl Shown {
+    pub fn of(v: Val<'_>, syms: &Symbols) -> Shown {
+        match v {
+            Val::Missing => Shown::Null,
+            Val::Bool(b) => Shown::Bool(b),
+            Val::Num(n) => {
+                if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                    Shown::Int(n as i64)
+                } else {
+                    // Round to 6 decimals so explanations stay readable (days_since etc.).
+                    let r = (n * 1e6).round() / 1e6;
+                    if r.is_finite() {
+                        Shown::Num(r)
+                    } else {
+                        Shown::Null
+                    }
+                }
+            }
+            Val::Time(t) => Shown::Time(t),
+            Val::Sym(s) => Shown::Str(syms.name(s).as_ref().into()),
+            Val::Text(t) => Shown::Str(t.into()),
+            Val::Lit(l) => Shown::Str(l.text.as_str().into()),
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value as J;
+        match self {
+            Shown::Null => J::Null,
+            Shown::Bool(b) => J::Bool(*b),
+            Shown::Int(n) => J::from(*n),
+            Shown::Num(n) => serde_json::Number::from_f64(*n).map_or(J::Null, J::Number),
+            Shown::Time(t) => J::String(crate::time::format_rfc3339(*t)),
+            Shown::Str(s) => J::String(s.to_string()),
+        }
+    }
+
+    /// Appends the JSON text of [`Self::to_json`] (the same bytes serde_json writes for it).
+    pub fn write_json(&self, o: &mut Vec<u8>) {
+        match self {
+            Shown::Null => o.extend_from_slice(b"null"),
+            Shown::Bool(true) => o.extend_from_slice(b"true"),
+            Shown::Bool(false) => o.extend_from_slice(b"false"),
+            Shown::Int(n) => o.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes()),
+            // serde_json's own float formatting (writing into a Vec cannot fail).
+            Shown::Num(n) => {
+                let _ = serde_json::to_writer(o, n);
+            }
+            Shown::Time(t) => {
+                o.push(b'"');
+                crate::time::write_rfc3339(o, *t);
+                o.push(b'"');
+            }
+            Shown::Str(s) => crate::output::json_str(o, s),
+        }
+    }
+}
+
 /// Renders a value for `because` / `explain` as JSON.
 pub fn val_to_json(v: Val<'_>, syms: &Symbols) -> serde_json::Value {
-    use serde_json::Value as J;
-    match v {
-        Val::Missing => J::Null,
-        Val::Bool(b) => J::Bool(b),
-        Val::Num(n) => {
-            if n.fract() == 0.0 && n.abs() < 9.0e15 {
-                J::from(n as i64)
-            } else {
-                // Round to 6 decimals so explanations stay readable (days_since etc.).
-                serde_json::Number::from_f64((n * 1e6).round() / 1e6).map_or(J::Null, J::Number)
-            }
-        }
-        Val::Time(t) => J::String(crate::time::format_rfc3339(t)),
-        Val::Sym(s) => J::String(syms.name(s).to_string()),
-        Val::Text(t) => J::String(t.to_owned()),
-        Val::Lit(l) => J::String(l.text.clone()),
-    }
+    Shown::of(v, syms).to_json()
 }

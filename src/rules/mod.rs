@@ -48,9 +48,51 @@ pub struct Segmentation {
     pub default: String,
     /// Union of the segments' dependencies.
     pub deps: u8,
+    /// The atoms of every segment in rule order, each text once: what a change shows in
+    /// `because` (the values of the rules evaluated to pick the winner).
+    pub atoms: Vec<Atom>,
+    /// Per segment index (the default last), how many of `atoms` the rules up to it have:
+    /// a change to segment `i` shows `atoms[..atoms_upto[i]]`.
+    pub atoms_upto: Vec<usize>,
 }
 
 impl Segmentation {
+    /// A segmentation of `segments` (in order) with `default` as the fallback.
+    pub fn new(
+        name: String,
+        description: Option<String>,
+        segments: Vec<Rule>,
+        default: String,
+    ) -> Self {
+        let deps = segments.iter().fold(0, |d, r| d | r.deps);
+        let mut atoms: Vec<Atom> = Vec::new();
+        let mut atoms_upto = Vec::with_capacity(segments.len() + 1);
+        for r in &segments {
+            for a in &r.atoms {
+                if !atoms.iter().any(|x| x.text == a.text) {
+                    atoms.push(a.clone());
+                }
+            }
+            atoms_upto.push(atoms.len());
+        }
+        atoms_upto.push(atoms.len());
+        Segmentation {
+            name,
+            description,
+            segments,
+            default,
+            deps,
+            atoms,
+            atoms_upto,
+        }
+    }
+
+    /// The atoms a change to segment `i` shows (see [`Self::atoms`]).
+    pub fn atoms_upto(&self, i: usize) -> &[Atom] {
+        let n = self.atoms_upto.get(i).copied().unwrap_or(self.atoms.len());
+        &self.atoms[..n]
+    }
+
     /// Segment names, indexable by the segment index; the default is last.
     pub fn segment_name(&self, i: usize) -> &str {
         self.segments
@@ -445,14 +487,12 @@ impl RuleSet {
                     "too many segments",
                 );
             }
-            let deps = rules.iter().fold(0, |d, r| d | r.deps);
-            segmentations.push(Segmentation {
-                name: sd.name.get_ref().clone(),
-                description: sd.description.clone(),
-                segments: rules,
-                default: sd.default.get_ref().clone(),
-                deps,
-            });
+            segmentations.push(Segmentation::new(
+                sd.name.get_ref().clone(),
+                sd.description.clone(),
+                rules,
+                sd.default.get_ref().clone(),
+            ));
         }
         let mut segments = Vec::new();
         let mut seen = HashSet::new();
@@ -512,6 +552,33 @@ pub const DEFAULT_RULES: &str = include_str!("../../config/segments.toml");
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_segment_shows_the_atoms_of_the_rules_up_to_it_each_once() {
+        let r = RuleSet::embedded_default();
+        let lifecycle = &r.segmentations[0];
+        let texts = |i: usize| -> Vec<&str> {
+            lifecycle
+                .atoms_upto(i)
+                .iter()
+                .map(|a| a.text.as_str())
+                .collect()
+        };
+        let lapsed = ["purchases.count", "days_since(purchases.last)"];
+        assert_eq!(texts(0), lapsed);
+        // `at_risk` reads nothing `lapsed` did not.
+        assert_eq!(texts(1), lapsed);
+        let champion = [&lapsed[..], &["purchases.count_90d", "purchases.spend_90d"]].concat();
+        assert_eq!(texts(2), champion);
+        let all = [
+            &champion[..],
+            &["days_since(purchases.first)", "purchases.count_30d"],
+        ]
+        .concat();
+        assert_eq!(texts(4), all);
+        // The default: every rule was evaluated.
+        assert_eq!(texts(lifecycle.default_index()), all);
+    }
 
     #[test]
     fn time_independent_parts_of_loaded_rules_are_marked_static() {
