@@ -30,7 +30,11 @@ pub struct KafkaConfig {
     pub create_topics: bool,
     /// Partitions for topics microseg creates.
     pub create_partitions: i32,
-    /// Extra librdkafka properties for the consumer and the producer.
+    /// Extra librdkafka properties for every client microseg opens (the consumers, the
+    /// producer, the admin and metadata clients): connection and security settings.
+    pub common: BTreeMap<String, String>,
+    /// Extra librdkafka properties for the consumers (input and changelog restore) and the
+    /// producer; they win over `common`.
     pub consumer: BTreeMap<String, String>,
     pub producer: BTreeMap<String, String>,
 }
@@ -47,6 +51,7 @@ impl Default for KafkaConfig {
             changelog_topic: String::new(),
             create_topics: true,
             create_partitions: 3,
+            common: BTreeMap::new(),
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
         }
@@ -369,7 +374,12 @@ impl Config {
         if k.create_partitions < 1 {
             problems.push("kafka.create_partitions: must be at least 1".into());
         }
-        for key in k.consumer.keys().chain(k.producer.keys()) {
+        for key in k
+            .common
+            .keys()
+            .chain(k.consumer.keys())
+            .chain(k.producer.keys())
+        {
             if matches!(
                 key.as_str(),
                 "bootstrap.servers"
@@ -378,7 +388,7 @@ impl Config {
                     | "enable.auto.offset.store"
                     | "transactional.id"
             ) {
-                problems.push(format!("kafka.consumer/producer: {key:?} is managed by microseg; set it through the [kafka] fields"));
+                problems.push(format!("kafka.common/consumer/producer: {key:?} is managed by microseg; set it through the [kafka] fields"));
             }
         }
         if self.pipeline.commit_interval_ms == 0 {
@@ -496,6 +506,19 @@ mod tests {
         )];
         let c = Config::from_toml("c.toml", "", &env).unwrap();
         assert_eq!(c.processing.guarantee, Guarantee::ExactlyOnce);
+    }
+
+    #[test]
+    fn managed_client_properties_are_refused_in_every_section() {
+        let text = "[kafka.common]\n\"bootstrap.servers\" = \"x:1\"\n[kafka.consumer]\n\"group.id\" = \"g\"\n[kafka.producer]\n\"transactional.id\" = \"t\"\n";
+        let e = Config::from_toml("c.toml", text, &[]).unwrap_err();
+        assert_eq!(e.problems.len(), 3, "{e}");
+        for key in ["bootstrap.servers", "group.id", "transactional.id"] {
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        let ok = "[kafka.common]\n\"security.protocol\" = \"ssl\"\n";
+        let c = Config::from_toml("c.toml", ok, &[]).unwrap();
+        assert_eq!(c.kafka.common["security.protocol"], "ssl");
     }
 
     #[test]

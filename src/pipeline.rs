@@ -694,8 +694,9 @@ pub struct Pipeline {
     shared: Arc<Shared>,
 }
 
-/// A client for `cfg`'s brokers: `defaults` first, then the user's `extra` properties, which
-/// win over them.
+/// A client for `cfg`'s brokers: `defaults` first, then the user's `[kafka.common]`
+/// properties, then `extra` (the user's properties for this kind of client), each winning
+/// over what came before.
 pub(crate) fn client_config(
     cfg: &Config,
     defaults: &[(&str, &str)],
@@ -707,9 +708,24 @@ pub(crate) fn client_config(
     for (k, v) in defaults {
         c.set(*k, *v);
     }
-    for (k, v) in extra {
+    for (k, v) in cfg.kafka.common.iter().chain(extra) {
         c.set(k, v);
     }
+    c
+}
+
+/// The consumer that reads the changelog on restore: the input consumer's read-ahead and the
+/// user's consumer properties (so connection, security and memory settings apply to it too),
+/// then what restoring needs, which the user cannot change.
+fn restore_config(cfg: &Config) -> ClientConfig {
+    let mut c = client_config(cfg, &[READ_AHEAD], &cfg.kafka.consumer);
+    // librdkafka wants a group id to assign partitions; this consumer never joins the group
+    // nor commits. It reads only committed records (transactions in exactly-once mode).
+    c.set("client.id", format!("{}-restore", cfg.kafka.client_id))
+        .set("group.id", format!("{}-restore", cfg.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed");
     c
 }
 
@@ -761,18 +777,7 @@ impl Pipeline {
             assigned: Mutex::new(Vec::new()),
             restoring: AtomicUsize::new(0),
             partitions: AtomicI32::new(0),
-            restore_config: {
-                let mut c = client_config(&cfg, &[], &BTreeMap::new());
-                // librdkafka wants a group id to assign partitions; this consumer never joins
-                // the group nor commits. It reads ahead like the input consumer.
-                c.set("client.id", format!("{}-restore", cfg.kafka.client_id))
-                    .set("group.id", format!("{}-restore", cfg.kafka.group_id))
-                    .set("enable.auto.commit", "false")
-                    .set("enable.partition.eof", "true")
-                    .set("isolation.level", "read_committed")
-                    .set(READ_AHEAD.0, READ_AHEAD.1);
-                c
-            },
+            restore_config: restore_config(&cfg),
             changelog_topic: cfg.changelog_topic(),
             guarantee: cfg.processing.guarantee,
             drain_timeout: Duration::from_millis(cfg.pipeline.drain_timeout_ms),
@@ -1479,5 +1484,59 @@ where
         Ok(()) => Ok(None),
         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => Ok(Some(r)),
         Err((e, _)) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let text = r#"
+[kafka]
+group_id = "g"
+client_id = "c"
+[kafka.common]
+"security.protocol" = "sasl_ssl"
+"queued.min.messages" = "5"
+[kafka.consumer]
+"queued.min.messages" = "1000"
+"isolation.level" = "read_uncommitted"
+[kafka.producer]
+"linger.ms" = "50"
+"#;
+        Config::from_toml("c.toml", text, &[]).unwrap()
+    }
+
+    #[test]
+    fn every_client_gets_the_common_properties_and_its_own_win() {
+        let cfg = config();
+        // The admin and metadata clients: the common properties only.
+        let admin = client_config(&cfg, &[], &BTreeMap::new());
+        assert_eq!(admin.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(admin.get("queued.min.messages"), Some("5"));
+        let input = client_config(&cfg, &CONSUMER_DEFAULTS, &cfg.kafka.consumer);
+        assert_eq!(input.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(input.get("queued.min.messages"), Some("1000"));
+        assert_eq!(input.get("isolation.level"), Some("read_uncommitted"));
+        let producer = producer_config(&cfg);
+        assert_eq!(producer.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(producer.get("linger.ms"), Some("50"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+    }
+
+    #[test]
+    fn the_restore_consumer_takes_the_consumer_properties_but_not_what_restoring_needs() {
+        let cfg = config();
+        let r = restore_config(&cfg);
+        assert_eq!(r.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(r.get("queued.min.messages"), Some("1000"));
+        assert_eq!(r.get("isolation.level"), Some("read_committed"));
+        assert_eq!(r.get("group.id"), Some("g-restore"));
+        assert_eq!(r.get("client.id"), Some("c-restore"));
+        assert_eq!(r.get("enable.auto.commit"), Some("false"));
+        // Without user properties it reads ahead like the input consumer.
+        let plain = restore_config(&Config::default());
+        assert_eq!(plain.get(READ_AHEAD.0), Some(READ_AHEAD.1));
     }
 }
