@@ -10,6 +10,13 @@
 //! 224 → 257, against the exact class with `mi_malloc` (BENCHMARKS.md, sixth run). mimalloc
 //! blocks are always aligned to the machine word, so a request that needs no more than that
 //! goes to `mi_malloc`; larger alignments still go to the aligned calls.
+//!
+//! The C code linked in (librdkafka, zlib) allocates from mimalloc too: libmimalloc-sys's
+//! `override` feature exports `malloc`, `free` and the rest from the binary. librdkafka
+//! allocates per message (it copies every produced payload, and its fetch buffers), and with
+//! glibc's malloc, freeing on another thread than the one that allocated, that cost the
+//! pipeline measurably: end to end +5–7 %, the plain consumer +15 % (BENCHMARKS.md, seventh
+//! session).
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;
@@ -63,6 +70,21 @@ unsafe impl GlobalAlloc for Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    extern "C" {
+        fn mi_is_in_heap_region(p: *const c_void) -> bool;
+    }
+
+    /// C code's `malloc` (librdkafka's) is mimalloc's, not glibc's.
+    #[test]
+    fn c_malloc_is_mimalloc() {
+        unsafe {
+            let p = libc::malloc(100);
+            assert!(!p.is_null());
+            assert!(mi_is_in_heap_region(p), "malloc is not mimalloc's");
+            libc::free(p);
+        }
+    }
 
     /// Blocks are aligned as asked, hold their bytes through growth and shrinking, and
     /// zeroed blocks are zero, for word-aligned and over-aligned layouts alike.
