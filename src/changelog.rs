@@ -68,8 +68,12 @@ impl W<'_> {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn s(&mut self, s: &str) {
-        self.u(s.len() as u64);
-        self.0.extend_from_slice(s.as_bytes());
+        self.bytes(s.as_bytes());
+    }
+    /// A string's bytes, length first.
+    fn bytes(&mut self, b: &[u8]) {
+        self.u(b.len() as u64);
+        self.0.extend_from_slice(b);
     }
     fn offsets(&mut self, v: &[i64]) {
         self.u(v.len() as u64);
@@ -235,7 +239,7 @@ pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
             }
             Some(AttrVal::Str(s)) => {
                 w.u(2);
-                w.s(s.as_str());
+                w.bytes(s.as_bytes());
             }
             Some(AttrVal::Bool(b)) => {
                 w.u(3);

@@ -80,6 +80,14 @@ impl AttrStr {
         }
     }
 
+    /// The string's bytes, without the UTF-8 check of [`Self::as_str`].
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            AttrStr::Inline { len, bytes } => &bytes[..*len as usize],
+            AttrStr::Heap(s) => s.as_bytes(),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         match self {
             // Built from a `&str` cut at its length: always UTF-8.
@@ -559,6 +567,7 @@ mod tests {
         ] {
             let a = AttrStr::new(s);
             assert_eq!(a.as_str(), s);
+            assert_eq!(a.as_bytes(), s.as_bytes());
             assert_eq!(matches!(a, AttrStr::Inline { .. }), s.len() <= 14, "{s:?}");
             assert_eq!(a, AttrStr::from(s));
             assert_eq!(format!("{a:?}"), format!("{s:?}"));
