@@ -51,9 +51,9 @@ pub struct Segmentation {
     /// The atoms of every segment in rule order, each text once: what a change shows in
     /// `because` (the values of the rules evaluated to pick the winner).
     pub atoms: Vec<Atom>,
-    /// Per segment index (the default last), how many of `atoms` the rules up to it have:
-    /// a change to segment `i` shows `atoms[..atoms_upto[i]]`.
-    pub atoms_upto: Vec<usize>,
+    /// Per segment index (the default last), how many of `atoms` the rules up to it have
+    /// (see [`Self::atoms_upto`]).
+    shown_counts: Vec<usize>,
 }
 
 impl Segmentation {
@@ -66,16 +66,16 @@ impl Segmentation {
     ) -> Self {
         let deps = segments.iter().fold(0, |d, r| d | r.deps);
         let mut atoms: Vec<Atom> = Vec::new();
-        let mut atoms_upto = Vec::with_capacity(segments.len() + 1);
+        let mut shown_counts = Vec::with_capacity(segments.len() + 1);
         for r in &segments {
             for a in &r.atoms {
                 if !atoms.iter().any(|x| x.text == a.text) {
                     atoms.push(a.clone());
                 }
             }
-            atoms_upto.push(atoms.len());
+            shown_counts.push(atoms.len());
         }
-        atoms_upto.push(atoms.len());
+        shown_counts.push(atoms.len());
         Segmentation {
             name,
             description,
@@ -83,13 +83,17 @@ impl Segmentation {
             default,
             deps,
             atoms,
-            atoms_upto,
+            shown_counts,
         }
     }
 
     /// The atoms a change to segment `i` shows (see [`Self::atoms`]).
     pub fn atoms_upto(&self, i: usize) -> &[Atom] {
-        let n = self.atoms_upto.get(i).copied().unwrap_or(self.atoms.len());
+        let n = self
+            .shown_counts
+            .get(i)
+            .copied()
+            .unwrap_or(self.atoms.len());
         &self.atoms[..n]
     }
 
