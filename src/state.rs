@@ -91,9 +91,7 @@ impl AttrStr {
     pub fn as_str(&self) -> &str {
         match self {
             // Built from a `&str` cut at its length: always UTF-8.
-            AttrStr::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..*len as usize]).unwrap_or_default()
-            }
+            AttrStr::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
             AttrStr::Heap(s) => s,
         }
     }
