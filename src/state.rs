@@ -14,7 +14,7 @@
 
 use crate::event::{Body, Event, Scalar};
 use crate::symbols::{Sym, Symbols};
-use crate::windows::{self, Engagements, Purchases, Span};
+use crate::windows::{self, Engagements, Purchases, Span, Walk};
 
 /// Sentinel for "no timestamp".
 pub const NO_TIME: i64 = i64::MIN;
@@ -460,11 +460,17 @@ impl CustomerState {
         cfg: &StateConfig,
         now: i64,
         buckets: u32,
+        walk: Walk,
         mut differs: impl FnMut(u32, f64) -> bool,
     ) -> i64 {
         let differs = |count, spend| differs(count, windows::from_micros(spend));
-        self.purchases
-            .first_change(cfg.span(now, buckets), buckets, cfg.bucket_ms, differs)
+        self.purchases.first_change(
+            cfg.span(now, buckets),
+            buckets,
+            cfg.bucket_ms,
+            walk,
+            differs,
+        )
     }
 
     /// Like [`Self::purchases_first_change`] for engagements (of one action, or all).
@@ -474,6 +480,7 @@ impl CustomerState {
         now: i64,
         buckets: u32,
         action: Option<Sym>,
+        walk: Walk,
         differs: impl FnMut(u32) -> bool,
     ) -> i64 {
         self.engagements.first_change(
@@ -481,6 +488,7 @@ impl CustomerState {
             buckets,
             cfg.bucket_ms,
             action,
+            walk,
             differs,
         )
     }

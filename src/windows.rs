@@ -39,6 +39,17 @@ pub struct Span {
     pub end: u32,
 }
 
+/// How [`Purchases::first_change`] and [`Engagements::first_change`] may walk the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walk {
+    /// Entry by entry: any `differs`.
+    Linear,
+    /// `differs` reads only a count and is an inequality against a constant (`< k`,
+    /// `>= k`…): with no entry left to enter the window the count only falls, so `differs`
+    /// turns true at most once, and the walk can be a search (see `Totals::first_change`).
+    Monotone,
+}
+
 /// A running total: added and subtracted with wrapping, so differences are exact.
 trait Total: Copy + Default {
     fn plus(self, o: Self) -> Self;
@@ -161,13 +172,24 @@ impl<E: Entry> Totals<E> {
     /// enters it (an entry after the span, at its bucket's start), updates the value with the
     /// entries `counts` selects, and returns the first such instant at which `differs(value)`
     /// holds; `NEVER` if none. Linear in the entries, constant work per entry.
+    ///
+    /// `counts` selects the entries that make the value (None: all of them).
+    ///
+    /// With [`Walk::Monotone`] (the caller's promise: once `differs` holds at an instant at
+    /// which entries only left, it holds at every later one, as an inequality on a count
+    /// does) and no entry after the span to enter, the walk is a search instead: binary over
+    /// the running totals when every entry counts (logarithmic), otherwise back from the
+    /// newest entry, which stops as soon as the entries still inside hold enough (for
+    /// `>= k`, about `k` selected entries).
+    #[allow(clippy::too_many_arguments)]
     fn first_change(
         &self,
         span: Span,
         window: u32,
         bucket_ms: i64,
         initial: E::Total,
-        counts: impl Fn(&E) -> bool,
+        walk: Walk,
+        counts: Option<impl Fn(&E) -> bool>,
         mut differs: impl FnMut(E::Total) -> bool,
     ) -> i64 {
         let never = crate::state::NEVER;
@@ -178,6 +200,48 @@ impl<E: Entry> Totals<E> {
         let leaves = |i: usize| (e[i].bucket() as i64 + window as i64) * bucket_ms;
         let enters = |i: usize| e[i].bucket() as i64 * bucket_ms;
         let (mut lo, mut hi) = self.range(span);
+        if walk == Walk::Monotone && hi == e.len() {
+            // The value once the entries before index `j` have left; `differs` of it turns
+            // true at most once as `j` grows. The first `j` at which it is true: the entry
+            // `j - 1` leaving (with any others of its bucket) makes the difference.
+            let first = match &counts {
+                None => {
+                    let end = self.total_before(hi);
+                    let (mut a, mut b) = (lo + 1, hi + 1);
+                    while a < b {
+                        let j = a + (b - a) / 2;
+                        if differs(end.minus(self.total_before(j))) {
+                            b = j;
+                        } else {
+                            a = j + 1;
+                        }
+                    }
+                    a
+                }
+                Some(counts) => {
+                    // From `j = hi` (all left) down: the value of the entries `j..hi`.
+                    let mut v = E::Total::default();
+                    let mut j = hi + 1;
+                    while j > lo + 1 && differs(v) {
+                        j -= 1;
+                        if counts(&e[j - 1]) {
+                            v = v.plus(self.own(j - 1));
+                        }
+                    }
+                    if differs(v) {
+                        lo + 1
+                    } else {
+                        j
+                    }
+                }
+            };
+            return if first <= hi {
+                leaves(first - 1)
+            } else {
+                never
+            };
+        }
+        let counts = |x: &E| counts.as_ref().is_none_or(|f| f(x));
         let mut v = initial;
         loop {
             let next_leave = if lo < hi { leaves(lo) } else { never };
@@ -251,6 +315,9 @@ impl Entry for PurchaseTotal {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Purchases(Totals<PurchaseTotal>);
 
+/// Every purchase entry counts.
+const NONE: Option<fn(&PurchaseTotal) -> bool> = None;
+
 impl Purchases {
     pub(crate) fn prefetch(&self) {
         self.0.prefetch();
@@ -294,18 +361,20 @@ impl Purchases {
 
     /// The first instant after the window's `span` at which, with no new purchase,
     /// `differs(count, spend in millionths)` holds for the window's sums (`NEVER`: none).
-    /// Linear in the buckets, constant work per bucket.
+    /// Linear in the buckets, constant work per bucket; logarithmic with [`Walk::Monotone`]
+    /// (`differs` then reads the count only: spend can fall or rise, refunds are negative).
     pub fn first_change(
         &self,
         span: Span,
         window: u32,
         bucket_ms: i64,
+        walk: Walk,
         mut differs: impl FnMut(u32, i64) -> bool,
     ) -> i64 {
         let initial = self.sum(span);
         let differs = |(count, spend)| differs(count, spend);
         self.0
-            .first_change(span, window, bucket_ms, initial, |_| true, differs)
+            .first_change(span, window, bucket_ms, initial, walk, NONE, differs)
     }
 
     /// See [`next_change`].
@@ -419,12 +488,13 @@ impl Engagements {
         window: u32,
         bucket_ms: i64,
         action: Option<Sym>,
+        walk: Walk,
         differs: impl FnMut(u32) -> bool,
     ) -> i64 {
         let initial = self.sum(span, action);
-        let counts = |x: &EngagementTotal| action.is_none_or(|a| a == x.action);
+        let counts = action.map(|a| move |x: &EngagementTotal| a == x.action);
         self.0
-            .first_change(span, window, bucket_ms, initial, counts, differs)
+            .first_change(span, window, bucket_ms, initial, walk, counts, differs)
     }
 
     /// See [`next_change`]; for one action, linear in the entries from the span's start to
@@ -583,13 +653,18 @@ mod tests {
                             (t.map_or(i64::MAX, |k| k as i64 * 10), initial)
                         };
                         for limit in [1u32, 2, 4, 9] {
+                            // A count against a limit: walked, or searched when nothing enters.
                             let (want, initial) = first(&|v| v.0 < limit);
-                            prop_assert_eq!(e.first_change(sp, w, 10, a, |n| (n < limit) != initial), want);
+                            for walk in [Walk::Linear, Walk::Monotone] {
+                                prop_assert_eq!(e.first_change(sp, w, 10, a, walk, |n| (n < limit) != initial), want, "{:?}", walk);
+                                if a.is_none() {
+                                    prop_assert_eq!(p.first_change(sp, w, 10, walk, |n, _| (n < limit) != initial), want, "{:?}", walk);
+                                }
+                            }
                             if a.is_none() {
-                                prop_assert_eq!(p.first_change(sp, w, 10, |n, _| (n < limit) != initial), want);
                                 let cap = limit as i64 * 500_000;
                                 let (want, initial) = first(&|v| v.1 < cap);
-                                prop_assert_eq!(p.first_change(sp, w, 10, |_, m| (m < cap) != initial), want);
+                                prop_assert_eq!(p.first_change(sp, w, 10, Walk::Linear, |_, m| (m < cap) != initial), want);
                             }
                         }
                     }

@@ -379,6 +379,15 @@ when = "40 <= purchases.spend_7d || engagement.count_1d == 2"
 name = "not_one_this_week"
 when = 'purchases.count_7d != 1 && action_count("open", "1d") < 2'
 
+# Inequalities on a whole window's count, either side (found by a search, not a walk).
+[[segment]]
+name = "two_this_week"
+when = "purchases.count_7d >= 2"
+
+[[segment]]
+name = "quiet_today"
+when = "3 > engagement.count_1d"
+
 # A side that time cannot change: on the left of `||`, on the right of `&&`.
 [[segment]]
 name = "never_bought_or_recent"

@@ -13,7 +13,8 @@
 //! time-independent value stay linear. A comparison of two linear pieces changes where their
 //! difference crosses zero, which is solved directly (then checked by evaluating around the
 //! solution, so float rounding cannot make the timer late). A windowed feature compared with a
-//! time-independent value is solved by walking its buckets forward (exact, no step limit);
+//! time-independent value is solved by walking its buckets forward (exact, no step limit; an
+//! inequality on a count is a search instead, since the count only falls as buckets leave);
 //! otherwise the analysis steps from breakpoint to breakpoint (at most [`MAX_STEPS`] per
 //! call). The product or quotient of two time-dependent values is not linear: comparisons
 //! over it are re-checked every [`RECHECK_MS`] (documented in the README as the one
@@ -22,6 +23,7 @@
 use super::compile::{ArithOp, CmpOp, Ctx, Expr, Feature, Func, Val};
 pub use crate::state::NEVER;
 use crate::time::{DAY_MS, HOUR_MS};
+use crate::windows::Walk;
 
 /// Re-check period for comparisons over non-linear functions of time.
 pub const RECHECK_MS: i64 = 60_000;
@@ -94,20 +96,28 @@ impl Feature {
 
     /// For a windowed feature (a number): the first instant after `cx.now` at which, with no
     /// new event, `differs` holds for its value (`NEVER`: never). None for any other feature.
-    fn first_where(&self, cx: &Ctx<'_>, mut differs: impl FnMut(f64) -> bool) -> Option<i64> {
+    /// `walk`: [`Walk::Monotone`] when `differs` is an inequality against a constant, which
+    /// on a count turns true at most once (the windows then search instead of walking).
+    fn first_where(
+        &self,
+        cx: &Ctx<'_>,
+        walk: Walk,
+        mut differs: impl FnMut(f64) -> bool,
+    ) -> Option<i64> {
         let (st, cfg, now) = (cx.state, cx.cfg, cx.now);
         Some(match *self {
             Feature::PurchaseCountW(b) => {
-                st.purchases_first_change(cfg, now, b, |n, _| differs(n as f64))
+                st.purchases_first_change(cfg, now, b, walk, |n, _| differs(n as f64))
             }
+            // Spend is not monotone (refunds are negative amounts).
             Feature::PurchaseSpendW(b) => {
-                st.purchases_first_change(cfg, now, b, |_, spend| differs(spend))
+                st.purchases_first_change(cfg, now, b, Walk::Linear, |_, spend| differs(spend))
             }
             Feature::EngagementCountW(b) => {
-                st.engagements_first_change(cfg, now, b, None, |n| differs(n as f64))
+                st.engagements_first_change(cfg, now, b, None, walk, |n| differs(n as f64))
             }
             Feature::ActionCountW(a, b) => {
-                st.engagements_first_change(cfg, now, b, Some(a), |n| differs(n as f64))
+                st.engagements_first_change(cfg, now, b, Some(a), walk, |n| differs(n as f64))
             }
             _ => return None,
         })
@@ -331,7 +341,11 @@ fn window_cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> Option
         }
     };
     let initial = holds(num(f.read(cx))?);
-    f.first_where(cx, |v| holds(v) != initial)
+    let walk = match op {
+        CmpOp::Eq | CmpOp::Ne => Walk::Linear,
+        CmpOp::Lt | CmpOp::Le | CmpOp::Gt | CmpOp::Ge => Walk::Monotone,
+    };
+    f.first_where(cx, walk, |v| holds(v) != initial)
 }
 
 impl Expr {
