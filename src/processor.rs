@@ -13,9 +13,9 @@
 //!   watermark depends only on the input, so a replay gives byte-identical output.
 //! * **Processing time**: the wall clock; timers fire at the next tick after they are due.
 //!
-//! The timer index holds one entry per customer with a timer, `(due, customer id)`, ordered,
-//! so firing is in due order, ties by customer id, and never scans customers that are not
-//! due. Before an event is applied, every timer the event's watermark makes due fires (they
+//! The timer index ([`TimerIndex`]) holds one entry per customer with a timer, `(due,
+//! customer id)`, and hands them out in that order, so firing is in due order, ties by
+//! customer id, and never scans customers that are not due. Before an event is applied, every timer the event's watermark makes due fires (they
 //! happened before it); then the event is applied under the new watermark.
 //!
 //! It also owns what the changelog needs: the list of customers changed since their last
@@ -31,7 +31,7 @@
 //! Pure apart from reading the wall clock the caller passes in: the pipeline calls it with
 //! real time, the tests with a controlled one.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use compact_str::CompactString;
@@ -43,6 +43,7 @@ use crate::config::{ClockMode, TimeConfig};
 use crate::engine::{Applied, Change, Clock, Customer, Engine};
 use crate::event::Event;
 use crate::state::{Rejected, NEVER, NO_TIME};
+use crate::timer_index::TimerIndex;
 
 /// All customers held by this instance, keyed by customer id.
 ///
@@ -71,7 +72,7 @@ struct TopicTime {
 pub struct PartitionClock {
     topics: Vec<TopicTime>,
     watermark: i64,
-    timers: BTreeSet<(i64, CompactString)>,
+    timers: TimerIndex,
     /// Customers changed since their last changelog record, each once, in order of their
     /// first change; a customer knows its entry's index ([`Customer::dirty_slot`]), so no set
     /// lookup per event.
@@ -105,7 +106,7 @@ impl PartitionClock {
                 topics.max(1)
             ],
             watermark: NO_TIME,
-            timers: BTreeSet::new(),
+            timers: TimerIndex::new(),
             dirty: Vec::new(),
             takes: 0,
             bodies: Vec::new(),
@@ -240,19 +241,15 @@ impl PartitionClock {
             return;
         }
         if old != NEVER {
-            self.timers.remove(&(old, id.clone()));
+            self.timers.remove(old, id);
         }
         if new != NEVER {
-            self.timers.insert((new, id.clone()));
+            self.timers.insert(new, id.clone());
         }
     }
 
     fn pop_due(&mut self, upto: i64) -> Option<(i64, CompactString)> {
-        if self.timers.first().is_some_and(|(due, _)| *due <= upto) {
-            self.timers.pop_first()
-        } else {
-            None
-        }
+        self.timers.pop_due(upto)
     }
 }
 
@@ -418,7 +415,7 @@ impl Processor {
             clock.changed(&self.engine, &id, &mut c);
             drop(c);
             if next != NEVER {
-                clock.timers.insert((next, id.clone()));
+                clock.timers.insert(next, id.clone());
             }
             fired.timers += 1;
             out.extend(changes.into_iter().map(|change| Emitted {
@@ -635,7 +632,7 @@ impl Restorer<'_> {
             self.timers
                 .retain(|(due, id)| store.get(id).is_some_and(|c| c.timer == *due));
         }
-        self.clock.timers = std::mem::take(&mut self.timers).into_iter().collect();
+        self.clock.timers = TimerIndex::from_timers(std::mem::take(&mut self.timers));
         for (id, i) in self.pending.drain(..) {
             if store.contains_key(&id) {
                 self.clock

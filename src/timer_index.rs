@@ -1,0 +1,199 @@
+//! A partition's pending timers, `(due, customer id)`, handed out in `(due, id)` order.
+//!
+//! This module owns the timer index's data structure (the processor owns when it is read).
+//! An ordered set of every timer (a B-tree over a million 32-byte keys) costs a walk down
+//! several levels, most of them cache misses, for each of the three operations an event can
+//! make (remove the old instant, insert the new one, pop the due ones). Here timers are
+//! grouped by *slot* (`due / SLOT_MS`): each slot is a hash set, so inserting and removing
+//! are one hash and one probe, and the few thousand slot numbers sit in a small B-tree that
+//! stays in cache. Order is only needed when timers fire: the earliest slot that falls due
+//! moves, whole, into a small ordered set (`near`), from which timers pop in `(due, id)`
+//! order, the same order as one ordered set of everything; timers added to or removed from
+//! that slot (or an earlier one) meanwhile go to `near` too.
+//!
+//! Pure: no I/O, no clock.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use compact_str::CompactString;
+
+/// Width of a slot, in ms (about 18 minutes: a day has 80 slots, a 90-day horizon 7 000).
+pub const SLOT_MS: i64 = 1 << 20;
+
+type Timer = (i64, CompactString);
+
+/// The slot of an instant.
+fn slot(due: i64) -> i64 {
+    due.div_euclid(SLOT_MS)
+}
+
+/// Pending timers of one partition (see the module docs).
+#[derive(Debug, Default)]
+pub struct TimerIndex {
+    /// Timers of slots after `near_upto`, by slot.
+    slots: BTreeMap<i64, HashSet<Timer>>,
+    /// Timers of slots up to and including `near_upto`, ordered.
+    near: BTreeSet<Timer>,
+    /// The last slot moved into `near` (`i64::MIN`: none yet).
+    near_upto: i64,
+    len: usize,
+}
+
+impl TimerIndex {
+    pub fn new() -> Self {
+        TimerIndex {
+            near_upto: i64::MIN,
+            ..Default::default()
+        }
+    }
+
+    /// Builds from `(due, id)` pairs (duplicates count once). Sorted input (a restore's)
+    /// fills each slot's set at its final size, without growing it.
+    pub fn from_timers(timers: Vec<Timer>) -> Self {
+        let mut t = TimerIndex::new();
+        let sizes: Vec<(i64, usize)> = timers
+            .chunk_by(|a, b| slot(a.0) == slot(b.0))
+            .map(|run| (slot(run[0].0), run.len()))
+            .collect();
+        let mut timers = timers.into_iter();
+        for (s, n) in sizes {
+            let set = t.slots.entry(s).or_default();
+            set.reserve(n);
+            for timer in timers.by_ref().take(n) {
+                t.len += set.insert(timer) as usize;
+            }
+        }
+        t
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds a timer; false if it was already there.
+    pub fn insert(&mut self, due: i64, id: CompactString) -> bool {
+        let s = slot(due);
+        let added = if s <= self.near_upto {
+            self.near.insert((due, id))
+        } else {
+            self.slots.entry(s).or_default().insert((due, id))
+        };
+        self.len += added as usize;
+        added
+    }
+
+    /// Removes a timer; false if it was not there.
+    pub fn remove(&mut self, due: i64, id: &CompactString) -> bool {
+        let s = slot(due);
+        // The key must be owned to look it up in either set; cloning an id of up to 24 bytes
+        // copies it inline.
+        let key = (due, id.clone());
+        let removed = if s <= self.near_upto {
+            self.near.remove(&key)
+        } else {
+            match self.slots.get_mut(&s) {
+                Some(set) => {
+                    let removed = set.remove(&key);
+                    if set.is_empty() {
+                        self.slots.remove(&s);
+                    }
+                    removed
+                }
+                None => false,
+            }
+        };
+        self.len -= removed as usize;
+        removed
+    }
+
+    /// The earliest timer if it is due at or before `upto`, removed.
+    pub fn pop_due(&mut self, upto: i64) -> Option<Timer> {
+        loop {
+            if let Some((due, _)) = self.near.first() {
+                // Every timer left in `slots` is in a later slot, so later than this one.
+                if *due > upto {
+                    return None;
+                }
+                self.len -= 1;
+                return self.near.pop_first();
+            }
+            // `near` is empty: bring the next slot if any of it can be due.
+            let (&s, _) = self.slots.first_key_value()?;
+            if s > slot(upto) {
+                return None;
+            }
+            let set = self.slots.remove(&s).unwrap_or_default();
+            self.near_upto = s;
+            self.near.extend(set);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(i64, u8),
+        Remove(i64, u8),
+        Pop(i64),
+    }
+
+    fn instant() -> impl Strategy<Value = i64> {
+        // A few slots wide, with ties, slot edges and negative instants.
+        prop_oneof![
+            -3 * SLOT_MS..5 * SLOT_MS,
+            (-3i64..5).prop_map(|s| s * SLOT_MS),
+            (-3i64..5).prop_map(|s| s * SLOT_MS - 1),
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (instant(), 0u8..6).prop_map(|(d, c)| Op::Insert(d, c)),
+            2 => (instant(), 0u8..6).prop_map(|(d, c)| Op::Remove(d, c)),
+            2 => instant().prop_map(Op::Pop),
+        ]
+    }
+
+    proptest! {
+        /// Against one ordered set of everything: the same answers, the same pops in the same
+        /// order, the same length.
+        #[test]
+        fn behaves_as_one_ordered_set(
+            start in proptest::collection::vec((instant(), 0u8..6), 0..20),
+            ops in proptest::collection::vec(op(), 1..200),
+        ) {
+            let id = |c: u8| CompactString::from(format!("c{c}"));
+            let mut model: BTreeSet<Timer> = start.iter().map(|&(d, c)| (d, id(c))).collect();
+            let mut t = TimerIndex::from_timers(start.iter().map(|&(d, c)| (d, id(c))).collect());
+            for o in &ops {
+                match *o {
+                    Op::Insert(d, c) => prop_assert_eq!(t.insert(d, id(c)), model.insert((d, id(c)))),
+                    Op::Remove(d, c) => prop_assert_eq!(t.remove(d, &id(c)), model.remove(&(d, id(c)))),
+                    Op::Pop(upto) => loop {
+                        let want = match model.first() {
+                            Some((d, _)) if *d <= upto => model.pop_first(),
+                            _ => None,
+                        };
+                        let got = t.pop_due(upto);
+                        prop_assert_eq!(&got, &want);
+                        if got.is_none() {
+                            break;
+                        }
+                    },
+                }
+                prop_assert_eq!(t.len(), model.len());
+            }
+            let rest: Vec<Timer> = std::iter::from_fn(|| t.pop_due(i64::MAX)).collect();
+            prop_assert_eq!(rest, model.into_iter().collect::<Vec<_>>());
+            prop_assert!(t.is_empty());
+        }
+    }
+}
