@@ -135,9 +135,14 @@ impl<E: Entry> Totals<E> {
 
     /// The entries in buckets `span`: `lo..hi`.
     fn range(&self, span: Span) -> (usize, usize) {
+        // A window read at `now` mostly ends at or after the newest entry: no search for it.
+        let hi = match self.0.last() {
+            Some(last) if last.bucket() <= span.end => self.0.len(),
+            _ => self.0.partition_point(|x| x.bucket() <= span.end),
+        };
         (
-            self.0.partition_point(|x| x.bucket() < span.start),
-            self.0.partition_point(|x| x.bucket() <= span.end),
+            self.0[..hi].partition_point(|x| x.bucket() < span.start),
+            hi,
         )
     }
 
