@@ -25,12 +25,13 @@
 //!                  processor::Restorer) ─► customers, timers, watermark
 //! ```
 //!
-//! Pure logic (no I/O): [`time`], [`event`], [`state`] (with [`windows`]), [`rules`], [`engine`], [`output`],
-//! [`changelog`] (record format), [`commit`] (what is safe to commit, and when), and
-//! [`processor`] (which only reads the wall time it is given; its timers in [`timer_index`]), [`restore`] (restorers on
-//! worker threads, fed by the caller). Effects: [`pipeline`] (Kafka in and out, commit interval, restore), [`demo`]
-//! (embedded broker + generator), [`generate`] (synthetic customers), [`bench`](mod@bench)
-//! (measurements). Configuration: [`config`]. The global allocator: [`alloc`].
+//! Pure logic (no I/O): [`time`], [`event`], [`state`] (with [`windows`]), [`rules`],
+//! [`engine`], [`output`], [`changelog`] (record format), [`commit`] (what is safe to commit,
+//! and when), and [`processor`] (which only reads the wall time it is given; its timers in
+//! [`timer_index`]), [`restore`] (restorers on worker threads, fed by the caller). Effects:
+//! [`pipeline`] (Kafka in and out, commit interval, restore), [`demo`] (embedded broker +
+//! generator), [`generate`] (synthetic customers), [`bench`](mod@bench) (measurements).
+//! Configuration: [`config`]. The global allocator: [`alloc`].
 
 pub mod alloc;
 pub mod api;

@@ -15,8 +15,9 @@
 //!
 //! The timer index ([`TimerIndex`]) holds one entry per customer with a timer, `(due,
 //! customer id)`, and hands them out in that order, so firing is in due order, ties by
-//! customer id, and never scans customers that are not due. Before an event is applied, every timer the event's watermark makes due fires (they
-//! happened before it); then the event is applied under the new watermark.
+//! customer id, and never scans customers that are not due. Before an event is applied,
+//! every timer the event's watermark makes due fires (they happened before it); then the
+//! event is applied under the new watermark.
 //!
 //! It also owns what the changelog needs: the list of customers changed since their last
 //! record, with each record's body encoded at the customer's first change while its state is

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use compact_str::CompactString;
 
-/// Width of a slot, in ms (about 18 minutes: a day has 80 slots, a 90-day horizon 7 000).
+/// Width of a slot, in ms (about 17.5 minutes: 82 slots a day, about 7 400 for 90 days).
 pub const SLOT_MS: i64 = 1 << 20;
 
 type Timer = (i64, CompactString);
