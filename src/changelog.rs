@@ -397,7 +397,7 @@ pub struct Batch {
     spans: Vec<Span>,
 }
 
-/// Where one record's key and value are in [`Batch::bytes`].
+/// Where one record's key and value are in its batch's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
     pub key: (usize, usize),

@@ -208,7 +208,7 @@ impl CommitCycle {
     }
 
     /// The records to send now, if every output of the input they reflect is delivered.
-    /// The caller sends them all and counts them in [`Progress::changelog_inflight`].
+    /// The caller sends them all and counts them in the progress's changelog records in flight.
     pub fn sendable(&mut self, p: &Progress) -> Option<Vec<ChangelogBatch>> {
         let Stage::Taken { offsets, .. } = &self.stage else {
             return None;

@@ -197,7 +197,7 @@ impl Customer {
         }
     }
     /// Starts loading the customer's separate allocations, which an event and its changelog
-    /// record read (see [`crate::state::prefetch`]).
+    /// record read (see `state::prefetch`).
     pub fn prefetch(&self) {
         // The struct's own lines first: reading the pointers below waits for one of them.
         crate::state::prefetch(std::slice::from_ref(self));

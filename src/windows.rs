@@ -382,7 +382,8 @@ impl Purchases {
             .first_change(span, window, bucket_ms, initial, walk, NONE, differs)
     }
 
-    /// See [`next_change`].
+    /// The first instant after the window's `span` at which a bucket holding data leaves it
+    /// or enters it (`NEVER`: none will).
     pub fn next_change(&self, span: Span, window: u32, bucket_ms: i64) -> i64 {
         let (lo, hi) = self.0.range(span);
         let bucket = |i: usize| self.0 .0.get(i).map(|x| x.bucket);
@@ -502,8 +503,8 @@ impl Engagements {
             .first_change(span, window, bucket_ms, initial, walk, counts, differs)
     }
 
-    /// See [`next_change`]; for one action, linear in the entries from the span's start to
-    /// that action's first entry.
+    /// Like [`Purchases::next_change`], for the engagements (of one action, or all); for one
+    /// action, linear in the entries from the span's start to that action's first entry.
     pub fn next_change(&self, span: Span, window: u32, bucket_ms: i64, action: Option<Sym>) -> i64 {
         let (lo, hi) = self.0.range(span);
         let first = |from: usize| {

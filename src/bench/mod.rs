@@ -9,7 +9,7 @@
 //! * `engine`: decode + processor (watermark, timers, state update, rule evaluation, diff) +
 //!   change serialization, one core, no Kafka, no I/O, with the default rules and a heavier
 //!   set of 38 rules (`engine_eps`, `engine_vs_decode`). Events are generated in chunks of
-//!   [`CHUNK`] outside the timed sections, and each chunk is decoded-only and then processed.
+//!   `CHUNK` outside the timed sections, and each chunk is decoded-only and then processed.
 //!   The line also counts the changes caused by timers and the timers the partition clock
 //!   fired. After each chunk, outside the engine's time, the changelog records of every
 //!   customer the chunk changed are taken, as the pipeline does once per commit interval
