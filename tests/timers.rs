@@ -400,7 +400,8 @@ when = "days_since(purchases.first) > 4 && purchases.count >= 2"
 
 #[derive(Debug, Clone)]
 enum Step {
-    Purchase(i64, u32),
+    /// At an offset, an amount (negative: a refund).
+    Purchase(i64, i32),
     Engage(i64, bool),
     /// Let time pass by this many ms and fire due timers.
     Wait(i64),
@@ -409,7 +410,7 @@ enum Step {
 fn step_strategy() -> impl Strategy<Value = Step> {
     let dt = prop_oneof![4 => 0i64..3 * HOUR_MS, 2 => 0i64..2 * DAY_MS, 1 => -2 * HOUR_MS..0];
     prop_oneof![
-        3 => (dt.clone(), 1u32..40).prop_map(|(d, a)| Step::Purchase(d, a)),
+        3 => (dt.clone(), prop_oneof![4 => 1i32..40, 1 => -40i32..0]).prop_map(|(d, a)| Step::Purchase(d, a)),
         2 => (dt, any::<bool>()).prop_map(|(d, c)| Step::Engage(d, c)),
         3 => (1i64..4 * DAY_MS).prop_map(Step::Wait),
     ]
