@@ -248,10 +248,6 @@ impl PartitionClock {
             self.timers.insert(new, id.clone());
         }
     }
-
-    fn pop_due(&mut self, upto: i64) -> Option<(i64, CompactString)> {
-        self.timers.pop_due(upto)
-    }
 }
 
 /// A customer changed since its last changelog record (see [`PartitionClock::changed`]):
@@ -405,7 +401,7 @@ impl Processor {
         out: &mut Vec<Emitted<'r>>,
         fired: &mut Fired,
     ) {
-        while let Some((due, id)) = clock.pop_due(upto) {
+        while let Some((due, id)) = clock.timers.pop_due(upto) {
             let Some(mut c) = self.store.get_mut(&id) else {
                 continue;
             };

@@ -224,7 +224,9 @@ impl<E: Entry> Totals<E> {
                     a
                 }
                 Some(counts) => {
-                    // From `j = hi` (all left) down: the value of the entries `j..hi`.
+                    // Back from `j = hi + 1`, `v` being the value once `j - 1` entries have
+                    // left (the entries `j - 1..hi`, none at first): while it differs, so
+                    // does every later one, and `j` steps back.
                     let mut v = E::Total::default();
                     let mut j = hi + 1;
                     while j > lo + 1 && differs(v) {
@@ -233,11 +235,7 @@ impl<E: Entry> Totals<E> {
                             v = v.plus(self.own(j - 1));
                         }
                     }
-                    if differs(v) {
-                        lo + 1
-                    } else {
-                        j
-                    }
+                    j
                 }
             };
             return if first <= hi {
