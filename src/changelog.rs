@@ -28,9 +28,10 @@
 use smallvec::SmallVec;
 
 use crate::engine::{Customer, Engine};
+use crate::state::Activity;
 use crate::state::{AttrStr, AttrVal, CountKind, NEVER};
 use crate::symbols::Sym;
-use crate::windows::{self, Engagements, Purchases};
+use crate::windows;
 
 const MAGIC: u8 = b'M';
 const VERSION: u8 = 1;
@@ -163,7 +164,8 @@ pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
     // are process-local: write them in (bucket, action name) order, so the bytes do not
     // depend on the process; the reader sorts them by its own ids. Entries are already in
     // bucket order, so only ties compare names.
-    let mut engagements: SmallVec<[(u32, Sym, u32); 16]> = st.engagements.iter().collect();
+    let mut engagements: SmallVec<[(u32, Sym, u32); 16]> =
+        st.activity.engagements().iter().collect();
     engagements.sort_by(|x, y| {
         x.0.cmp(&y.0)
             .then_with(|| names.name(x.1).cmp(names.name(y.1)))
@@ -177,7 +179,7 @@ pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
         .chain(
             CountKind::ALL
                 .iter()
-                .flat_map(|k| st.counts.list(*k).iter().map(|(s, _)| *s)),
+                .flat_map(|k| st.activity.counts(*k).iter().map(|[s, _]| *s)),
         );
     for s in used {
         if !table.contains(&s) {
@@ -209,8 +211,9 @@ pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
     w.u(plan);
     w.i(st.plan_ts);
     w.i(st.profile_ts);
-    w.u(st.purchases.len() as u64);
-    for (bucket, count, spend) in st.purchases.iter() {
+    let purchases = st.activity.purchases();
+    w.u(purchases.len() as u64);
+    for (bucket, count, spend) in purchases.iter() {
         w.u(bucket as u64);
         w.u(count as u64);
         w.f(windows::from_micros(spend));
@@ -222,9 +225,9 @@ pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
         w.u(count as u64);
     }
     for kind in CountKind::ALL {
-        let l = st.counts.list(kind);
+        let l = st.activity.counts(kind);
         w.u(l.len() as u64);
-        for &(s, n) in l {
+        for &[s, n] in l {
             w.u(idx(s));
             w.u(n as u64);
         }
@@ -307,24 +310,29 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
     st.plan_ts = r.i()?;
     st.profile_ts = r.i()?;
     let n = r.len()?;
-    st.purchases = Purchases::with_capacity(n);
+    let mut purchases: SmallVec<[(u32, u32, i64); 16]> = SmallVec::with_capacity(n);
     for _ in 0..n {
         let (bucket, count, spend) = (r.u32()?, r.u32()?, r.f()?);
-        st.purchases.add(bucket, count, windows::to_micros(spend));
+        purchases.push((bucket, count, windows::to_micros(spend)));
     }
     let n = r.len()?;
-    let mut counts = Vec::with_capacity(n);
+    let mut engagements = Vec::with_capacity(n);
     for _ in 0..n {
-        counts.push((r.u32()?, sym(r.u()?)?, r.u32()?));
+        engagements.push((r.u32()?, sym(r.u()?)?, r.u32()?));
     }
-    st.engagements = Engagements::from_counts(counts);
-    for kind in CountKind::ALL {
+    let mut counts: [SmallVec<[(Sym, u32); 16]>; 3] = Default::default();
+    for list in &mut counts {
         let n = r.len()?;
-        st.counts.reserve_exact(n);
+        list.reserve_exact(n);
         for _ in 0..n {
-            st.counts.add(kind, sym(r.u()?)?, r.u32()?);
+            list.push((sym(r.u()?)?, r.u32()?));
         }
     }
+    st.activity = Activity::from_parts(
+        [&counts[0], &counts[1], &counts[2]],
+        &purchases,
+        engagements,
+    );
     let n = r.len()?;
     if n != st.attrs.len() && !rules_changed {
         return Err(CodecError("attribute count does not match the rules"));
@@ -644,7 +652,8 @@ mod tests {
             let sorted = |cu: &Customer| {
                 let keys: Vec<_> = cu
                     .state
-                    .engagements
+                    .activity
+                    .engagements()
                     .iter()
                     .map(|(b, a, _)| (b, a))
                     .collect();
@@ -657,12 +666,14 @@ mod tests {
             reordered += (there
                 .customer
                 .state
-                .engagements
+                .activity
+                .engagements()
                 .iter()
                 .map(|b| other.rules.symbols.name(b.1))
                 .collect::<Vec<_>>()
                 != c.state
-                    .engagements
+                    .activity
+                    .engagements()
                     .iter()
                     .map(|b| engine.rules.symbols.name(b.1))
                     .collect::<Vec<_>>()) as usize;

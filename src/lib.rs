@@ -25,7 +25,8 @@
 //!                  processor::Restorer) ─► customers, timers, watermark
 //! ```
 //!
-//! Pure logic (no I/O): [`time`], [`event`], [`state`] (with [`windows`]), [`rules`],
+//! Pure logic (no I/O): [`time`], [`event`], [`state`] (with [`activity`] and [`windows`]),
+//! [`rules`],
 //! [`engine`], [`output`], [`changelog`] (record format), [`commit`] (what is safe to commit,
 //! and when), and [`processor`] (which only reads the wall time it is given; its timers in
 //! [`timer_index`]), [`restore`] (restorers on worker threads, fed by the caller). Effects:
@@ -33,6 +34,7 @@
 //! generator), [`generate`] (synthetic customers), [`bench`](mod@bench) (measurements).
 //! Configuration: [`config`]. The global allocator: [`alloc`].
 
+pub mod activity;
 pub mod alloc;
 pub mod api;
 pub mod bench;

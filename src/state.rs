@@ -12,9 +12,10 @@
 //! evaluated at time `now` covers the `w / b` buckets ending with the bucket that contains
 //! `now`, i.e. events with `ts >= floor(now / b) * b + b - w`.
 
+pub use crate::activity::{Activity, Count, CountKind};
 use crate::event::{Body, Event, Scalar};
 use crate::symbols::{Sym, Symbols};
-use crate::windows::{self, Engagements, Purchases, Span, Walk};
+use crate::windows::{self, Span, Walk};
 
 /// Sentinel for "no timestamp".
 pub const NO_TIME: i64 = i64::MIN;
@@ -177,81 +178,11 @@ pub struct CustomerState {
     pub(crate) plan_ts: i64,
     /// Time of the latest profile event applied (older ones do not overwrite attributes).
     pub(crate) profile_ts: i64,
-    /// Windowed purchases per bucket.
-    pub purchases: Purchases,
-    /// Windowed engagements per bucket and action.
-    pub engagements: Engagements,
-    /// Lifetime counts per category, channel and action.
-    pub counts: Counts,
+    /// Lifetime counts per category, channel and action, and the windows' purchases per
+    /// bucket and engagements per bucket and action: one allocation.
+    pub activity: Activity,
     /// One slot per declared attribute, in declaration order.
     pub attrs: Box<[Option<AttrVal>]>,
-}
-
-/// Which list of [`Counts`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CountKind {
-    Category = 0,
-    Channel = 1,
-    Action = 2,
-}
-
-impl CountKind {
-    pub const ALL: [CountKind; 3] = [CountKind::Category, CountKind::Channel, CountKind::Action];
-}
-
-/// Lifetime counts per category, per channel and per action, each list in order of first
-/// occurrence, kept in one vector (one allocation instead of three, and no allocation at
-/// all for a customer with none): `[lengths][categories…][channels…][actions…]`, where the
-/// first entry holds the lengths of the first two lists.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Counts(Vec<(u32, u32)>);
-
-impl Counts {
-    /// Start and end of each list in the vector.
-    fn bounds(&self) -> [usize; 4] {
-        match self.0.first() {
-            None => [0; 4],
-            Some(&(c, ch)) => {
-                let a = 1 + c as usize;
-                [1, a, a + ch as usize, self.0.len()]
-            }
-        }
-    }
-
-    /// `(symbol, count)` of one list, in order of first occurrence.
-    pub fn list(&self, kind: CountKind) -> &[(Sym, u32)] {
-        let b = self.bounds();
-        let k = kind as usize;
-        &self.0[b[k]..b[k + 1]]
-    }
-
-    /// Adds `n` to `sym` in one list (appending it if new).
-    pub fn add(&mut self, kind: CountKind, sym: Sym, n: u32) {
-        let b = self.bounds();
-        let k = kind as usize;
-        if let Some(x) = self.0[b[k]..b[k + 1]].iter_mut().find(|(s, _)| *s == sym) {
-            x.1 = x.1.saturating_add(n);
-            return;
-        }
-        if self.0.is_empty() {
-            self.0.push((0, 0));
-        }
-        let at = b[k + 1].max(1);
-        self.0.insert(at, (sym, n));
-        match kind {
-            CountKind::Category => self.0[0].0 += 1,
-            CountKind::Channel => self.0[0].1 += 1,
-            CountKind::Action => {}
-        }
-    }
-
-    pub fn reserve_exact(&mut self, n: usize) {
-        self.0.reserve_exact(n + self.0.is_empty() as usize);
-    }
-
-    pub fn capacity_bytes(&self) -> usize {
-        self.0.capacity() * std::mem::size_of::<(u32, u32)>()
-    }
 }
 
 /// "Never": no instant at which a time-dependent value changes.
@@ -296,9 +227,7 @@ pub(crate) fn prefetch<T>(s: &[T]) {
 impl CustomerState {
     /// Starts loading the state's separate allocations (see [`prefetch`]).
     pub(crate) fn prefetch(&self) {
-        self.purchases.prefetch();
-        self.engagements.prefetch();
-        prefetch(&self.counts.0);
+        self.activity.prefetch();
         prefetch(&self.attrs);
     }
 
@@ -371,10 +300,12 @@ impl CustomerState {
                 }
                 self.last_purchase = self.last_purchase.max(ts);
                 if let Some(c) = &p.category {
-                    self.counts.add(CountKind::Category, syms.intern(c), 1);
+                    self.activity
+                        .add_count(CountKind::Category, syms.intern(c), 1);
                 }
                 if let Some(c) = &p.channel {
-                    self.counts.add(CountKind::Channel, syms.intern(c), 1);
+                    self.activity
+                        .add_count(CountKind::Channel, syms.intern(c), 1);
                 }
                 if let Some(plan) = &p.plan {
                     if ts >= self.plan_ts {
@@ -383,16 +314,17 @@ impl CustomerState {
                     }
                 }
                 if windows && b >= horizon && cfg.bucket_ms > 0 {
-                    self.purchases.add(b, 1, windows::to_micros(p.amount));
+                    self.activity
+                        .add_purchase(b, 1, windows::to_micros(p.amount));
                 }
             }
             Body::Engagement { action } => {
                 self.engagement_count = self.engagement_count.saturating_add(1);
                 self.last_engagement = self.last_engagement.max(ts);
                 let a = syms.intern(action);
-                self.counts.add(CountKind::Action, a, 1);
+                self.activity.add_count(CountKind::Action, a, 1);
                 if windows && b >= horizon && cfg.bucket_ms > 0 {
-                    self.engagements.add(b, a);
+                    self.activity.add_engagement(b, a);
                 }
             }
             Body::Profile { attributes } => {
@@ -424,20 +356,20 @@ impl CustomerState {
     /// Drops buckets that no window can see any more. Called after every update.
     pub fn prune(&mut self, cfg: &StateConfig) {
         let horizon = self.last_seen_bucket_horizon(cfg);
-        self.purchases.prune(horizon);
-        self.engagements.prune(horizon);
+        self.activity.prune(horizon);
     }
 
     /// Purchases (count, spend) in a window of `buckets` buckets at time `now`.
     pub fn purchases_in(&self, cfg: &StateConfig, now: i64, buckets: u32) -> (u32, f64) {
-        let (count, spend) = self.purchases.sum(cfg.span(now, buckets));
+        let (count, spend) = self.activity.purchases().sum(cfg.span(now, buckets));
         (count, windows::from_micros(spend))
     }
 
     /// The next instant after `now` at which a window of `buckets` buckets over the purchase
     /// buckets gains or loses one holding data (`NEVER` if none will).
     pub fn purchases_window_next(&self, cfg: &StateConfig, now: i64, buckets: u32) -> i64 {
-        self.purchases
+        self.activity
+            .purchases()
             .next_change(cfg.span(now, buckets), buckets, cfg.bucket_ms)
     }
 
@@ -449,8 +381,12 @@ impl CustomerState {
         buckets: u32,
         action: Option<Sym>,
     ) -> i64 {
-        self.engagements
-            .next_change(cfg.span(now, buckets), buckets, cfg.bucket_ms, action)
+        self.activity.engagements().next_change(
+            cfg.span(now, buckets),
+            buckets,
+            cfg.bucket_ms,
+            action,
+        )
     }
 
     /// The first instant after `now` at which, with no new purchase, `differs(count, spend)`
@@ -464,7 +400,7 @@ impl CustomerState {
         mut differs: impl FnMut(u32, f64) -> bool,
     ) -> i64 {
         let differs = |count, spend| differs(count, windows::from_micros(spend));
-        self.purchases.first_change(
+        self.activity.purchases().first_change(
             cfg.span(now, buckets),
             buckets,
             cfg.bucket_ms,
@@ -483,7 +419,7 @@ impl CustomerState {
         walk: Walk,
         differs: impl FnMut(u32) -> bool,
     ) -> i64 {
-        self.engagements.first_change(
+        self.activity.engagements().first_change(
             cfg.span(now, buckets),
             buckets,
             cfg.bucket_ms,
@@ -501,25 +437,27 @@ impl CustomerState {
         buckets: u32,
         action: Option<Sym>,
     ) -> u32 {
-        self.engagements.sum(cfg.span(now, buckets), action)
+        self.activity
+            .engagements()
+            .sum(cfg.span(now, buckets), action)
     }
 
-    pub fn categories(&self) -> &[(Sym, u32)] {
-        self.counts.list(CountKind::Category)
+    pub fn categories(&self) -> &[Count] {
+        self.activity.counts(CountKind::Category)
     }
 
-    pub fn channels(&self) -> &[(Sym, u32)] {
-        self.counts.list(CountKind::Channel)
+    pub fn channels(&self) -> &[Count] {
+        self.activity.counts(CountKind::Channel)
     }
 
-    pub fn actions(&self) -> &[(Sym, u32)] {
-        self.counts.list(CountKind::Action)
+    pub fn actions(&self) -> &[Count] {
+        self.activity.counts(CountKind::Action)
     }
 
     /// The most frequent symbol in a count list (ties: the one seen first).
-    pub fn top(list: &[(Sym, u32)]) -> Option<Sym> {
+    pub fn top(list: &[Count]) -> Option<Sym> {
         let mut best: Option<(Sym, u32)> = None;
-        for &(s, n) in list {
+        for &[s, n] in list {
             if best.is_none_or(|(_, bn)| n > bn) {
                 best = Some((s, n));
             }
@@ -527,17 +465,15 @@ impl CustomerState {
         best.map(|(s, _)| s)
     }
 
-    pub fn count_of(list: &[(Sym, u32)], sym: Option<Sym>) -> u32 {
-        sym.and_then(|s| list.iter().find(|(x, _)| *x == s))
-            .map_or(0, |(_, n)| *n)
+    pub fn count_of(list: &[Count], sym: Option<Sym>) -> u32 {
+        sym.and_then(|s| list.iter().find(|[x, _]| *x == s))
+            .map_or(0, |[_, n]| *n)
     }
 
     /// An estimate of the heap and inline bytes this state uses.
     pub fn approx_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
-            + self.purchases.capacity_bytes()
-            + self.engagements.capacity_bytes()
-            + self.counts.capacity_bytes()
+            + self.activity.capacity_bytes()
             + self.attrs.len() * std::mem::size_of::<Option<AttrVal>>()
     }
 }
@@ -665,11 +601,11 @@ mod tests {
         assert_eq!(st.purchases_in(&c, 7 * DAY_MS, 30 * 24), (2, 3.0));
         // A purchase 40 days later prunes buckets older than the 30d window.
         apply(&mut st, &syms, &purchase(40 * DAY_MS, 4.0, "a", "online"));
-        assert_eq!(st.purchases.len(), 1);
+        assert_eq!(st.activity.purchases().len(), 1);
         assert_eq!(st.purchase_count, 3);
         // A very late purchase counts for the lifetime only.
         apply(&mut st, &syms, &purchase(DAY_MS, 8.0, "a", "online"));
-        assert_eq!(st.purchases.len(), 1);
+        assert_eq!(st.activity.purchases().len(), 1);
         assert_eq!(st.purchase_count, 4);
         assert_eq!(st.spend, 15.0);
     }
@@ -699,25 +635,6 @@ mod tests {
         );
         assert_eq!(st.engagements_in(&c, now, 7 * 24, None), 3);
         assert_eq!(st.engagement_count, 3);
-    }
-
-    proptest::proptest! {
-        /// The three lists in one vector behave like three separate ones.
-        #[test]
-        fn counts_like_three_lists(adds in proptest::collection::vec((0usize..3, 0u32..6, 1u32..3), 0..40)) {
-            let mut counts = Counts::default();
-            let mut plain: [Vec<(Sym, u32)>; 3] = Default::default();
-            for (k, sym, n) in adds {
-                counts.add(CountKind::ALL[k], sym, n);
-                match plain[k].iter_mut().find(|(s, _)| *s == sym) {
-                    Some(x) => x.1 += n,
-                    None => plain[k].push((sym, n)),
-                }
-            }
-            for (kind, list) in CountKind::ALL.iter().zip(&plain) {
-                proptest::prop_assert_eq!(counts.list(*kind), &list[..]);
-            }
-        }
     }
 
     #[test]

@@ -342,7 +342,7 @@ impl Feature {
             Feature::Actions => st.actions(),
             _ => return false,
         };
-        list.iter().any(|(s, _)| *s == sym)
+        list.iter().any(|[s, _]| *s == sym)
     }
 
     /// The set's members, for display.
@@ -353,7 +353,7 @@ impl Feature {
             Feature::Actions => st.actions(),
             _ => return Vec::new(),
         };
-        list.iter().map(|(s, _)| *s).collect()
+        list.iter().map(|[s, _]| *s).collect()
     }
 }
 

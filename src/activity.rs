@@ -1,0 +1,296 @@
+//! A customer's activity in one allocation: lifetime counts per category, channel and action,
+//! and the purchase and engagement buckets of the windows. Pure: no I/O.
+//!
+//! This module owns how those four variable-length lists share one buffer of `u32` words:
+//!
+//! ```text
+//! [counts: lengths, categories…, channels…, actions…][purchase entries…][engagement entries…]
+//! ```
+//!
+//! Every event touches at least one of them, and a changelog record reads all of them, so one
+//! block (one cache miss to start, one allocation to restore) serves better than three vectors
+//! (BENCHMARKS.md). The buffer grows by what an insertion needs and no more, so a customer
+//! keeps no spare capacity beyond the allocator's size class. [`crate::windows`] owns what
+//! the bucket entries mean (running totals) and how they are read; this module only inserts
+//! and removes their words.
+
+use std::ops::Range;
+
+use crate::symbols::Sym;
+use crate::windows::{self, EngagementTotal, Engagements, Entry, PurchaseTotal, Purchases};
+
+/// Which list of lifetime counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountKind {
+    Category = 0,
+    Channel = 1,
+    Action = 2,
+}
+
+impl CountKind {
+    pub const ALL: [CountKind; 3] = [CountKind::Category, CountKind::Channel, CountKind::Action];
+}
+
+/// A lifetime count: `[symbol, count]`.
+pub type Count = [u32; 2];
+
+/// The three parts of the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Counts,
+    Purchases,
+    Engagements,
+}
+
+/// Counts per category / channel / action (each list in order of first occurrence), then
+/// purchase and engagement entries (sorted, see [`crate::windows`]), in one buffer. The counts
+/// start with one `[categories, channels]` pair holding the lengths of the first two lists, and
+/// are absent altogether (no words) for a customer with none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Activity {
+    buf: Vec<u32>,
+    /// Words of the counts, their lengths included.
+    counts: u32,
+    /// Words of the purchase entries; the engagement entries take the rest.
+    purchases: u32,
+}
+
+impl Activity {
+    /// Builds from a changelog record's lists (counts in order of first occurrence, purchases
+    /// and engagements in any order), in one allocation of the final size.
+    pub fn from_parts(
+        counts: [&[(Sym, u32)]; 3],
+        purchases: &[(u32, u32, i64)],
+        mut engagements: Vec<(u32, Sym, u32)>,
+    ) -> Self {
+        let n: usize = counts.iter().map(|l| l.len()).sum();
+        let words = if n > 0 { 2 + 2 * n } else { 0 }
+            + PurchaseTotal::WORDS * purchases.len()
+            + EngagementTotal::WORDS * engagements.len();
+        let mut a = Activity {
+            buf: Vec::with_capacity(words),
+            ..Default::default()
+        };
+        for (kind, list) in CountKind::ALL.into_iter().zip(counts) {
+            for &(sym, n) in list {
+                a.add_count(kind, sym, n);
+            }
+        }
+        for &(bucket, count, spend) in purchases {
+            a.add_purchase(bucket, count, spend);
+        }
+        engagements.sort_unstable_by_key(|&(b, a, _)| (b, a));
+        let mut total = 0u32;
+        for (bucket, action, n) in engagements {
+            total = total.wrapping_add(n);
+            a.buf
+                .extend_from_slice(EngagementTotal::new((bucket, action), total).words());
+        }
+        a
+    }
+
+    /// The words of one part.
+    fn bounds(&self, part: Part) -> Range<usize> {
+        let (c, p) = (self.counts as usize, self.purchases as usize);
+        match part {
+            Part::Counts => 0..c,
+            Part::Purchases => c..c + p,
+            Part::Engagements => c + p..self.buf.len(),
+        }
+    }
+
+    /// Inserts `words` at index `at` of the buffer, inside or at the end of `part`.
+    fn insert(&mut self, part: Part, at: usize, words: &[u32]) {
+        self.buf.reserve_exact(words.len());
+        self.buf.splice(at..at, words.iter().copied());
+        self.resize(part, words.len() as i64);
+    }
+
+    /// Removes the words `r` of the buffer, all in `part`.
+    fn remove(&mut self, part: Part, r: Range<usize>) {
+        let n = r.len();
+        self.buf.drain(r);
+        self.resize(part, -(n as i64));
+    }
+
+    fn resize(&mut self, part: Part, by: i64) {
+        match part {
+            Part::Counts => self.counts = (self.counts as i64 + by) as u32,
+            Part::Purchases => self.purchases = (self.purchases as i64 + by) as u32,
+            Part::Engagements => {}
+        }
+    }
+
+    fn entries<E: Entry>(&self, part: Part) -> &[E] {
+        E::cast(&self.buf[self.bounds(part)])
+    }
+
+    /// Adds `v` at `key` to the running totals of `part` (an entry for `key` is inserted if
+    /// there is none).
+    fn add_total<E: Entry>(&mut self, part: Part, key: E::Key, v: E::Total) {
+        let (i, new) = windows::locate(self.entries::<E>(part), key);
+        if let Some(e) = new {
+            let at = self.bounds(part).start + i * E::WORDS;
+            self.insert(part, at, e.words());
+        }
+        let r = self.bounds(part);
+        windows::add_from(E::cast_mut(&mut self.buf[r]), i, v);
+    }
+
+    /// Drops the entries of `part` before bucket `horizon`, and rebases the others.
+    fn prune_totals<E: Entry>(&mut self, part: Part, horizon: u32) {
+        let (n, t) = windows::prune_point(self.entries::<E>(part), horizon);
+        if n == 0 {
+            return;
+        }
+        let start = self.bounds(part).start;
+        self.remove(part, start..start + n * E::WORDS);
+        let r = self.bounds(part);
+        windows::rebase(E::cast_mut(&mut self.buf[r]), t);
+    }
+
+    pub fn purchases(&self) -> Purchases<'_> {
+        Purchases::new(self.entries(Part::Purchases))
+    }
+
+    pub fn engagements(&self) -> Engagements<'_> {
+        Engagements::new(self.entries(Part::Engagements))
+    }
+
+    /// Adds `count` purchases spending `spend` (millionths) to bucket `b`.
+    pub fn add_purchase(&mut self, b: u32, count: u32, spend: i64) {
+        self.add_total::<PurchaseTotal>(Part::Purchases, b, (count, spend));
+    }
+
+    /// Adds one engagement of `action` to bucket `b`.
+    pub fn add_engagement(&mut self, b: u32, action: Sym) {
+        self.add_total::<EngagementTotal>(Part::Engagements, (b, action), 1);
+    }
+
+    /// Drops the purchase and engagement buckets before `horizon`.
+    pub fn prune(&mut self, horizon: u32) {
+        self.prune_totals::<PurchaseTotal>(Part::Purchases, horizon);
+        self.prune_totals::<EngagementTotal>(Part::Engagements, horizon);
+    }
+
+    /// Start and end (in words) of each list of counts.
+    fn count_bounds(&self) -> [usize; 4] {
+        if self.counts == 0 {
+            return [0; 4];
+        }
+        let a = 2 + 2 * self.buf[0] as usize;
+        [2, a, a + 2 * self.buf[1] as usize, self.counts as usize]
+    }
+
+    /// `[symbol, count]` of one list, in order of first occurrence.
+    pub fn counts(&self, kind: CountKind) -> &[Count] {
+        let b = self.count_bounds();
+        let k = kind as usize;
+        self.buf[b[k]..b[k + 1]].as_chunks().0
+    }
+
+    /// Adds `n` to `sym` in one list (appending it if new).
+    pub fn add_count(&mut self, kind: CountKind, sym: Sym, n: u32) {
+        let b = self.count_bounds();
+        let k = kind as usize;
+        let list: &mut [Count] = self.buf[b[k]..b[k + 1]].as_chunks_mut().0;
+        if let Some(x) = list.iter_mut().find(|x| x[0] == sym) {
+            x[1] = x[1].saturating_add(n);
+            return;
+        }
+        if self.counts == 0 {
+            self.insert(Part::Counts, 0, &[0, 0, sym, n]);
+        } else {
+            self.insert(Part::Counts, b[k + 1], &[sym, n]);
+        }
+        match kind {
+            CountKind::Category => self.buf[0] += 1,
+            CountKind::Channel => self.buf[1] += 1,
+            CountKind::Action => {}
+        }
+    }
+
+    /// Starts loading the buffer's cache lines (see [`crate::state::prefetch`]).
+    pub(crate) fn prefetch(&self) {
+        crate::state::prefetch(&self.buf);
+    }
+
+    pub fn capacity_bytes(&self) -> usize {
+        self.buf.capacity() * std::mem::size_of::<u32>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Count(usize, Sym, u32),
+        Purchase(u32, u32, i64),
+        Engagement(u32, Sym),
+        Prune(u32),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0usize..3, 0u32..6, 1u32..3).prop_map(|(k, s, n)| Op::Count(k, s, n)),
+            (0u32..30, 1u32..3, -3_000_000i64..9_000_000_000)
+                .prop_map(|(b, c, s)| Op::Purchase(b, c, s)),
+            (0u32..30, 0u32..3).prop_map(|(b, a)| Op::Engagement(b, a)),
+            (0u32..30).prop_map(Op::Prune),
+        ]
+    }
+
+    proptest! {
+        /// The four lists in one buffer behave like four separate ones, whatever the order of
+        /// changes to them, and a rebuild from the lists gives the same buffer.
+        #[test]
+        fn like_four_lists(ops in proptest::collection::vec(op(), 0..80)) {
+            let mut a = Activity::default();
+            let mut counts: [Vec<(Sym, u32)>; 3] = Default::default();
+            let mut purchases: std::collections::BTreeMap<u32, (u32, i64)> = Default::default();
+            let mut engagements: std::collections::BTreeMap<(u32, Sym), u32> = Default::default();
+            let mut horizon = 0;
+            for o in ops {
+                match o {
+                    Op::Count(k, sym, n) => {
+                        a.add_count(CountKind::ALL[k], sym, n);
+                        match counts[k].iter_mut().find(|(s, _)| *s == sym) {
+                            Some(x) => x.1 += n,
+                            None => counts[k].push((sym, n)),
+                        }
+                    }
+                    Op::Purchase(b, c, s) => {
+                        a.add_purchase(b, c, s);
+                        let x = purchases.entry(b).or_default();
+                        *x = (x.0 + c, x.1 + s);
+                    }
+                    Op::Engagement(b, act) => {
+                        a.add_engagement(b, act);
+                        *engagements.entry((b, act)).or_default() += 1;
+                    }
+                    Op::Prune(h) => horizon = h,
+                }
+                a.prune(horizon);
+                purchases.retain(|b, _| *b >= horizon);
+                engagements.retain(|(b, _), _| *b >= horizon);
+                for (kind, list) in CountKind::ALL.iter().zip(&counts) {
+                    let got: Vec<(Sym, u32)> = a.counts(*kind).iter().map(|&[s, n]| (s, n)).collect();
+                    prop_assert_eq!(&got, list);
+                }
+                let want: Vec<_> = purchases.iter().map(|(b, (c, s))| (*b, *c, *s)).collect();
+                prop_assert_eq!(a.purchases().iter().collect::<Vec<_>>(), want);
+                let want: Vec<_> = engagements.iter().map(|((b, act), n)| (*b, *act, *n)).collect();
+                prop_assert_eq!(a.engagements().iter().collect::<Vec<_>>(), want);
+            }
+            let p: Vec<_> = a.purchases().iter().collect();
+            let mut e: Vec<_> = a.engagements().iter().collect();
+            e.reverse();
+            let rebuilt = Activity::from_parts([&counts[0], &counts[1], &counts[2]], &p, e);
+            prop_assert_eq!(rebuilt.capacity_bytes(), rebuilt.buf.len() * 4, "one allocation of the final size");
+            prop_assert_eq!(rebuilt, a);
+        }
+    }
+}
