@@ -9,8 +9,9 @@
 //!
 //! Every event touches at least one of them, and a changelog record reads all of them, so one
 //! block (one cache miss to start, one allocation to restore) serves better than three vectors
-//! (BENCHMARKS.md). The buffer grows by what an insertion needs and no more, so a customer
-//! keeps no spare capacity beyond the allocator's size class. [`crate::windows`] owns what
+//! (BENCHMARKS.md). The buffer grows to the allocator's size class of what an insertion needs
+//! ([`crate::alloc::good_size`]): no spare room beyond what the allocator gives anyway, and no
+//! call to it while the next entries fit. [`crate::windows`] owns what
 //! the bucket entries mean (running totals) and how they are read; this module only inserts
 //! and removes their words.
 
@@ -101,7 +102,14 @@ impl Activity {
 
     /// Inserts `words` at index `at` of the buffer, inside or at the end of `part`.
     fn insert(&mut self, part: Part, at: usize, words: &[u32]) {
-        self.buf.reserve_exact(words.len());
+        let len = self.buf.len() + words.len();
+        if self.buf.capacity() < len {
+            // Up to the allocator's size class: that room is given anyway, and the next
+            // insertions fit in it without a call to the allocator.
+            let bytes = crate::alloc::good_size(len * std::mem::size_of::<u32>());
+            self.buf
+                .reserve_exact(bytes / std::mem::size_of::<u32>() - self.buf.len());
+        }
         self.buf.splice(at..at, words.iter().copied());
         self.resize(part, words.len() as i64);
     }

@@ -67,9 +67,34 @@ unsafe impl GlobalAlloc for Allocator {
     }
 }
 
+extern "C" {
+    // Part of mimalloc's API, compiled into libmimalloc-sys; the crate declares it only under
+    // its `extended` feature.
+    fn mi_good_size(size: usize) -> usize;
+}
+
+/// The bytes mimalloc really hands out for a request of `size` bytes: its size class. A
+/// buffer that grows one entry at a time can reserve up to that for free, instead of calling
+/// the allocator at every growth. (Whichever allocator is installed, the answer is at least
+/// `size`, so reserving it is always correct.)
+pub fn good_size(size: usize) -> usize {
+    // SAFETY: a pure function of its argument; it touches no memory.
+    unsafe { mi_good_size(size) }.max(size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Size classes are at least the request, and reach the next one only past it.
+    #[test]
+    fn good_size_is_the_class() {
+        for size in [1, 8, 100, 161, 192, 1000] {
+            assert!(good_size(size) >= size);
+        }
+        assert_eq!(good_size(161), good_size(192));
+        assert!(good_size(193) > good_size(192));
+    }
 
     extern "C" {
         fn mi_is_in_heap_region(p: *const c_void) -> bool;

@@ -5,8 +5,8 @@
 //! with activity are stored, and buckets older than the longest window are pruned, so memory
 //! is bounded by the window length over the bucket width and is tiny for typical customers;
 //! [`crate::windows`] keeps them as running totals, so reading a window costs two binary
-//! searches), per-category / per-channel / per-action counts, plan, engagement and the declared profile
-//! attributes.
+//! searches), per-category / per-channel / per-action counts (these and the buckets share one
+//! buffer, [`crate::activity`]), plan, engagement and the declared profile attributes.
 //!
 //! Window semantics (documented in the README): with bucket width `b`, a window of length `w`
 //! evaluated at time `now` covers the `w / b` buckets ending with the bucket that contains

@@ -1,8 +1,10 @@
 //! Windowed activity of one customer: sparse time buckets holding *running totals*, so that a
 //! window's sum is two binary searches and a subtraction, whatever the number of buckets.
 //!
-//! This module owns how sliding-window counts and sums are stored and read. Only buckets with
-//! activity are stored, in ascending order. Each holds the totals of every windowed event up
+//! This module owns what the sliding-window entries hold and how they are read and updated.
+//! They are stored in a customer's [`crate::activity::Activity`] (one buffer with the lifetime
+//! counts), which calls the functions here around its own insertions and removals. Only
+//! buckets with activity are stored, in ascending order. Each holds the totals of every windowed event up
 //! to and including its bucket (a prefix sum), so the sum over buckets `start..=end` is the
 //! total at the last bucket `<= end` minus the total just before the first bucket
 //! `>= start` (zero before the first). Pruning old buckets subtracts the total of the last
