@@ -68,9 +68,18 @@ unsafe impl GlobalAlloc for Allocator {
 }
 
 extern "C" {
-    // Part of mimalloc's API, compiled into libmimalloc-sys; the crate declares it only under
-    // its `extended` feature.
+    // Part of mimalloc's API, compiled into libmimalloc-sys; the crate declares them only
+    // under its `extended` feature.
     fn mi_good_size(size: usize) -> usize;
+    fn mi_collect(force: bool);
+}
+
+/// Asks mimalloc to return the memory it holds free to the operating system now, rather than
+/// keep it for reuse. The benchmark calls it before measuring resident memory growth, so
+/// that a measurement does not reuse pages an earlier one freed.
+pub fn release_free_memory() {
+    // SAFETY: takes no pointers; mimalloc frees only blocks the program freed already.
+    unsafe { mi_collect(true) }
 }
 
 /// The bytes mimalloc really hands out for a request of `size` bytes: its size class. A

@@ -399,7 +399,10 @@ fn records_written_under_other_rules_are_re_evaluated_silently() {
         );
         let windows = |s: &microseg::state::CustomerState| {
             let a = &s.activity;
-            (a.purchases().iter().collect::<Vec<_>>(), a.engagements().len())
+            (
+                a.purchases().iter().collect::<Vec<_>>(),
+                a.engagements().len(),
+            )
         };
         assert_eq!((windows(x), &x.attrs), (windows(y), &y.attrs));
         let at = c.state.last_seen;

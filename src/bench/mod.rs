@@ -15,7 +15,10 @@
 //!   customer the chunk changed are taken, as the pipeline does once per commit interval
 //!   (`changelog_records_per_s`: encoding and copying out, the cost the consumer's task pays);
 //! * `bytes_per_customer`: resident memory (VmRSS) growth while the engine built its
-//!   customers, divided by the customers, with the default windows (7d/30d/90d, 1 h buckets);
+//!   customers, divided by the customers, with the default windows (7d/30d/90d, 1 h buckets).
+//!   Before each such run the allocator returns its free memory to the OS
+//!   ([`crate::alloc::release_free_memory`]), so that a run does not count as new the pages an
+//!   earlier one freed;
 //!
 //! and restore from the changelog:
 //!
@@ -292,6 +295,7 @@ fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), 
             .map_err(|e| e.to_string())?,
     );
     for (name, set) in [("default", rules), ("heavy", &heavy)] {
+        crate::alloc::release_free_memory();
         let before = rss_bytes();
         let r = engine_run(set, opts.customers, opts.events);
         let customers = r.processor.store().len();
@@ -341,13 +345,16 @@ fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), 
                     "customers": customers,
                     "events": opts.events,
                     "bytes_per_customer": grown / customers.max(1) as u64,
-                    "method": "VmRSS growth over the engine run (generated input, default windows) / customers; includes allocator overhead and the timer index",
+                    "method": "VmRSS growth over the engine run (generated input, default windows) / customers, the allocator's free memory returned to the OS first; includes allocator overhead, the map, the timer index and the changelog take's buffers",
                 }),
             );
         }
         drop(r);
     }
     if let Some(n) = opts.big_customers {
+        // Without this, the run reused pages the runs above freed, and measured about 150
+        // bytes per customer too few (BENCHMARKS.md, fourteenth run).
+        crate::alloc::release_free_memory();
         let before = rss_bytes();
         let r = engine_run(rules, n, n as u64);
         let customers = r.processor.store().len();
@@ -359,7 +366,7 @@ fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), 
                 "customers": customers,
                 "events": n,
                 "bytes_per_customer": grown / customers.max(1) as u64,
-                "method": "VmRSS growth over an engine run of about one event per customer (default windows) / customers",
+                "method": "VmRSS growth over an engine run of about one event per customer (default windows) / customers, the allocator's free memory returned to the OS first",
             }),
         );
     }
