@@ -4,10 +4,10 @@
 //! This module owns what the sliding-window entries hold and how they are read and updated.
 //! They are stored in a customer's [`crate::activity::Activity`] (one buffer with the lifetime
 //! counts), which calls the functions here around its own insertions and removals. Only
-//! buckets with activity are stored, in ascending order. Each holds the totals of every windowed event up
-//! to and including its bucket (a prefix sum), so the sum over buckets `start..=end` is the
-//! total at the last bucket `<= end` minus the total just before the first bucket
-//! `>= start` (zero before the first). Pruning old buckets subtracts the total of the last
+//! buckets with activity are stored, in ascending order. Each holds the totals of every
+//! windowed event up to and including its bucket (a prefix sum), so the sum over buckets
+//! `start..=end` is the total at the last bucket `<= end` minus the total just before the
+//! first bucket `>= start` (zero before the first). Pruning old buckets subtracts the total of the last
 //! one dropped from the others, in the same pass that moves them to the front.
 //!
 //! Totals are integers and wrap (`u32` counts, `i64` spend in millionths): a difference of
