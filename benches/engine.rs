@@ -47,10 +47,11 @@ fn state_update(c: &mut Criterion) {
         b.iter(|| {
             let mut states: HashMap<&str, CustomerState> = HashMap::new();
             for ev in &events {
-                states
-                    .entry(ev.customer_id.as_ref())
-                    .or_insert_with(|| CustomerState::new(&rules.state))
-                    .apply(&rules.state, &rules.symbols, ev);
+                states.entry(ev.customer_id.as_ref()).or_default().apply(
+                    &rules.state,
+                    &rules.symbols,
+                    ev,
+                );
             }
             black_box(states.len())
         })

@@ -232,8 +232,10 @@ pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
             w.u(n as u64);
         }
     }
-    w.u(st.attrs.len() as u64);
-    for a in st.attrs.iter() {
+    // Every declared attribute, set or not (slots not allocated are unset).
+    let declared = rules.state.attributes.len();
+    w.u(declared as u64);
+    for a in (0..declared).map(|i| st.attrs.get(i)) {
         match a {
             None => w.u(0),
             Some(AttrVal::Num(n)) => {
@@ -334,12 +336,13 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
         engagements,
     );
     let n = r.len()?;
-    if n != st.attrs.len() && !rules_changed {
+    let declared = rules.state.attributes.len();
+    if n != declared && !rules_changed {
         return Err(CodecError("attribute count does not match the rules"));
     }
     // Read into the customer's own slots. Under other rules, attributes are declared by the
     // rules file: only a layout that still fits is kept (the values are read either way).
-    let fits = n == st.attrs.len();
+    let fits = n == declared;
     for i in 0..n {
         let v = match r.u()? {
             0 => None,
@@ -349,7 +352,7 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
             _ => return Err(CodecError("unknown attribute tag")),
         };
         if fits {
-            st.attrs[i] = v;
+            st.attrs.set(i, declared, v);
         }
     }
     let n = r.len()?;
@@ -712,6 +715,38 @@ mod tests {
             .customer
             .segments()
             .all(|s| s == crate::engine::NO_SEGMENT));
+    }
+
+    #[test]
+    fn a_customer_no_profile_described_keeps_no_attribute_slots_and_writes_them_unset() {
+        let engine = Engine::new(Arc::new(RuleSet::embedded_default()));
+        let declared = engine.rules.state.attributes.len();
+        assert!(declared > 0);
+        let mut c = engine.new_customer(0);
+        let ev = decode_event(
+            br#"{"customer_id":"c","type":"engagement","timestamp":0,"action":"email_open"}"#,
+        )
+        .unwrap();
+        engine.apply(&mut c, &ev, &mut Vec::new()).unwrap();
+        assert_eq!(c.state.attrs.heap_bytes(), 0);
+        let mut bytes = Vec::new();
+        encode(&engine, &c, &[1], &mut bytes);
+        // The same customer with slots allocated, all unset: equal, and the same record.
+        let mut cleared = c.clone();
+        cleared
+            .state
+            .attrs
+            .set(0, declared, Some(AttrVal::Num(1.0)));
+        assert_ne!(cleared, c);
+        cleared.state.attrs.set(0, declared, None);
+        assert!(cleared.state.attrs.heap_bytes() > 0);
+        assert_eq!(cleared, c);
+        let mut again = Vec::new();
+        encode(&engine, &cleared, &[1], &mut again);
+        assert_eq!(again, bytes);
+        let back = decode(&engine, &bytes).unwrap();
+        assert_eq!(back.customer, c);
+        assert_eq!(back.customer.state.attrs.heap_bytes(), 0);
     }
 
     #[test]

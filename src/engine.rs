@@ -394,7 +394,7 @@ impl Engine {
         let mut words = vec![0u64; timers.end + self.dedup];
         words[timers].fill(STALE as u64);
         let mut c = Customer {
-            state: CustomerState::new(&self.rules.state),
+            state: CustomerState::new(),
             partition,
             recent_next: 0,
             recent_len: self.dedup as u16,

@@ -161,7 +161,7 @@ impl StateConfig {
 }
 
 /// Everything microseg remembers about one customer.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CustomerState {
     /// The customer's clock: the latest event time seen (epoch ms), `NO_TIME` before any.
     pub last_seen: i64,
@@ -181,8 +181,68 @@ pub struct CustomerState {
     /// Lifetime counts per category, channel and action, and the windows' purchases per
     /// bucket and engagements per bucket and action: one allocation.
     pub activity: Activity,
-    /// One slot per declared attribute, in declaration order.
-    pub attrs: Box<[Option<AttrVal>]>,
+    /// The declared attributes' values.
+    pub attrs: Attrs,
+}
+
+impl Default for CustomerState {
+    /// A customer no event has described yet: every time is `NO_TIME`.
+    fn default() -> Self {
+        CustomerState {
+            last_seen: NO_TIME,
+            first_seen: NO_TIME,
+            purchase_count: 0,
+            engagement_count: 0,
+            spend: 0.0,
+            quantity: 0.0,
+            first_purchase: NO_TIME,
+            last_purchase: NO_TIME,
+            last_engagement: NO_TIME,
+            plan: None,
+            plan_ts: NO_TIME,
+            profile_ts: NO_TIME,
+            activity: Activity::default(),
+            attrs: Attrs::default(),
+        }
+    }
+}
+
+/// One slot per declared attribute, in declaration order, allocated at the first value set: a
+/// customer no profile event has described (an anonymous visitor, say) keeps no slots (16
+/// bytes each). Slots not allocated read as unset, and compare equal to unset slots.
+#[derive(Debug, Clone, Default)]
+pub struct Attrs(Box<[Option<AttrVal>]>);
+
+impl Attrs {
+    /// Attribute `i`'s value, if set.
+    pub fn get(&self, i: usize) -> Option<&AttrVal> {
+        self.0.get(i)?.as_ref()
+    }
+
+    /// Sets attribute `i` of `declared` (the rules' count); the slots are allocated when the
+    /// first value is set.
+    pub fn set(&mut self, i: usize, declared: usize, v: Option<AttrVal>) {
+        if self.0.is_empty() {
+            if v.is_none() || i >= declared {
+                return;
+            }
+            self.0 = vec![None; declared].into_boxed_slice();
+        }
+        if let Some(x) = self.0.get_mut(i) {
+            *x = v;
+        }
+    }
+
+    /// Bytes of the slots (outside the state).
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.0)
+    }
+}
+
+impl PartialEq for Attrs {
+    fn eq(&self, o: &Self) -> bool {
+        (0..self.0.len().max(o.0.len())).all(|i| self.get(i) == o.get(i))
+    }
 }
 
 /// "Never": no instant at which a time-dependent value changes.
@@ -228,21 +288,12 @@ impl CustomerState {
     /// Starts loading the state's separate allocations (see [`prefetch`]).
     pub(crate) fn prefetch(&self) {
         self.activity.prefetch();
-        prefetch(&self.attrs);
+        prefetch(&self.attrs.0);
     }
 
-    pub fn new(cfg: &StateConfig) -> Self {
-        CustomerState {
-            last_seen: NO_TIME,
-            first_seen: NO_TIME,
-            first_purchase: NO_TIME,
-            last_purchase: NO_TIME,
-            last_engagement: NO_TIME,
-            plan_ts: NO_TIME,
-            profile_ts: NO_TIME,
-            attrs: vec![None; cfg.attributes.len()].into_boxed_slice(),
-            ..Default::default()
-        }
+    /// A customer no event has described yet.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Checks an event against the declared attribute types without changing anything.
@@ -336,12 +387,13 @@ impl CustomerState {
                     let Some(i) = cfg.attribute_index(name) else {
                         continue;
                     };
-                    self.attrs[i] = match value {
+                    let v = match value {
                         Scalar::Num(n) => Some(AttrVal::Num(*n)),
                         Scalar::Str(s) => Some(AttrVal::Str(AttrStr::new(s))),
                         Scalar::Bool(v) => Some(AttrVal::Bool(*v)),
                         Scalar::Null | Scalar::Nested => None,
                     };
+                    self.attrs.set(i, cfg.attributes.len(), v);
                 }
             }
         }
@@ -472,9 +524,7 @@ impl CustomerState {
 
     /// An estimate of the heap and inline bytes this state uses.
     pub fn approx_bytes(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + self.activity.capacity_bytes()
-            + self.attrs.len() * std::mem::size_of::<Option<AttrVal>>()
+        std::mem::size_of::<Self>() + self.activity.capacity_bytes() + self.attrs.heap_bytes()
     }
 }
 
@@ -556,7 +606,7 @@ mod tests {
     #[test]
     fn lifetime_aggregates() {
         let syms = Symbols::new();
-        let mut st = CustomerState::new(&cfg());
+        let mut st = CustomerState::new();
         apply(
             &mut st,
             &syms,
@@ -590,7 +640,7 @@ mod tests {
     fn windows_slide_and_prune() {
         let syms = Symbols::new();
         let c = cfg();
-        let mut st = CustomerState::new(&c);
+        let mut st = CustomerState::new();
         apply(&mut st, &syms, &purchase(0, 1.0, "a", "online"));
         apply(&mut st, &syms, &purchase(5 * DAY_MS, 2.0, "a", "online"));
         let now = 5 * DAY_MS;
@@ -614,7 +664,7 @@ mod tests {
     fn engagement_windows_per_action() {
         let syms = Symbols::new();
         let c = cfg();
-        let mut st = CustomerState::new(&c);
+        let mut st = CustomerState::new();
         for (ts, a) in [
             (0, "email_open"),
             (HOUR_MS, "email_open"),
@@ -641,20 +691,27 @@ mod tests {
     fn profile_attributes_typed() {
         let syms = Symbols::new();
         let c = cfg();
-        let mut st = CustomerState::new(&c);
+        let mut st = CustomerState::new();
+        apply(
+            &mut st,
+            &syms,
+            r#"{"customer_id":"c","type":"profile","timestamp":0,"attributes":{"industry":null,"unknown":1}}"#,
+        );
+        assert_eq!(st.attrs.heap_bytes(), 0, "no slots until a value is set");
         apply(
             &mut st,
             &syms,
             r#"{"customer_id":"c","type":"profile","timestamp":0,"attributes":{"industry":"finance","company_size":850,"unknown":1}}"#,
         );
-        assert_eq!(st.attrs[0], Some(AttrVal::Str("finance".into())));
-        assert_eq!(st.attrs[1], Some(AttrVal::Num(850.0)));
+        assert_eq!(st.attrs.heap_bytes(), 16 * c.attributes.len());
+        assert_eq!(st.attrs.get(0), Some(&AttrVal::Str("finance".into())));
+        assert_eq!(st.attrs.get(1), Some(&AttrVal::Num(850.0)));
         apply(
             &mut st,
             &syms,
             r#"{"customer_id":"c","type":"profile","timestamp":1,"attributes":{"industry":null}}"#,
         );
-        assert_eq!(st.attrs[0], None);
+        assert_eq!(st.attrs.get(0), None);
         let bad = decode(br#"{"customer_id":"c","type":"profile","timestamp":0,"attributes":{"company_size":"big"}}"#).unwrap();
         let e = CustomerState::validate(&c, &bad).unwrap_err();
         assert!(e.0.contains("`company_size` must be a number"), "{e}");

@@ -169,7 +169,7 @@ proptest! {
     fn windows_match_a_naive_model(seq in seq_strategy()) {
         let rules = RuleSet::from_toml("prop.toml", RULES).unwrap();
         let cfg = &rules.state;
-        let mut st = CustomerState::new(cfg);
+        let mut st = CustomerState::new();
         let mut purchases: Vec<(i64, f64)> = Vec::new();
         let mut t = 1_700_000_000_000i64;
         for (_, step_min, ev) in &seq {
