@@ -1,10 +1,11 @@
 //! A customer's activity in one allocation: lifetime counts per category, channel and action,
 //! and the purchase and engagement buckets of the windows. Pure: no I/O.
 //!
-//! This module owns how those four variable-length lists share one buffer of `u32` words:
+//! This module owns how those four variable-length lists, and the hashes of the customer's
+//! most recent event ids (for duplicate detection), share one buffer of `u32` words:
 //!
 //! ```text
-//! [counts: lengths, categories…, channels…, actions…][purchase entries…][engagement entries…]
+//! [counts: lengths, categories…, channels…, actions…][purchases…][engagements…][recent ids…]
 //! ```
 //!
 //! Every event touches at least one of them, and a changelog record reads all of them. One
@@ -37,39 +38,70 @@ impl CountKind {
 /// A lifetime count: `[symbol, count]`.
 pub type Count = [u32; 2];
 
-/// The three parts of the buffer.
+/// The parts of the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
     Counts,
     Purchases,
     Engagements,
+    Recent,
+}
+
+/// A recent event id hash: `[low, high]`.
+pub type RecentId = [u32; 2];
+
+fn split(h: u64) -> RecentId {
+    [h as u32, (h >> 32) as u32]
+}
+
+/// The hash a [`RecentId`] holds.
+pub fn join(x: &RecentId) -> u64 {
+    x[0] as u64 | (x[1] as u64) << 32
 }
 
 /// Counts per category / channel / action (each list in order of first occurrence), then
-/// purchase and engagement entries (sorted, see [`crate::windows`]), in one buffer. The counts
-/// start with one `[categories, channels]` pair holding the lengths of the first two lists, and
-/// are absent altogether (no words) for a customer with none.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// purchase and engagement entries (sorted, see [`crate::windows`]), then recent event id
+/// hashes (in the order the owner keeps them: [`crate::engine::Customer`] keeps a ring), in one
+/// buffer. The counts start with one `[categories, channels]` pair holding the lengths of the
+/// first two lists, and are absent altogether (no words) for a customer with none. The recent
+/// ids grow one at a time up to the owner's limit, so a customer seen once keeps one.
+///
+/// Equality compares the counts and the buckets, not the recent ids: a ring's rotation is its
+/// owner's business, and the owner compares the ids in order.
+#[derive(Debug, Clone, Default)]
 pub struct Activity {
     buf: Vec<u32>,
     /// Words of the counts, their lengths included.
     counts: u32,
-    /// Words of the purchase entries; the engagement entries take the rest.
+    /// Words of the purchase entries.
     purchases: u32,
+    /// Words of the recent ids, at the end; the engagement entries take what is between.
+    recent: u16,
+}
+
+impl PartialEq for Activity {
+    fn eq(&self, o: &Self) -> bool {
+        let end = |a: &Activity| a.buf.len() - a.recent as usize;
+        (self.counts, self.purchases) == (o.counts, o.purchases)
+            && self.buf[..end(self)] == o.buf[..end(o)]
+    }
 }
 
 impl Activity {
     /// Builds from a changelog record's lists (counts in order of first occurrence, purchases
-    /// and engagements in any order), in one allocation of the final size.
+    /// and engagements in any order), in one allocation of the final size with room for
+    /// `recent` recent ids (set next by the owner).
     pub fn from_parts(
         counts: [&[(Sym, u32)]; 3],
         purchases: &[(u32, u32, i64)],
         mut engagements: Vec<(u32, Sym, u32)>,
+        recent: usize,
     ) -> Self {
         let n: usize = counts.iter().map(|l| l.len()).sum();
         let words = if n > 0 { 2 + 2 * n } else { 0 }
             + PurchaseTotal::WORDS * purchases.len()
-            + EngagementTotal::WORDS * engagements.len();
+            + EngagementTotal::WORDS * engagements.len()
+            + 2 * recent;
         let mut a = Activity {
             buf: Vec::with_capacity(words),
             ..Default::default()
@@ -95,10 +127,12 @@ impl Activity {
     /// The words of one part.
     fn bounds(&self, part: Part) -> Range<usize> {
         let (c, p) = (self.counts as usize, self.purchases as usize);
+        let r = self.buf.len() - self.recent as usize;
         match part {
             Part::Counts => 0..c,
             Part::Purchases => c..c + p,
-            Part::Engagements => c + p..self.buf.len(),
+            Part::Engagements => c + p..r,
+            Part::Recent => r..self.buf.len(),
         }
     }
 
@@ -128,6 +162,7 @@ impl Activity {
             Part::Counts => self.counts = (self.counts as i64 + by) as u32,
             Part::Purchases => self.purchases = (self.purchases as i64 + by) as u32,
             Part::Engagements => {}
+            Part::Recent => self.recent = (self.recent as i64 + by) as u16,
         }
     }
 
@@ -220,6 +255,33 @@ impl Activity {
         }
     }
 
+    /// The recent event id hashes, as their owner stored them.
+    pub fn recent(&self) -> &[RecentId] {
+        self.buf[self.bounds(Part::Recent)].as_chunks().0
+    }
+
+    /// Appends a recent id hash (at most `u16::MAX / 2` are kept: more are not stored).
+    pub fn push_recent(&mut self, h: u64) {
+        if (self.recent as usize) + 2 <= u16::MAX as usize {
+            self.insert(Part::Recent, self.buf.len(), &split(h));
+        }
+    }
+
+    /// Overwrites recent id `i` (nothing if there is none).
+    pub fn set_recent(&mut self, i: usize, h: u64) {
+        let r = self.bounds(Part::Recent);
+        let ids: &mut [RecentId] = self.buf[r].as_chunks_mut().0;
+        if let Some(x) = ids.get_mut(i) {
+            *x = split(h);
+        }
+    }
+
+    /// Forgets every recent id.
+    pub fn clear_recent(&mut self) {
+        let r = self.bounds(Part::Recent);
+        self.remove(Part::Recent, r);
+    }
+
     /// Starts loading the buffer's cache lines (see [`crate::state::prefetch`]).
     pub(crate) fn prefetch(&self) {
         crate::state::prefetch(&self.buf);
@@ -241,6 +303,8 @@ mod tests {
         Purchase(u32, u32, i64),
         Engagement(u32, Sym),
         Prune(u32),
+        Recent(u64),
+        ClearRecent,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -250,6 +314,8 @@ mod tests {
                 .prop_map(|(b, c, s)| Op::Purchase(b, c, s)),
             (0u32..30, 0u32..3).prop_map(|(b, a)| Op::Engagement(b, a)),
             (0u32..30).prop_map(Op::Prune),
+            any::<u64>().prop_map(Op::Recent),
+            Just(Op::ClearRecent),
         ]
     }
 
@@ -262,6 +328,7 @@ mod tests {
             let mut counts: [Vec<(Sym, u32)>; 3] = Default::default();
             let mut purchases: std::collections::BTreeMap<u32, (u32, i64)> = Default::default();
             let mut engagements: std::collections::BTreeMap<(u32, Sym), u32> = Default::default();
+            let mut recent: Vec<u64> = Vec::new();
             let mut horizon = 0;
             for o in ops {
                 match o {
@@ -282,6 +349,14 @@ mod tests {
                         *engagements.entry((b, act)).or_default() += 1;
                     }
                     Op::Prune(h) => horizon = h,
+                    Op::Recent(h) => {
+                        a.push_recent(h);
+                        recent.push(h);
+                    }
+                    Op::ClearRecent => {
+                        a.clear_recent();
+                        recent.clear();
+                    }
                 }
                 a.prune(horizon);
                 purchases.retain(|b, _| *b >= horizon);
@@ -294,12 +369,20 @@ mod tests {
                 prop_assert_eq!(a.purchases().iter().collect::<Vec<_>>(), want);
                 let want: Vec<_> = engagements.iter().map(|((b, act), n)| (*b, *act, *n)).collect();
                 prop_assert_eq!(a.engagements().iter().collect::<Vec<_>>(), want);
+                prop_assert_eq!(&a.recent().iter().map(join).collect::<Vec<_>>(), &recent);
             }
             let p: Vec<_> = a.purchases().iter().collect();
             let mut e: Vec<_> = a.engagements().iter().collect();
             e.reverse();
-            let rebuilt = Activity::from_parts([&counts[0], &counts[1], &counts[2]], &p, e);
+            let mut rebuilt = Activity::from_parts([&counts[0], &counts[1], &counts[2]], &p, e, recent.len());
+            for h in &recent {
+                rebuilt.push_recent(*h);
+            }
             prop_assert_eq!(rebuilt.capacity_bytes(), rebuilt.buf.len() * 4, "one allocation of the final size");
+            prop_assert_eq!(rebuilt.recent(), a.recent());
+            prop_assert_eq!(&rebuilt, &a);
+            // Equality leaves the recent ids to their owner.
+            rebuilt.push_recent(1);
             prop_assert_eq!(rebuilt, a);
         }
     }

@@ -330,11 +330,6 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
             list.push((sym(r.u()?)?, r.u32()?));
         }
     }
-    st.activity = Activity::from_parts(
-        [&counts[0], &counts[1], &counts[2]],
-        &purchases,
-        engagements,
-    );
     let n = r.len()?;
     let declared = rules.state.attributes.len();
     if n != declared && !rules_changed {
@@ -374,6 +369,13 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
         ));
         r.0 = &r.0[8..];
     }
+    // One allocation of the final size, with room for the recent ids set next.
+    c.state.activity = Activity::from_parts(
+        [&counts[0], &counts[1], &counts[2]],
+        &purchases,
+        engagements,
+        recent.len().min(engine.dedup),
+    );
     c.set_recent_ids(&recent, engine.dedup);
     if !r.0.is_empty() {
         return Err(CodecError("trailing bytes"));

@@ -37,18 +37,22 @@ pub const NO_SEGMENT: u16 = u16::MAX;
 /// million of these. Everything whose size the rules fix lives in one allocation, `words`:
 ///
 /// ```text
-/// [segment per segmentation, 4 u16 per word][membership bits][rule timer cache][recent ids]
+/// [segment per segmentation, 4 u16 per word][membership bits][rule timer cache]
 /// ```
 ///
-/// The ring of recent event ids has `dedup` words (none when duplicate detection is off).
+/// The hashes of the most recent event ids (never 0), a ring of up to `dedup` of them whose
+/// oldest entry is at `recent_next` once full, live at the end of the state's
+/// [`crate::activity::Activity`]: they grow with the customer's events, so a customer seen
+/// once keeps one.
 #[derive(Debug, Clone)]
 pub struct Customer {
     pub state: CustomerState,
     /// The input partition that owns this customer.
     pub partition: i32,
-    /// Next slot of the recent ids ring to overwrite.
+    /// Next slot of the recent ids ring to write: their number until the ring is full, then
+    /// the oldest.
     recent_next: u16,
-    /// Length of the recent ids ring at the end of `words`.
+    /// How many recent ids the ring keeps (`dedup` when they were last set).
     recent_len: u16,
     /// Number of segmentations (segment indexes at the start of `words`).
     segmentations: u16,
@@ -64,9 +68,7 @@ pub struct Customer {
     pub seq: u64,
     /// When a time-dependent rule can next flip (`NEVER`: no timer).
     pub timer: i64,
-    /// Segments, membership bits, rule timer cache (see [`RuleTimers`]) and recent ids: the
-    /// layout above. Recent ids are hashes (never 0) of the most recent event ids applied, a
-    /// ring whose oldest entry is at `recent_next`; 0 marks an empty slot.
+    /// Segments, membership bits and rule timer cache (see [`RuleTimers`]): the layout above.
     words: Box<[u64]>,
 }
 
@@ -135,27 +137,7 @@ impl Customer {
     }
     /// Where the rule timer cache starts and ends in `words`.
     fn timer_range(&self) -> std::ops::Range<usize> {
-        let start = self.member_start() + self.member_words as usize;
-        start..self.words.len() - self.recent_len as usize
-    }
-    /// The ring of recent ids at the end of `words`.
-    fn ring(&self) -> &[u64] {
-        &self.words[self.words.len() - self.recent_len as usize..]
-    }
-    fn ring_mut(&mut self) -> &mut [u64] {
-        let start = self.words.len() - self.recent_len as usize;
-        &mut self.words[start..]
-    }
-    /// Resizes the ring of recent ids to `len` empty slots (one reallocation of `words`).
-    fn resize_ring(&mut self, len: usize) {
-        let keep = self.words.len() - self.recent_len as usize;
-        let mut v = std::mem::take(&mut self.words).into_vec();
-        v.truncate(keep);
-        v.reserve_exact(len);
-        v.resize(keep + len, 0);
-        self.words = v.into_boxed_slice();
-        self.recent_len = len as u16;
-        self.recent_next = 0;
+        self.member_start() + self.member_words as usize..self.words.len()
     }
 
     /// Number of segmentations.
@@ -241,13 +223,20 @@ impl Customer {
     }
     /// Hashes of the most recent event ids applied, oldest first.
     pub fn recent_ids(&self) -> impl Iterator<Item = u64> + '_ {
-        let (newer, older) = self.ring().split_at(self.recent_next as usize);
-        older.iter().chain(newer).copied().filter(|h| *h != 0)
+        let ring = self.state.activity.recent();
+        let (newer, older) = ring.split_at((self.recent_next as usize).min(ring.len()));
+        older.iter().chain(newer).map(crate::activity::join)
     }
     /// Records an event id hash; false if it is among the `keep` most recent ones.
     fn remember(&mut self, h: u64, keep: usize) -> bool {
         let h = h | 1;
-        if self.ring().contains(&h) {
+        if self
+            .state
+            .activity
+            .recent()
+            .iter()
+            .any(|x| crate::activity::join(x) == h)
+        {
             return false;
         }
         if self.recent_len as usize != keep {
@@ -255,24 +244,30 @@ impl Customer {
             let ids: Vec<u64> = self.recent_ids().collect();
             self.set_recent_ids(&ids, keep);
         }
-        let next = self.recent_next as usize;
-        if let Some(x) = self.ring_mut().get_mut(next) {
-            *x = h;
-            self.recent_next = ((next + 1) % keep) as u16;
+        if keep == 0 {
+            return true;
         }
+        let (next, len) = (
+            self.recent_next as usize,
+            self.state.activity.recent().len(),
+        );
+        if len < keep {
+            self.state.activity.push_recent(h);
+        } else {
+            self.state.activity.set_recent(next, h);
+        }
+        self.recent_next = ((next + 1) % keep) as u16;
         true
     }
-    /// Replaces the recent event id hashes (oldest first; a changelog record).
+    /// Replaces the recent event id hashes (oldest first; a changelog record), keeping the
+    /// newest `keep`.
     pub fn set_recent_ids(&mut self, ids: &[u64], keep: usize) {
         let newest = &ids[ids.len().saturating_sub(keep)..];
-        if self.recent_len as usize == keep {
-            self.ring_mut().fill(0);
-        } else {
-            self.resize_ring(keep);
+        self.state.activity.clear_recent();
+        for h in newest {
+            self.state.activity.push_recent(h | 1);
         }
-        for (x, h) in self.ring_mut().iter_mut().zip(newest) {
-            *x = h | 1;
-        }
+        self.recent_len = keep as u16;
         self.recent_next = (newest.len() % keep.max(1)) as u16;
     }
 }
@@ -388,10 +383,8 @@ impl Engine {
         let segmentations = self.rules.segmentations.len();
         let member_words = self.rules.segments.len().div_ceil(64);
         let seg = segment_words(segmentations);
-        // The ring of recent ids is allocated with the rest: growing the block at the first
-        // event id instead left freed blocks behind (about 40 bytes per customer measured).
         let timers = seg + member_words..seg + member_words + self.rules.timer_slot_deps.len();
-        let mut words = vec![0u64; timers.end + self.dedup];
+        let mut words = vec![0u64; timers.end];
         words[timers].fill(STALE as u64);
         let mut c = Customer {
             state: CustomerState::new(),
@@ -770,7 +763,7 @@ when = "purchases.count_30d >= 3"
     }
 
     #[test]
-    fn segments_members_timers_and_recent_ids_share_one_block_without_overlap() {
+    fn segments_members_and_timers_share_one_block_without_overlap() {
         // Six segmentations (two words of segment indexes), 70 independent segments (two
         // words of bits), each a time-dependent rule (timer cache slots).
         let mut text = String::new();
@@ -804,7 +797,7 @@ when = "purchases.count_30d >= 3"
         assert!(c.is_member(69) && c.is_member(0) && !c.is_member(68));
         assert!(
             c.rule_timers().iter().all(|t| *t == 42),
-            "the ring grew after the cache"
+            "the recent ids are outside the block"
         );
         assert_eq!(c.recent_ids().collect::<Vec<_>>(), vec![5, 9]);
         assert!(!c.set_segments(&[1, 2]), "another number of segmentations");
@@ -815,18 +808,26 @@ when = "purchases.count_30d >= 3"
             (c.recent_ids().count(), c.members()),
             (0, &[1u64, 1 << 5][..])
         );
-        assert_eq!(c.words.len(), 2 + 2 + timers.len() + 4);
+        assert_eq!(c.words.len(), 2 + 2 + timers.len());
         c.set_recent_ids(&[3], 0);
         assert_eq!(c.recent_ids().count(), 0);
-        assert_eq!(c.words.len(), 2 + 2 + timers.len());
+        assert!(c.remember(3, 0), "none kept");
+        assert_eq!(c.recent_ids().count(), 0);
     }
 
     #[test]
     fn recent_ids_are_a_ring_of_the_newest() {
         let mut c = engine().new_customer(0);
-        for h in [2, 4, 6, 8, 10] {
+        assert!(c.remember(2, 3));
+        assert_eq!(
+            c.state.activity.recent().len(),
+            1,
+            "one id kept, not three slots"
+        );
+        for h in [4, 6, 8, 10] {
             assert!(c.remember(h, 3));
         }
+        assert_eq!(c.state.activity.recent().len(), 3);
         // Stored with the low bit set; oldest first.
         assert_eq!(c.recent_ids().collect::<Vec<_>>(), vec![7, 9, 11]);
         assert!(!c.remember(8, 3), "among the newest three");
