@@ -212,8 +212,8 @@ impl Customer {
         let r = self.timer_range();
         &mut self.words[r]
     }
-    /// Bytes of the segments, membership words, rule timer cache and recent ids (outside the
-    /// struct).
+    /// Bytes of the segments, membership words and rule timer cache (outside the struct; the
+    /// recent ids are in the state's buffer).
     pub fn approx_heap_bytes(&self) -> usize {
         self.words.len() * 8
     }
