@@ -21,7 +21,7 @@
 use std::ops::Range;
 
 use crate::symbols::Sym;
-use crate::windows::{self, EngagementTotal, Engagements, Entry, PurchaseTotal, Purchases};
+use crate::windows::{self, EngagementTotal, Engagements, Entry, PurchaseTotal, Purchases, Words};
 
 /// Which list of lifetime counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,14 +231,14 @@ impl Activity {
     pub fn counts(&self, kind: CountKind) -> &[Count] {
         let b = self.count_bounds();
         let k = kind as usize;
-        self.buf[b[k]..b[k + 1]].as_chunks().0
+        Count::cast(&self.buf[b[k]..b[k + 1]])
     }
 
     /// Adds `n` to `sym` in one list (appending it if new).
     pub fn add_count(&mut self, kind: CountKind, sym: Sym, n: u32) {
         let b = self.count_bounds();
         let k = kind as usize;
-        let list: &mut [Count] = self.buf[b[k]..b[k + 1]].as_chunks_mut().0;
+        let list = Count::cast_mut(&mut self.buf[b[k]..b[k + 1]]);
         if let Some(x) = list.iter_mut().find(|x| x[0] == sym) {
             x[1] = x[1].saturating_add(n);
             return;
@@ -257,7 +257,7 @@ impl Activity {
 
     /// The recent event id hashes, as their owner stored them.
     pub fn recent(&self) -> &[RecentId] {
-        self.buf[self.bounds(Part::Recent)].as_chunks().0
+        RecentId::cast(&self.buf[self.bounds(Part::Recent)])
     }
 
     /// Appends a recent id hash (at most `u16::MAX / 2` are kept: more are not stored).
@@ -270,7 +270,7 @@ impl Activity {
     /// Overwrites recent id `i` (nothing if there is none).
     pub fn set_recent(&mut self, i: usize, h: u64) {
         let r = self.bounds(Part::Recent);
-        let ids: &mut [RecentId] = self.buf[r].as_chunks_mut().0;
+        let ids = RecentId::cast_mut(&mut self.buf[r]);
         if let Some(x) = ids.get_mut(i) {
             *x = split(h);
         }

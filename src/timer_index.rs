@@ -126,7 +126,7 @@ impl TimerIndex {
             if s > slot(upto) {
                 return None;
             }
-            let set = self.slots.remove(&s).unwrap_or_default();
+            let (s, set) = self.slots.pop_first()?;
             self.near_upto = s;
             self.near.extend(set);
         }

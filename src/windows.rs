@@ -77,18 +77,35 @@ impl Total for (u32, i64) {
     }
 }
 
-/// One stored entry, as `u32` words of a customer's [`crate::activity::Activity`]: its key
-/// (ordered, bucket first) and the total up to and including it. Words rather than a struct so
-/// that every part of the activity shares one buffer without `unsafe` casts.
-pub(crate) trait Entry: Copy {
-    type Key: Ord + Copy;
-    type Total: Total;
-    /// `u32` words per entry.
+/// A fixed number of `u32` words, read as typed slices of a word buffer.
+pub(crate) trait Words: Copy {
+    /// `u32` words per value.
     const WORDS: usize;
-    /// The entries in `words` (a whole number of them).
+    /// The values in `words` (a whole number of them).
     fn cast(words: &[u32]) -> &[Self];
     fn cast_mut(words: &mut [u32]) -> &mut [Self];
     fn words(&self) -> &[u32];
+}
+
+impl<const N: usize> Words for [u32; N] {
+    const WORDS: usize = N;
+    fn cast(words: &[u32]) -> &[Self] {
+        words.as_chunks().0
+    }
+    fn cast_mut(words: &mut [u32]) -> &mut [Self] {
+        words.as_chunks_mut().0
+    }
+    fn words(&self) -> &[u32] {
+        self
+    }
+}
+
+/// One stored entry, as `u32` words of a customer's [`crate::activity::Activity`]: its key
+/// (ordered, bucket first) and the total up to and including it. Words rather than a struct so
+/// that every part of the activity shares one buffer without `unsafe` casts.
+pub(crate) trait Entry: Words {
+    type Key: Ord + Copy;
+    type Total: Total;
     fn new(key: Self::Key, total: Self::Total) -> Self;
     fn key(&self) -> Self::Key;
     fn bucket(&self) -> u32;
@@ -286,16 +303,6 @@ pub(crate) type PurchaseTotal = [u32; 4];
 impl Entry for PurchaseTotal {
     type Key = u32;
     type Total = (u32, i64);
-    const WORDS: usize = 4;
-    fn cast(words: &[u32]) -> &[Self] {
-        words.as_chunks().0
-    }
-    fn cast_mut(words: &mut [u32]) -> &mut [Self] {
-        words.as_chunks_mut().0
-    }
-    fn words(&self) -> &[u32] {
-        self
-    }
     fn new(bucket: u32, (count, spend): (u32, i64)) -> Self {
         [bucket, count, spend as u32, (spend >> 32) as u32]
     }
@@ -377,16 +384,6 @@ pub(crate) type EngagementTotal = [u32; 3];
 impl Entry for EngagementTotal {
     type Key = (u32, Sym);
     type Total = u32;
-    const WORDS: usize = 3;
-    fn cast(words: &[u32]) -> &[Self] {
-        words.as_chunks().0
-    }
-    fn cast_mut(words: &mut [u32]) -> &mut [Self] {
-        words.as_chunks_mut().0
-    }
-    fn words(&self) -> &[u32] {
-        self
-    }
     fn new((bucket, action): (u32, Sym), count: u32) -> Self {
         [bucket, action, count]
     }
