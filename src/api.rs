@@ -141,10 +141,9 @@ fn ctx<'a>(p: &'a Pipeline, c: &'a Customer, now: i64) -> Ctx<'a> {
     }
 }
 
-/// A copy of the customer, so that no map shard is locked while anything else is (the event
-/// path locks partition clocks, then a shard: taking them in the other order could deadlock).
+/// A copy of the customer, so that its partition is not held while the answer is written.
 fn snapshot(p: &Pipeline, id: &str) -> Option<Customer> {
-    p.store().get(id).map(|c| Customer::clone(c.value()))
+    p.customer(id)
 }
 
 async fn customer(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Response {
@@ -330,7 +329,7 @@ async fn segments(State(p): State<Arc<Pipeline>>) -> Response {
         .map(|r| json!({"name": r.name, "members": m.members("", &r.name)}))
         .collect();
     Json(json!({
-        "customers": p.store().len(),
+        "customers": p.customer_count(),
         "segmentations": segmentations,
         "segments": independent,
         "rules_version": rules.version,

@@ -28,8 +28,8 @@
 //! Pure logic (no I/O): [`time`], [`event`], [`state`] (with [`activity`] and [`windows`]),
 //! [`rules`],
 //! [`engine`], [`output`], [`changelog`] (record format), [`commit`] (what is safe to commit,
-//! and when), and [`processor`] (which only reads the wall time it is given; its timers in
-//! [`timer_index`]), [`restore`] (restorers on worker threads, fed by the caller). Effects:
+//! and when), and [`processor`] (which only reads the wall time it is given; a partition's
+//! customers in [`store`], its timers in [`timer_index`]), [`restore`] (restorers on worker threads, fed by the caller). Effects:
 //! [`pipeline`] (Kafka in and out, commit interval, restore), [`demo`] (embedded broker +
 //! generator), [`generate`] (synthetic customers), [`bench`](mod@bench) (measurements).
 //! Configuration: [`config`]. The global allocator: [`alloc`].
@@ -52,6 +52,7 @@ pub mod processor;
 pub mod restore;
 pub mod rules;
 pub mod state;
+pub mod store;
 pub mod symbols;
 pub mod time;
 pub mod timer_index;

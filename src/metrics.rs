@@ -241,14 +241,14 @@ impl Metrics {
 
     /// Sets every segment's size from the customers held (after a restore or a rebalance,
     /// when customers arrive or leave without changes).
-    pub fn recount_members(&self, rules: &RuleSet, store: &crate::processor::Store) {
+    pub fn recount_members(&self, rules: &RuleSet, processor: &crate::processor::Processor) {
         let mut seg: Vec<Vec<i64>> = rules
             .segmentations
             .iter()
             .map(|s| vec![0; s.segments.len() + 1])
             .collect();
         let mut ind = vec![0i64; rules.segments.len()];
-        for c in store.iter() {
+        processor.for_each_customer(|_, c| {
             let member = c.members();
             for (si, i) in c.segments().enumerate() {
                 if let Some(n) = seg.get_mut(si).and_then(|v| v.get_mut(i as usize)) {
@@ -260,7 +260,7 @@ impl Metrics {
                     *n += 1;
                 }
             }
-        }
+        });
         for (s, counts) in rules.segmentations.iter().zip(&seg) {
             for (i, n) in counts.iter().enumerate() {
                 self.members

@@ -37,8 +37,9 @@
 //! emits. Every output record carries the input position that caused it as its delivery
 //! opaque, so [`Progress`] knows which input offsets are safe to commit.
 //!
-//! Customer state is a `DashMap` shared with readers (the demo, the API); no map reference or
-//! lock is ever held across an `.await`. The blocking commit interval and the rebalance
+//! Customer state is held per partition in the processor (a `DashMap` of partitions) and
+//! read by the API and metrics through copies; no map reference or lock is ever held across
+//! an `.await`. The blocking commit interval and the rebalance
 //! callbacks block (librdkafka flushes) for at most the configured timeouts.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -62,11 +63,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::commit::{record_count, ChangelogBatch, CommitCycle, Offsets, Progress, SourcePos};
 use crate::config::{Config, Guarantee};
-use crate::engine::{Applied, Engine};
+use crate::engine::{Applied, Customer, Engine};
 use crate::event::decode;
 use crate::metrics::{EventResult, Metrics};
 use crate::output::{change_json, dlq_headers, Cause};
-pub use crate::processor::Store;
 use crate::processor::{Emitted, Fired, Processor, Source};
 use crate::time::format_rfc3339;
 
@@ -487,13 +487,13 @@ impl ConsumerContext for ConsumerCtx {
                     self.shared.fail(format!("restore failed: {e}"));
                 }
             }
-            let store = self.shared.processor.store();
+            let processor = &self.shared.processor;
             let m = &self.shared.metrics;
-            m.customers.set(store.len() as i64);
-            m.recount_members(&self.shared.processor.engine().rules, store);
-            m.timers_pending
-                .set(self.shared.processor.timers_pending() as i64);
-            info!(customers = store.len(), "ready");
+            let customers = processor.customer_count();
+            m.customers.set(customers as i64);
+            m.recount_members(&processor.engine().rules, processor);
+            m.timers_pending.set(processor.timers_pending() as i64);
+            info!(customers, "ready");
         }
     }
 }
@@ -769,7 +769,6 @@ impl Pipeline {
             cycle: Mutex::new(CommitCycle::default()),
             processor: Processor::new(
                 engine.with_dedup(cfg.time.dedup_ids),
-                Arc::new(Store::new()),
                 &cfg.time,
                 cfg.kafka.input_topics.len(),
             ),
@@ -801,9 +800,19 @@ impl Pipeline {
         self.shared.processor.dirty()
     }
 
-    /// The customer store (read it; never hold a reference across `.await`).
-    pub fn store(&self) -> Arc<Store> {
-        self.shared.processor.store().clone()
+    /// A copy of customer `id`'s state, if held.
+    pub fn customer(&self, id: &str) -> Option<Customer> {
+        self.shared.processor.customer(id)
+    }
+
+    /// Customers held.
+    pub fn customer_count(&self) -> usize {
+        self.shared.processor.customer_count()
+    }
+
+    /// Calls `f` with every customer held (see [`Processor::for_each_customer`]).
+    pub fn for_each_customer(&self, f: impl FnMut(&str, &Customer)) {
+        self.shared.processor.for_each_customer(f)
     }
 
     /// Timers scheduled over the assigned partitions.
@@ -1101,7 +1110,7 @@ impl Pipeline {
                     }
                 }
                 _ = gauge_tick.tick() => {
-                    self.shared.metrics.state_bytes.set(state_bytes(self.shared.processor.store()) as i64);
+                    self.shared.metrics.state_bytes.set(self.shared.processor.state_bytes() as i64);
                 }
                 m = consumer.recv() => match m {
                     Ok(msg) => {
@@ -1373,24 +1382,6 @@ impl ErrorLog {
             }
         }
     }
-}
-
-/// Estimated bytes of the customers held: keys, state, memberships, recent ids.
-pub fn state_bytes(store: &Store) -> usize {
-    store
-        .iter()
-        .map(|c| {
-            std::mem::size_of::<(CompactString, crate::engine::Customer)>()
-                + if c.key().is_heap_allocated() {
-                    c.key().len()
-                } else {
-                    0
-                }
-                + c.state.approx_bytes()
-                - std::mem::size_of::<crate::state::CustomerState>()
-                + c.approx_heap_bytes()
-        })
-        .sum()
 }
 
 /// Wall-clock time, epoch ms.

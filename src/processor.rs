@@ -1,8 +1,8 @@
-//! The deterministic heart of the pipeline, without Kafka: customers of the assigned
-//! partitions, each partition's clock (watermark) and its timer index.
+//! The deterministic heart of the pipeline, without Kafka: the assigned partitions, each with
+//! its customers ([`Customers`], by slot), its clock (watermark) and its timer index.
 //!
 //! This module owns *when* things happen. For every input partition it keeps a
-//! [`PartitionClock`]:
+//! [`Partition`]:
 //!
 //! * **Event time** (default): each input topic's newest event time on the partition is
 //!   tracked; the watermark is the smallest of them over the topics heard from within
@@ -14,8 +14,8 @@
 //! * **Processing time**: the wall clock; timers fire at the next tick after they are due.
 //!
 //! The timer index ([`TimerIndex`]) holds one entry per customer with a timer, `(due,
-//! customer id)`, and hands them out in that order, so firing is in due order, ties by
-//! customer id, and never scans customers that are not due. Before an event is applied,
+//! customer)`, and hands them out in due order, ties by customer id, so firing never scans
+//! customers that are not due and reaches each one by its slot. Before an event is applied,
 //! every timer the event's watermark makes due fires (they happened before it); then the
 //! event is applied under the new watermark.
 //!
@@ -32,11 +32,9 @@
 //! Pure apart from reading the wall clock the caller passes in: the pipeline calls it with
 //! real time, the tests with a controlled one.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashMap;
 
 use compact_str::CompactString;
-use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use crate::changelog::{self, Checkpoint, CodecError, CHECKPOINT_KEY};
@@ -44,14 +42,8 @@ use crate::config::{ClockMode, TimeConfig};
 use crate::engine::{Applied, Change, Clock, Customer, Engine};
 use crate::event::Event;
 use crate::state::{Rejected, NEVER, NO_TIME};
+use crate::store::{Customers, Slot};
 use crate::timer_index::TimerIndex;
-
-/// All customers held by this instance, keyed by customer id.
-///
-/// Boxed: a map slot is then 32 bytes instead of the customer's 344, so the table's empty
-/// slots (up to half of it after a resize) cost little, and a resize moves pointers, not
-/// customers.
-pub type Store = DashMap<CompactString, Box<Customer>>;
 
 /// One change of one customer.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,12 +60,28 @@ struct TopicTime {
     wall: i64,
 }
 
-/// One input partition's clock, timers and changelog bookkeeping.
+/// One input partition: its customers, clock, timers and changelog bookkeeping.
 #[derive(Debug)]
-pub struct PartitionClock {
+pub struct Partition {
+    /// The partition's customers (input topics are co-partitioned by customer id, so a
+    /// customer belongs to one partition).
+    customers: Customers,
     topics: Vec<TopicTime>,
     watermark: i64,
     timers: TimerIndex,
+    log: ChangeLog,
+    /// Customers restored from a record newer than the partition's checkpoint (a commit
+    /// interval cut short by a crash) → per input topic, the first offset their state does
+    /// not reflect. Replayed input below it is skipped for them.
+    reflected: HashMap<CompactString, Box<[i64]>>,
+    /// The last checkpoint handed out, to skip writing an unchanged one.
+    last_checkpoint: Option<Checkpoint>,
+}
+
+/// A partition's changelog bookkeeping: the customers changed since their last record, with
+/// their records' bodies.
+#[derive(Debug)]
+struct ChangeLog {
     /// Customers changed since their last changelog record, each once, in order of their
     /// first change; a customer knows its entry's index ([`Customer::dirty_slot`]), so no set
     /// lookup per event.
@@ -88,17 +96,12 @@ pub struct PartitionClock {
     header_room: usize,
     /// The buffers of a batch already sent ([`Processor::recycle`]), for the next take.
     spare: Option<(Vec<u8>, Vec<changelog::Span>)>,
-    /// Customers restored from a record newer than the partition's checkpoint (a commit
-    /// interval cut short by a crash) → per input topic, the first offset their state does
-    /// not reflect. Replayed input below it is skipped for them.
-    reflected: HashMap<CompactString, Box<[i64]>>,
-    /// The last checkpoint handed out, to skip writing an unchanged one.
-    last_checkpoint: Option<Checkpoint>,
 }
 
-impl PartitionClock {
+impl Partition {
     fn new(topics: usize, header_room: usize) -> Self {
-        PartitionClock {
+        Partition {
+            customers: Customers::new(),
             topics: vec![
                 TopicTime {
                     max_ts: NO_TIME,
@@ -108,81 +111,16 @@ impl PartitionClock {
             ],
             watermark: NO_TIME,
             timers: TimerIndex::new(),
-            dirty: Vec::new(),
-            takes: 0,
-            bodies: Vec::new(),
-            header_room,
-            spare: None,
+            log: ChangeLog {
+                dirty: Vec::new(),
+                takes: 0,
+                bodies: Vec::new(),
+                header_room,
+                spare: None,
+            },
             reflected: HashMap::new(),
             last_checkpoint: None,
         }
-    }
-
-    /// Notes that customer `id` changed. Its first change since the last take lists it and
-    /// encodes its record's body now, while its state is in cache (at the take, most
-    /// customers' state is not: reading it back then cost more than the engine's work per
-    /// event, BENCHMARKS.md). A further change marks that body stale: it is encoded again at
-    /// the take, once, however often the customer changes in between.
-    fn changed(&mut self, engine: &Engine, id: &str, c: &mut Customer) {
-        let mark = c.dirty_slot();
-        // A mark from an earlier take (most customers, most of the time) is told apart
-        // without reading the list or the buffer, both likely out of cache.
-        if mark >> SLOT_BITS == self.takes as u32 {
-            if let Some(d) = self.dirty.get_mut((mark & SLOT_MASK) as usize) {
-                // Takes wrap around every 256: the entry must name this customer.
-                if self.bodies.get(d.key..d.value) == Some(id.as_bytes()) {
-                    d.end = STALE_BODY;
-                    return;
-                }
-            }
-        }
-        let key = self.bodies.len();
-        self.bodies.extend_from_slice(id.as_bytes());
-        let value = self.bodies.len();
-        self.bodies.resize(value + self.header_room, 0);
-        changelog::encode_body(engine, c, &mut self.bodies);
-        // Past 16 M entries the customer is listed again at its next change: two records.
-        let slot = u32::try_from(self.dirty.len()).map_or(SLOT_MASK, |s| s.min(SLOT_MASK));
-        c.set_dirty_slot((self.takes as u32) << SLOT_BITS | slot);
-        self.dirty.push(Dirty {
-            key,
-            value,
-            end: self.bodies.len(),
-        });
-    }
-
-    /// Hands out the records of the customers changed since the last take (their state
-    /// reflecting the input up to `offsets`) and empties the list.
-    fn take(&mut self, engine: &Engine, store: &Store, offsets: &[i64]) -> changelog::Batch {
-        let mut header = Vec::new();
-        changelog::encode_header(engine, offsets, &mut header);
-        let (next, mut spans) = self.spare.take().unwrap_or_default();
-        let mut bytes = std::mem::replace(&mut self.bodies, next);
-        spans.reserve(self.dirty.len() + 1);
-        self.takes = self.takes.wrapping_add(1);
-        for d in self.dirty.drain(..) {
-            let room = d.value + self.header_room;
-            let value = if d.end != STALE_BODY && header.len() <= self.header_room {
-                // The header goes right before the body.
-                let start = room - header.len();
-                bytes[start..room].copy_from_slice(&header);
-                (start, d.end)
-            } else {
-                // Changed again since its body was encoded: the record is written now (the
-                // old body stays in the buffer, unused).
-                let id = std::str::from_utf8(&bytes[d.key..d.value]).unwrap_or_default();
-                let Some(c) = store.get(id) else { continue };
-                let start = bytes.len();
-                bytes.extend_from_slice(&header);
-                changelog::encode_body(engine, &c, &mut bytes);
-                (start, bytes.len())
-            };
-            spans.push(changelog::Span {
-                key: (d.key, d.value),
-                value,
-            });
-        }
-        changelog::Batch::from_parts(bytes, spans)
     }
 
     fn checkpoint(&self, offsets: &[i64]) -> Checkpoint {
@@ -236,25 +174,104 @@ impl PartitionClock {
         }
         self.watermark
     }
+}
 
-    fn reschedule(&mut self, id: &CompactString, old: i64, new: i64) {
-        if old == new {
-            return;
+impl ChangeLog {
+    /// Notes that customer `id` changed. Its first change since the last take lists it and
+    /// encodes its record's body now, while its state is in cache (at the take, most
+    /// customers' state is not: reading it back then cost more than the engine's work per
+    /// event, BENCHMARKS.md). A further change marks that body stale: it is encoded again at
+    /// the take, once, however often the customer changes in between.
+    fn changed(&mut self, engine: &Engine, id: &str, at: Slot, c: &mut Customer) {
+        let mark = c.dirty_slot();
+        // A mark from an earlier take (most customers, most of the time) is told apart
+        // without reading the list or the buffer, both likely out of cache.
+        if mark >> SLOT_BITS == self.takes as u32 {
+            if let Some(d) = self.dirty.get_mut((mark & SLOT_MASK) as usize) {
+                // Takes wrap around every 256: the entry must name this customer.
+                if d.at == at {
+                    d.end = STALE_BODY;
+                    return;
+                }
+            }
         }
-        if old != NEVER {
-            self.timers.remove(old, id);
+        let key = self.bodies.len();
+        self.bodies.extend_from_slice(id.as_bytes());
+        let value = self.bodies.len();
+        self.bodies.resize(value + self.header_room, 0);
+        changelog::encode_body(engine, c, &mut self.bodies);
+        // Past 16 M entries the customer is listed again at its next change: two records.
+        let slot = u32::try_from(self.dirty.len()).map_or(SLOT_MASK, |s| s.min(SLOT_MASK));
+        c.set_dirty_slot((self.takes as u32) << SLOT_BITS | slot);
+        self.dirty.push(Dirty {
+            at,
+            key,
+            value,
+            end: self.bodies.len(),
+        });
+    }
+
+    /// Hands out the records of the customers changed since the last take (their state
+    /// reflecting the input up to `offsets`) and empties the list.
+    fn take(
+        &mut self,
+        engine: &Engine,
+        customers: &Customers,
+        offsets: &[i64],
+    ) -> changelog::Batch {
+        let mut header = Vec::new();
+        changelog::encode_header(engine, offsets, &mut header);
+        let (next, mut spans) = self.spare.take().unwrap_or_default();
+        let mut bytes = std::mem::replace(&mut self.bodies, next);
+        spans.reserve(self.dirty.len() + 1);
+        self.takes = self.takes.wrapping_add(1);
+        for d in self.dirty.drain(..) {
+            let room = d.value + self.header_room;
+            let value = if d.end != STALE_BODY && header.len() <= self.header_room {
+                // The header goes right before the body.
+                let start = room - header.len();
+                bytes[start..room].copy_from_slice(&header);
+                (start, d.end)
+            } else {
+                // Changed again since its body was encoded: the record is written now (the
+                // old body stays in the buffer, unused).
+                let Some(c) = customers.get(d.at) else {
+                    continue;
+                };
+                let start = bytes.len();
+                bytes.extend_from_slice(&header);
+                changelog::encode_body(engine, c, &mut bytes);
+                (start, bytes.len())
+            };
+            spans.push(changelog::Span {
+                key: (d.key, d.value),
+                value,
+            });
         }
-        if new != NEVER {
-            self.timers.insert(new, id.clone());
-        }
+        changelog::Batch::from_parts(bytes, spans)
     }
 }
 
-/// A customer changed since its last changelog record (see [`PartitionClock::changed`]):
-/// in [`PartitionClock::bodies`], its id from `key` to `value`, then the header's room, then
+/// Moves customer `id`'s (at `at`) timer from `old` to `new`.
+fn reschedule(timers: &mut TimerIndex, at: Slot, id: &CompactString, old: i64, new: i64) {
+    if old == new {
+        return;
+    }
+    if old != NEVER {
+        timers.remove(old, at, id);
+    }
+    if new != NEVER {
+        timers.insert(new, at, id);
+    }
+}
+
+/// A customer changed since its last changelog record (see [`ChangeLog::changed`]):
+/// in [`ChangeLog::bodies`], its id from `key` to `value`, then the header's room, then
 /// its record's body up to `end` (`STALE_BODY`: changed again since, encoded at the take).
 #[derive(Debug)]
 struct Dirty {
+    /// The customer's slot.
+    at: Slot,
     key: usize,
     value: usize,
     end: usize,
@@ -278,15 +295,19 @@ pub struct Source {
     pub offset: i64,
 }
 
-/// Engine + customers + per-partition clocks and timers.
+/// Engine + per-partition customers, clocks and timers.
+///
+/// The partitions are in a [`DashMap`]: the consumer's task holds one partition's entry for
+/// the length of an event, restore workers build their partitions apart and install them
+/// when done, and readers (the HTTP API, metrics) look customers up meanwhile, each waiting
+/// at most for one event of the partition it reads.
 pub struct Processor {
     engine: Engine,
-    store: Arc<Store>,
     time: TimeConfig,
     topics: usize,
     /// [`changelog::header_room`] for `topics`.
     header_room: usize,
-    clocks: Mutex<BTreeMap<i32, PartitionClock>>,
+    parts: DashMap<i32, Partition>,
 }
 
 /// Counts of what a call did, for metrics.
@@ -297,14 +318,13 @@ pub struct Fired {
 }
 
 impl Processor {
-    pub fn new(engine: Engine, store: Arc<Store>, time: &TimeConfig, topics: usize) -> Self {
+    pub fn new(engine: Engine, time: &TimeConfig, topics: usize) -> Self {
         Processor {
             header_room: changelog::header_room(&engine, topics.max(1)),
             engine,
-            store,
             time: time.clone(),
             topics,
-            clocks: Mutex::new(BTreeMap::new()),
+            parts: DashMap::new(),
         }
     }
 
@@ -312,12 +332,58 @@ impl Processor {
         &self.engine
     }
 
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
+    /// The partitions held, in order.
+    fn partitions(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self.parts.iter().map(|p| *p.key()).collect();
+        v.sort_unstable();
+        v
     }
 
-    fn clocks(&self) -> MutexGuard<'_, BTreeMap<i32, PartitionClock>> {
-        self.clocks.lock().unwrap_or_else(|p| p.into_inner())
+    /// A copy of customer `id`'s state, if held.
+    pub fn customer(&self, id: &str) -> Option<Customer> {
+        self.parts
+            .iter()
+            .find_map(|p| p.customers.get_by_id(id).cloned())
+    }
+
+    /// Customers held, over all partitions.
+    pub fn customer_count(&self) -> usize {
+        self.parts.iter().map(|p| p.customers.len()).sum()
+    }
+
+    /// Calls `f` with every customer held (partition by partition, each under its lock: do
+    /// little in `f`).
+    pub fn for_each_customer(&self, mut f: impl FnMut(&str, &Customer)) {
+        for p in self.partitions() {
+            if let Some(part) = self.parts.get(&p) {
+                for (_, id, c) in part.customers.iter() {
+                    f(id, c);
+                }
+            }
+        }
+    }
+
+    /// Estimated bytes of the customers held: their entries, the stores' tables, the state's
+    /// and memberships' allocations, ids longer than fit inline.
+    pub fn state_bytes(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| {
+                p.customers.overhead_bytes()
+                    + p.customers
+                        .iter()
+                        .map(|(_, id, c)| {
+                            if id.is_heap_allocated() {
+                                id.len()
+                            } else {
+                                0
+                            }
+                        } + c.state.approx_bytes()
+                            - std::mem::size_of::<crate::state::CustomerState>()
+                            + c.approx_heap_bytes())
+                        .sum::<usize>()
+            })
+            .sum()
     }
 
     /// Processes one decoded event read at `src`, received at wall time `wall` (ms): fires
@@ -337,14 +403,15 @@ impl Processor {
             partition,
             offset,
         } = src;
-        let mut clocks = self.clocks();
-        let clock = clocks
+        let mut part = self
+            .parts
             .entry(partition)
-            .or_insert_with(|| PartitionClock::new(self.topics, self.header_room));
+            .or_insert_with(|| Partition::new(self.topics, self.header_room));
+        let part = &mut *part;
         let at = match self.time.clock {
             ClockMode::Event => {
-                clock.observe(topic, ev.ts, wall);
-                let w = clock.update_watermark(wall, &self.time);
+                part.observe(topic, ev.ts, wall);
+                let w = part.update_watermark(wall, &self.time);
                 Clock::Event { watermark: w }
             }
             ClockMode::Processing => Clock::Processing { now: wall },
@@ -353,36 +420,39 @@ impl Processor {
             Clock::Event { watermark } => watermark,
             Clock::Processing { now } => now,
         };
-        self.fire_due(clock, upto, out, fired);
+        self.fire_due(part, upto, out, fired);
 
         let cid = ev.customer_id.as_ref();
-        if clock.reflects(cid, topic, offset) {
+        if part.reflects(cid, topic, offset) {
             return Ok(Applied::Reflected);
         }
-        let id = CompactString::from(cid);
         let mut changes = Vec::new();
-        let (old, new, applied) = match self.store.entry(id.clone()) {
-            Entry::Occupied(mut o) => {
-                let c = o.get_mut();
+        let held = part.customers.find(cid);
+        let (slot, old, applied) = match held.and_then(|s| Some((s, part.customers.get_mut(s)?))) {
+            Some((slot, (id, c))) => {
                 c.prefetch();
                 let old = c.timer;
                 let applied = self.engine.apply_at(c, ev, at, &mut changes)?;
                 if applied != Applied::Duplicate {
-                    clock.changed(&self.engine, &id, c);
+                    part.log.changed(&self.engine, id, slot, c);
                 }
-                (old, c.timer, applied)
+                (slot, old, applied)
             }
-            Entry::Vacant(v) => {
+            None => {
                 let mut c = self.engine.new_customer(partition);
                 let applied = self.engine.apply_at(&mut c, ev, at, &mut changes)?;
-                clock.changed(&self.engine, &id, &mut c);
-                let new = c.timer;
-                v.insert(Box::new(c));
+                let slot = part.customers.add(CompactString::from(cid), c);
+                if let Some((id, c)) = part.customers.get_mut(slot) {
+                    part.log.changed(&self.engine, id, slot, c);
+                }
                 fired.new_customers += 1;
-                (NEVER, new, applied)
+                (slot, NEVER, applied)
             }
         };
-        clock.reschedule(&id, old, new);
+        let Some((id, c)) = part.customers.get_mut(slot) else {
+            return Ok(applied);
+        };
+        reschedule(&mut part.timers, slot, id, old, c.timer);
         fired.timers += changes.iter().filter(|c| c.by_timer).count() as u64;
         if !changes.is_empty() {
             out.extend(changes.into_iter().map(|change| Emitted {
@@ -396,23 +466,27 @@ impl Processor {
     /// Fires every timer of the partition due at or before `upto`, in (due, customer) order.
     fn fire_due<'r>(
         &'r self,
-        clock: &mut PartitionClock,
+        part: &mut Partition,
         upto: i64,
         out: &mut Vec<Emitted<'r>>,
         fired: &mut Fired,
     ) {
-        while let Some((due, id)) = clock.timers.pop_due(upto) {
-            let Some(mut c) = self.store.get_mut(&id) else {
+        let customers = &mut part.customers;
+        loop {
+            let id_of = |s: Slot| customers.id(s).cloned().unwrap_or_default();
+            let Some((due, id, slot)) = part.timers.pop_due(upto, id_of) else {
+                return;
+            };
+            let Some((_, c)) = customers.get_mut(slot) else {
                 continue;
             };
             c.prefetch();
             let mut changes = Vec::new();
-            self.engine.advance(&mut c, due, &mut changes);
+            self.engine.advance(c, due, &mut changes);
             let next = c.timer;
-            clock.changed(&self.engine, &id, &mut c);
-            drop(c);
+            part.log.changed(&self.engine, &id, slot, c);
             if next != NEVER {
-                clock.timers.insert(next, id.clone());
+                part.timers.insert(next, slot, &id);
             }
             fired.timers += 1;
             out.extend(changes.into_iter().map(|change| Emitted {
@@ -426,14 +500,16 @@ impl Processor {
     /// idle partitions; in processing time, the wall clock. Appends `(partition, change)`.
     pub fn tick<'r>(&'r self, wall: i64, out: &mut Vec<(i32, Emitted<'r>)>) -> Fired {
         let mut fired = Fired::default();
-        let mut clocks = self.clocks();
-        for (&p, clock) in clocks.iter_mut() {
+        for p in self.partitions() {
+            let Some(mut part) = self.parts.get_mut(&p) else {
+                continue;
+            };
             let upto = match self.time.clock {
-                ClockMode::Event => clock.update_watermark(wall, &self.time),
+                ClockMode::Event => part.update_watermark(wall, &self.time),
                 ClockMode::Processing => wall,
             };
             let mut changes = Vec::new();
-            self.fire_due(clock, upto, &mut changes, &mut fired);
+            self.fire_due(&mut part, upto, &mut changes, &mut fired);
             out.extend(changes.into_iter().map(|e| (p, e)));
         }
         fired
@@ -442,22 +518,25 @@ impl Processor {
     /// Keeps only the given partitions: their clocks, timers and customers. Returns how many
     /// customers were dropped.
     pub fn retain_partitions(&self, keep: impl Fn(i32) -> bool) -> usize {
-        self.clocks().retain(|p, _| keep(*p));
-        let before = self.store.len();
-        self.store.retain(|_, c| keep(c.partition));
-        before - self.store.len()
+        let mut dropped = 0;
+        self.parts.retain(|p, part| {
+            let kept = keep(*p);
+            if !kept {
+                dropped += part.customers.len();
+            }
+            kept
+        });
+        dropped
     }
 
     /// Timers currently scheduled, over all partitions.
     pub fn timers_pending(&self) -> usize {
-        self.clocks().values().map(|c| c.timers.len()).sum()
+        self.parts.iter().map(|c| c.timers.len()).sum()
     }
 
     /// A partition's watermark (`NO_TIME` if unknown).
     pub fn watermark(&self, partition: i32) -> i64 {
-        self.clocks()
-            .get(&partition)
-            .map_or(NO_TIME, |c| c.watermark)
+        self.parts.get(&partition).map_or(NO_TIME, |c| c.watermark)
     }
 
     /// The changelog records due for `partition`, whose state reflects its input up to
@@ -465,20 +544,19 @@ impl Processor {
     /// customer changed since the last call, then the partition's checkpoint (key
     /// [`CHECKPOINT_KEY`]) if anything moved. Marks those customers clean.
     pub fn changelog(&self, partition: i32, offsets: &[i64]) -> changelog::Batch {
-        let mut clocks = self.clocks();
-        let Some(clock) = clocks.get_mut(&partition) else {
+        let Some(mut part) = self.parts.get_mut(&partition) else {
             return changelog::Batch::default();
         };
-        let mut out = clock.take(&self.engine, &self.store, offsets);
-        let cp = clock.checkpoint(offsets);
-        clock
-            .reflected
+        let part = &mut *part;
+        let mut out = part.log.take(&self.engine, &part.customers, offsets);
+        let cp = part.checkpoint(offsets);
+        part.reflected
             .retain(|_, reflected| ahead_of(reflected, offsets));
-        if !out.is_empty() || clock.last_checkpoint.as_ref() != Some(&cp) {
+        if !out.is_empty() || part.last_checkpoint.as_ref() != Some(&cp) {
             let mut bytes = Vec::new();
             cp.encode(&mut bytes);
             out.push(CHECKPOINT_KEY, &bytes);
-            clock.last_checkpoint = Some(cp);
+            part.last_checkpoint = Some(cp);
         }
         out
     }
@@ -494,29 +572,25 @@ impl Processor {
         if bytes.capacity() > 2 * used.max(SPARE_KEPT_ANYWAY) {
             return;
         }
-        if let Some(clock) = self.clocks().get_mut(&partition) {
-            clock.spare.get_or_insert((bytes, spans));
+        if let Some(mut part) = self.parts.get_mut(&partition) {
+            part.log.spare.get_or_insert((bytes, spans));
         }
     }
 
     /// Customers changed since their last changelog record, over all partitions.
     pub fn dirty(&self) -> usize {
-        self.clocks().values().map(|c| c.dirty.len()).sum()
+        self.parts.iter().map(|c| c.log.dirty.len()).sum()
     }
 
     /// Starts rebuilding `partition` from its changelog, replacing whatever this instance
-    /// held for it. Feed every record in log order, then [`Restorer::finish`].
+    /// held for it (dropped now). Feed every record in log order, then [`Restorer::finish`].
     pub fn restorer(&self, partition: i32) -> Restorer<'_> {
-        // Customers only exist in partitions with a clock: no scan of the store otherwise.
-        if self.clocks().contains_key(&partition) {
-            self.retain_partitions(|p| p != partition);
-        }
+        self.parts.remove(&partition);
         Restorer {
             processor: self,
             partition,
-            clock: PartitionClock::new(self.topics, self.header_room),
+            part: Partition::new(self.topics, self.header_room),
             checkpoint: None,
-            customers: 0,
             pending: Vec::new(),
             offsets: Vec::new(),
             timers: Vec::new(),
@@ -532,14 +606,15 @@ fn ahead_of(record: &[i64], checkpoint: &[i64]) -> bool {
 
 /// Rebuilds one partition from its changelog (see [`Processor::restorer`]).
 ///
-/// Built for speed (a restore holds up the partition's input): per record, a decode, a store
-/// insert and two vector pushes; timers and the replay guard are assembled once at the end.
+/// Built for speed (a restore holds up the partition's input): per record, a decode, an
+/// insert into the partition's own store (not shared with other restorers until
+/// [`Restorer::finish`]) and two vector pushes; timers and the replay guard are assembled
+/// once at the end.
 pub struct Restorer<'p> {
     processor: &'p Processor,
     partition: i32,
-    clock: PartitionClock,
+    part: Partition,
     checkpoint: Option<Checkpoint>,
-    customers: u64,
     /// Customers whose record may be ahead of the final checkpoint, in log order, with an
     /// index into `offsets`. Records before a checkpoint are dropped from it when covered.
     pending: Vec<(CompactString, u32)>,
@@ -547,7 +622,7 @@ pub struct Restorer<'p> {
     /// records share one).
     offsets: Vec<Box<[i64]>>,
     /// `(due, customer)` of every restored timer, in log order.
-    timers: Vec<(i64, CompactString)>,
+    timers: Vec<(i64, Slot)>,
     /// A customer was restored twice or removed: `timers` may hold stale entries.
     replaced: bool,
 }
@@ -568,13 +643,13 @@ impl Restorer<'_> {
         let p = self.processor;
         if key == CHECKPOINT_KEY {
             let cp = Checkpoint::decode(value.unwrap_or(&[]))?;
-            for (t, (max_ts, wall)) in self.clock.topics.iter_mut().zip(&cp.topics) {
+            for (t, (max_ts, wall)) in self.part.topics.iter_mut().zip(&cp.topics) {
                 *t = TopicTime {
                     max_ts: *max_ts,
                     wall: *wall,
                 };
             }
-            self.clock.watermark = cp.watermark;
+            self.part.watermark = cp.watermark;
             // Records before a checkpoint are covered by it, except those of customers
             // written ahead of it: a crash cut the interval short, and the replay that
             // followed wrote this checkpoint before it caught up with them.
@@ -584,15 +659,14 @@ impl Restorer<'_> {
             if self.pending.is_empty() {
                 self.offsets.clear();
             }
-            self.clock.last_checkpoint = Some(cp.clone());
+            self.part.last_checkpoint = Some(cp.clone());
             self.checkpoint = Some(cp);
             return Ok(());
         }
         let id = std::str::from_utf8(key).map_err(|_| CodecError("customer id is not UTF-8"))?;
         let id = CompactString::from(id);
         let Some(bytes) = value else {
-            if p.store.remove(&id).is_some() {
-                self.customers = self.customers.saturating_sub(1);
+            if self.part.customers.remove(&id).is_some() {
                 self.replaced = true;
             }
             return Ok(());
@@ -604,43 +678,43 @@ impl Restorer<'_> {
             let at = c.state.last_seen;
             p.engine.reset_memberships(&mut c, at);
         }
-        if c.timer != NEVER {
-            self.timers.push((c.timer, id.clone()));
-        }
+        let timer = c.timer;
         if self.offsets.last().map(|o| &**o) != Some(r.source_offsets.as_slice()) {
             self.offsets.push(r.source_offsets.into_boxed_slice());
         }
         self.pending
             .push((id.clone(), (self.offsets.len() - 1) as u32));
-        if p.store.insert(id, Box::new(c)).is_some() {
-            self.replaced = true;
-        } else {
-            self.customers += 1;
+        let (slot, old) = self.part.customers.insert(id, c);
+        self.replaced |= old.is_some();
+        if timer != NEVER {
+            self.timers.push((timer, slot));
         }
         Ok(())
     }
 
     /// Installs the partition's clock, timers and replay guard; input may flow from here on.
     pub fn finish(mut self) -> Restored {
-        let store = &self.processor.store;
+        let customers = &self.part.customers;
         self.timers.sort_unstable();
         self.timers.dedup();
         if self.replaced {
+            // A slot freed by a tombstone may hold another customer since.
             self.timers
-                .retain(|(due, id)| store.get(id).is_some_and(|c| c.timer == *due));
+                .retain(|(due, at)| customers.get(*at).is_some_and(|c| c.timer == *due));
         }
-        self.clock.timers = TimerIndex::from_timers(std::mem::take(&mut self.timers));
+        self.part.timers = TimerIndex::from_timers(std::mem::take(&mut self.timers));
         for (id, i) in self.pending.drain(..) {
-            if store.contains_key(&id) {
-                self.clock
+            if self.part.customers.find(&id).is_some() {
+                self.part
                     .reflected
                     .insert(id, self.offsets[i as usize].clone());
             }
         }
         let offsets = self.checkpoint.map(|c| c.offsets);
-        self.processor.clocks().insert(self.partition, self.clock);
+        let restored = self.part.customers.len() as u64;
+        self.processor.parts.insert(self.partition, self.part);
         Restored {
-            customers: self.customers,
+            customers: restored,
             offsets,
         }
     }

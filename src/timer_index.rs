@@ -1,4 +1,4 @@
-//! A partition's pending timers, `(due, customer id)`, handed out in `(due, id)` order.
+//! A partition's pending timers, `(due, customer)`, handed out in `(due, id)` order.
 //!
 //! This module owns the timer index's data structure (the processor owns when it is read).
 //! An ordered set of every timer (a B-tree over a million 32-byte keys) costs a walk down
@@ -11,16 +11,24 @@
 //! order, the same order as one ordered set of everything; timers added to or removed from
 //! that slot (or an earlier one) meanwhile go to `near` too.
 //!
+//! A customer is named by its [`Slot`] in the partition's store (4 bytes, hashed cheaply);
+//! only `near` holds ids, because ties in `due` are handed out in id order, which does not
+//! depend on where a process put its customers (a replay after a restore fires them in the
+//! same order).
+//!
 //! Pure: no I/O, no clock.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use compact_str::CompactString;
 
+use crate::store::Slot;
+
 /// Width of a slot, in ms (about 17.5 minutes: 82 slots a day, about 7 400 for 90 days).
 pub const SLOT_MS: i64 = 1 << 20;
 
-type Timer = (i64, CompactString);
+/// A timer ready to be handed out: due, customer id, slot.
+pub type Timer = (i64, CompactString, Slot);
 
 /// The slot of an instant.
 fn slot(due: i64) -> i64 {
@@ -30,8 +38,8 @@ fn slot(due: i64) -> i64 {
 /// Pending timers of one partition (see the module docs).
 #[derive(Debug, Default)]
 pub struct TimerIndex {
-    /// Timers of slots after `near_upto`, by slot.
-    slots: BTreeMap<i64, HashSet<Timer>>,
+    /// Timers of slots after `near_upto`, by slot: `(due, customer)`.
+    slots: BTreeMap<i64, HashSet<(i64, Slot)>>,
     /// Timers of slots up to and including `near_upto`, ordered.
     near: BTreeSet<Timer>,
     /// The last slot moved into `near` (`i64::MIN`: none yet).
@@ -47,9 +55,9 @@ impl TimerIndex {
         }
     }
 
-    /// Builds from `(due, id)` pairs (duplicates count once). Sorted input (a restore's)
-    /// fills each slot's set at its final size, without growing it.
-    pub fn from_timers(timers: Vec<Timer>) -> Self {
+    /// Builds from `(due, customer)` pairs (duplicates count once). Sorted input (a
+    /// restore's) fills each slot's set at its final size, without growing it.
+    pub fn from_timers(timers: Vec<(i64, Slot)>) -> Self {
         let mut t = TimerIndex::new();
         let sizes: Vec<(i64, usize)> = timers
             .chunk_by(|a, b| slot(a.0) == slot(b.0))
@@ -74,30 +82,29 @@ impl TimerIndex {
         self.len == 0
     }
 
-    /// Adds a timer; false if it was already there.
-    pub fn insert(&mut self, due: i64, id: CompactString) -> bool {
+    /// Adds a timer of the customer at `at` whose id is `id`; false if it was already there.
+    pub fn insert(&mut self, due: i64, at: Slot, id: &CompactString) -> bool {
         let s = slot(due);
         let added = if s <= self.near_upto {
-            self.near.insert((due, id))
+            self.near.insert((due, id.clone(), at))
         } else {
-            self.slots.entry(s).or_default().insert((due, id))
+            self.slots.entry(s).or_default().insert((due, at))
         };
         self.len += added as usize;
         added
     }
 
-    /// Removes a timer; false if it was not there.
-    pub fn remove(&mut self, due: i64, id: &CompactString) -> bool {
+    /// Removes a timer (as [`TimerIndex::insert`]); false if it was not there.
+    pub fn remove(&mut self, due: i64, at: Slot, id: &CompactString) -> bool {
         let s = slot(due);
-        // The key must be owned to look it up in either set; cloning an id of up to 24 bytes
-        // copies it inline.
-        let key = (due, id.clone());
         let removed = if s <= self.near_upto {
-            self.near.remove(&key)
+            // The key must be owned to look it up; cloning an id of up to 24 bytes copies it
+            // inline.
+            self.near.remove(&(due, id.clone(), at))
         } else {
             match self.slots.get_mut(&s) {
                 Some(set) => {
-                    let removed = set.remove(&key);
+                    let removed = set.remove(&(due, at));
                     if set.is_empty() {
                         self.slots.remove(&s);
                     }
@@ -110,10 +117,11 @@ impl TimerIndex {
         removed
     }
 
-    /// The earliest timer if it is due at or before `upto`, removed.
-    pub fn pop_due(&mut self, upto: i64) -> Option<Timer> {
+    /// The earliest timer if it is due at or before `upto`, removed. `id_of` names the
+    /// customer at a slot (for the order of ties).
+    pub fn pop_due(&mut self, upto: i64, id_of: impl Fn(Slot) -> CompactString) -> Option<Timer> {
         loop {
-            if let Some((due, _)) = self.near.first() {
+            if let Some((due, _, _)) = self.near.first() {
                 // Every timer left in `slots` is in a later slot, so later than this one.
                 if *due > upto {
                     return None;
@@ -128,7 +136,8 @@ impl TimerIndex {
             }
             let (s, set) = self.slots.pop_first()?;
             self.near_upto = s;
-            self.near.extend(set);
+            self.near
+                .extend(set.into_iter().map(|(due, at)| (due, id_of(at), at)));
         }
     }
 }
@@ -170,19 +179,24 @@ mod tests {
             start in proptest::collection::vec((instant(), 0u8..6), 0..20),
             ops in proptest::collection::vec(op(), 1..200),
         ) {
+            // Slot numbers in the reverse order of the ids, so that an order by slot shows.
             let id = |c: u8| CompactString::from(format!("c{c}"));
-            let mut model: BTreeSet<Timer> = start.iter().map(|&(d, c)| (d, id(c))).collect();
-            let mut t = TimerIndex::from_timers(start.iter().map(|&(d, c)| (d, id(c))).collect());
+            let at = |c: u8| 10 - c as Slot;
+            let id_of = |s: Slot| id(10 - s as u8);
+            let mut model: BTreeSet<Timer> = start.iter().map(|&(d, c)| (d, id(c), at(c))).collect();
+            let mut sorted: Vec<(i64, Slot)> = start.iter().map(|&(d, c)| (d, at(c))).collect();
+            sorted.sort_unstable();
+            let mut t = TimerIndex::from_timers(sorted);
             for o in &ops {
                 match *o {
-                    Op::Insert(d, c) => prop_assert_eq!(t.insert(d, id(c)), model.insert((d, id(c)))),
-                    Op::Remove(d, c) => prop_assert_eq!(t.remove(d, &id(c)), model.remove(&(d, id(c)))),
+                    Op::Insert(d, c) => prop_assert_eq!(t.insert(d, at(c), &id(c)), model.insert((d, id(c), at(c)))),
+                    Op::Remove(d, c) => prop_assert_eq!(t.remove(d, at(c), &id(c)), model.remove(&(d, id(c), at(c)))),
                     Op::Pop(upto) => loop {
                         let want = match model.first() {
-                            Some((d, _)) if *d <= upto => model.pop_first(),
+                            Some((d, _, _)) if *d <= upto => model.pop_first(),
                             _ => None,
                         };
-                        let got = t.pop_due(upto);
+                        let got = t.pop_due(upto, id_of);
                         prop_assert_eq!(&got, &want);
                         if got.is_none() {
                             break;
@@ -191,7 +205,7 @@ mod tests {
                 }
                 prop_assert_eq!(t.len(), model.len());
             }
-            let rest: Vec<Timer> = std::iter::from_fn(|| t.pop_due(i64::MAX)).collect();
+            let rest: Vec<Timer> = std::iter::from_fn(|| t.pop_due(i64::MAX, id_of)).collect();
             prop_assert_eq!(rest, model.into_iter().collect::<Vec<_>>());
             prop_assert!(t.is_empty());
         }

@@ -602,7 +602,7 @@ async fn time_passing_moves_customers_with_no_further_event_of_theirs() {
     assert_eq!(dead[0].key.as_deref(), Some("alice"));
     let reason = dead[0].header(dlq_headers::REASON).unwrap();
     assert!(reason.starts_with("late event"), "{reason}");
-    let alice = p.store().get("alice").unwrap().clone();
+    let alice = p.customer("alice").unwrap();
     assert_eq!(
         alice.state.purchase_count, 2,
         "late purchase counted in lifetime"

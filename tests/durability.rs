@@ -357,30 +357,20 @@ async fn a_clean_restart_restores_state_and_re_emits_nothing() {
     let a = start(config(&broker, group, &[TOPIC]), rules.clone());
     let placed_a = produce_steadily(broker.addr.clone(), first.to_vec(), 4000).await;
     wait_caught_up(&broker.addr, group, Duration::from_secs(60)).await;
-    let before: BTreeMap<String, microseg::engine::Customer> = a
-        .pipeline
-        .store()
-        .iter()
-        .map(|c| {
-            (
-                c.key().to_string(),
-                microseg::engine::Customer::clone(c.value()),
-            )
-        })
-        .collect();
+    let mut before: BTreeMap<String, microseg::engine::Customer> = BTreeMap::new();
+    a.pipeline.for_each_customer(|id, c| {
+        before.insert(id.to_string(), c.clone());
+    });
     let held = before.len();
     a.stop().await;
 
     let b = start(config(&broker, group, &[TOPIC]), rules.clone());
     let (pb, mb) = (b.pipeline.clone(), b.metrics.clone());
     wait_for("restored and ready", Duration::from_secs(30), || pb.ready()).await;
-    assert_eq!(pb.store().len(), held, "every customer restored");
+    assert_eq!(pb.customer_count(), held, "every customer restored");
     for (id, c) in &before {
         assert_eq!(
-            pb.store()
-                .get(id.as_str())
-                .map(|r| microseg::engine::Customer::clone(r.value()))
-                .as_ref(),
+            pb.customer(id).as_ref(),
             Some(c),
             "customer {id} restored exactly"
         );

@@ -7,7 +7,7 @@ use microseg::config::{ClockMode, TimeConfig};
 use microseg::engine::{Applied, ChangeKind, Clock, Engine, Memberships};
 use microseg::event::decode;
 use microseg::output::{change_json, Cause};
-use microseg::processor::{Emitted, Fired, Processor, Source, Store};
+use microseg::processor::{Emitted, Fired, Processor, Source};
 use microseg::rules::RuleSet;
 use microseg::time::{DAY_MS, HOUR_MS};
 use proptest::prelude::*;
@@ -49,12 +49,7 @@ fn time(clock: ClockMode, lateness_ms: i64) -> TimeConfig {
 }
 
 fn processor(t: &TimeConfig) -> Processor {
-    Processor::new(
-        Engine::new(rules()).with_dedup(t.dedup_ids),
-        Arc::new(Store::new()),
-        t,
-        1,
-    )
+    Processor::new(Engine::new(rules()).with_dedup(t.dedup_ids), t, 1)
 }
 
 fn purchase(id: &str, customer: &str, ts: i64) -> String {
@@ -159,7 +154,7 @@ fn a_customer_who_stops_buying_leaves_active_when_the_window_empties_by_timer() 
             && ch.contains(&row("alice", "lapsed", Entered, lapse, true)),
         "{ch:?}"
     );
-    let alice = p.store().get("alice").unwrap().clone();
+    let alice = p.customer("alice").unwrap();
     // active; busy_week in; then by timer: busy_week out, active→prospect (2),
     // prospect→lapsed (2).
     assert_eq!(alice.seq, 7);
@@ -196,7 +191,7 @@ fn late_events_within_the_lateness_count_in_windows_and_later_ones_only_in_lifet
         "{ch:?}"
     );
     let rules = rules();
-    let c = p.store().get("c").unwrap().clone();
+    let c = p.customer("c").unwrap();
     assert_eq!(
         c.state
             .purchases_in(&rules.state, T0 + 10 * DAY_MS, 7 * 24)
@@ -207,7 +202,7 @@ fn late_events_within_the_lateness_count_in_windows_and_later_ones_only_in_lifet
     // Three hours late: behind the watermark (newest - 2 h). Lifetime count only.
     let (applied, _) = feed(&p, &purchase("b3", "c", T0 + 10 * DAY_MS - 3 * HOUR_MS), 0);
     assert_eq!(applied, Applied::Late);
-    let c = p.store().get("c").unwrap().clone();
+    let c = p.customer("c").unwrap();
     assert_eq!(
         c.state.purchase_count, 3,
         "lifetime count includes the late purchase"
@@ -226,11 +221,11 @@ fn late_events_within_the_lateness_count_in_windows_and_later_ones_only_in_lifet
 fn a_duplicate_event_id_changes_nothing() {
     let p = processor(&time(ClockMode::Event, 0));
     feed(&p, &purchase("b1", "c", T0), 0);
-    let before = p.store().get("c").unwrap().clone();
+    let before = p.customer("c").unwrap();
     let (applied, ch) = feed(&p, &purchase("b1", "c", T0 + HOUR_MS), 0);
     assert_eq!(applied, Applied::Duplicate);
     assert!(ch.is_empty());
-    let after = p.store().get("c").unwrap().clone();
+    let after = p.customer("c").unwrap();
     assert_eq!(after.state, before.state);
     assert_eq!(after.seq, before.seq);
     // A new id is applied; the horizon is bounded (8 ids by default): the oldest is forgotten.
@@ -240,7 +235,7 @@ fn a_duplicate_event_id_changes_nothing() {
             Applied::Applied
         );
     }
-    assert_eq!(p.store().get("c").unwrap().recent_ids().count(), 8);
+    assert_eq!(p.customer("c").unwrap().recent_ids().count(), 8);
     assert_eq!(
         feed(&p, &purchase("b1", "c", T0 + 10 * HOUR_MS), 0).0,
         Applied::Applied
@@ -283,7 +278,7 @@ fn processing_time_fires_on_the_wall_clock() {
 /// Generated input through the processor; every change serialized as published.
 fn run_once(events: &[microseg::generate::Generated], rules: &Arc<RuleSet>) -> Vec<Vec<u8>> {
     let t = time(ClockMode::Event, 5 * 60_000);
-    let p = Processor::new(Engine::new(rules.clone()), Arc::new(Store::new()), &t, 1);
+    let p = Processor::new(Engine::new(rules.clone()), &t, 1);
     let mut bytes = Vec::new();
     for (i, g) in events.iter().enumerate() {
         let Ok(ev) = decode(g.json.as_bytes()) else {

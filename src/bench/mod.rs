@@ -53,7 +53,7 @@ use crate::event::decode;
 use crate::generate::Generator;
 use crate::metrics::Metrics;
 use crate::pipeline::{send_waiting, Pipeline};
-use crate::processor::{Processor, Store};
+use crate::processor::Processor;
 use crate::rules::RuleSet;
 
 mod e2e;
@@ -214,7 +214,7 @@ struct EngineRun {
 
 fn engine_run(rules: &Arc<RuleSet>, customers: usize, events: u64) -> EngineRun {
     let time = Config::default().time;
-    let processor = Processor::new(Engine::new(rules.clone()), Arc::new(Store::new()), &time, 1);
+    let processor = Processor::new(Engine::new(rules.clone()), &time, 1);
     // About 90 simulated days whatever the size, like a quarter of history.
     let ms_per_event = (90 * 86_400_000 / events.max(1) as i64).max(1);
     let mut g = Generator::new(42, customers, 1_767_225_600_000, ms_per_event);
@@ -298,7 +298,7 @@ fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), 
         crate::alloc::release_free_memory();
         let before = rss_bytes();
         let r = engine_run(set, opts.customers, opts.events);
-        let customers = r.processor.store().len();
+        let customers = r.processor.customer_count();
         let grown = rss_bytes().saturating_sub(before);
         let decode_eps = opts.events as f64 / r.decode_secs;
         let engine_eps = opts.events as f64 / r.engine_secs;
@@ -345,7 +345,7 @@ fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), 
                     "customers": customers,
                     "events": opts.events,
                     "bytes_per_customer": grown / customers.max(1) as u64,
-                    "method": "VmRSS growth over the engine run (generated input, default windows) / customers, the allocator's free memory returned to the OS first; includes allocator overhead, the map, the timer index and the changelog take's buffers",
+                    "method": "VmRSS growth over the engine run (generated input, default windows) / customers, the allocator's free memory returned to the OS first; includes allocator overhead, the customer stores (entries and index), the timer index and the changelog take's buffers",
                 }),
             );
         }
@@ -357,7 +357,7 @@ fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), 
         crate::alloc::release_free_memory();
         let before = rss_bytes();
         let r = engine_run(rules, n, n as u64);
-        let customers = r.processor.store().len();
+        let customers = r.processor.customer_count();
         let grown = rss_bytes().saturating_sub(before);
         emit(
             "bytes_per_customer",
@@ -547,12 +547,7 @@ fn restore_in_memory(
     partitions: i32,
     threads: Option<usize>,
 ) -> Result<(u64, f64), String> {
-    let processor = Processor::new(
-        Engine::new(rules.clone()),
-        Arc::new(Store::new()),
-        &Config::default().time,
-        1,
-    );
+    let processor = Processor::new(Engine::new(rules.clone()), &Config::default().time, 1);
     let parts: Vec<i32> = (0..partitions).collect();
     let started = Instant::now();
     let restorers = match threads {

@@ -25,7 +25,7 @@ use microseg::event::decode;
 use microseg::metrics::Metrics;
 use microseg::output::{change_json, Cause};
 use microseg::pipeline::Pipeline;
-use microseg::processor::{Fired, Processor, Source, Store};
+use microseg::processor::{Fired, Processor, Source};
 use microseg::rules::RuleSet;
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -431,15 +431,11 @@ pub struct Oracle {
 impl Oracle {
     /// A customer's final state in the oracle.
     pub fn customer(&self, id: &str) -> Option<microseg::engine::Customer> {
-        self.parts.values().find_map(|p| {
-            p.store()
-                .get(id)
-                .map(|c| microseg::engine::Customer::clone(&c))
-        })
+        self.parts.values().find_map(|p| p.customer(id))
     }
 
     pub fn customers(&self) -> usize {
-        self.parts.values().map(|p| p.store().len()).sum()
+        self.parts.values().map(|p| p.customer_count()).sum()
     }
 }
 
@@ -457,14 +453,9 @@ pub fn oracle(
             bad += 1;
             continue;
         };
-        let p = parts.entry(*partition).or_insert_with(|| {
-            Processor::new(
-                Engine::new(rules.clone()),
-                Arc::new(Store::new()),
-                &cfg.time,
-                1,
-            )
-        });
+        let p = parts
+            .entry(*partition)
+            .or_insert_with(|| Processor::new(Engine::new(rules.clone()), &cfg.time, 1));
         let mut out = Vec::new();
         let _ = p.event(
             Source {
