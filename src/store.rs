@@ -1,14 +1,14 @@
 //! The customers of one input partition, each at a fixed *slot*.
 //!
 //! This module owns where customers live in memory. Customers sit side by side with their
-//! ids in chunks that never move ([`CHUNK`] entries each), and a hash table of 4-byte slots
-//! finds a customer by id: a probe compares the id stored with the customer, on the cache
-//! lines the event then reads anyway. Everything else that names a customer many times (the
+//! ids in chunks that never move ([`CHUNK`] entries each), and a hash table of slots (with
+//! 32 bits of the id's hash: 8 bytes an entry) finds a customer by id: a probe compares the
+//! id stored with the customer, on the cache lines the event then reads anyway. Everything else that names a customer many times (the
 //! partition's timer index, the changelog's list of changed customers) holds the slot, so
 //! firing a timer reaches its customer without hashing the id.
 //!
 //! Against one map of boxed customers keyed by id (BENCHMARKS.md, tenth session), a
-//! customer costs its entry (216 bytes, no allocator rounding) and about 5 bytes of table,
+//! customer costs its entry (216 bytes, no allocator rounding) and about 14 bytes of table,
 //! instead of 192 bytes of box, a 32-byte map entry at half load and 32-byte timer entries.
 //!
 //! Ids are hashed with the standard library's keyed SipHash: ids come from the input, so a
@@ -34,11 +34,28 @@ pub const CHUNK: usize = 1 << CHUNK_BITS;
 /// A held customer, or a free slot.
 type Entry = Option<(CompactString, Customer)>;
 
+/// An index entry: the slot, and 32 bits of its id's hash. The table's hash is derived from
+/// those bits ([`spread`]), so growing the table rehashes without reading any entry (before,
+/// each growth read every id again, a cache miss each, and hashed it: 5 % of a restore), and a
+/// probe reads an entry only when those bits match.
+type Indexed = (Slot, u32);
+
+/// The 32 bits of an id's hash kept in the index.
+fn short_hash(hasher: &RandomState, id: &str) -> u32 {
+    hasher.hash_one(id) as u32
+}
+
+/// The table's 64-bit hash from the 32 bits kept: the table takes its bucket from the low
+/// bits and a tag from the top 7, so both must depend on all 32.
+fn spread(h: u32) -> u64 {
+    (h as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// One partition's customers (see the module docs).
 #[derive(Default)]
 pub struct Customers {
     hasher: RandomState,
-    index: HashTable<Slot>,
+    index: HashTable<Indexed>,
     chunks: Vec<Vec<Entry>>,
     /// Slots freed by removals, reused first.
     free: Vec<Slot>,
@@ -79,9 +96,10 @@ impl Customers {
     /// The slot of customer `id`, if held.
     pub fn find(&self, id: &str) -> Option<Slot> {
         let chunks = &self.chunks;
+        let h = short_hash(&self.hasher, id);
         self.index
-            .find(self.hasher.hash_one(id), |&s| id_at(chunks, s) == id)
-            .copied()
+            .find(spread(h), |&(s, hs)| hs == h && id_at(chunks, s) == id)
+            .map(|&(s, _)| s)
     }
 
     pub fn get(&self, slot: Slot) -> Option<&Customer> {
@@ -124,7 +142,7 @@ impl Customers {
     /// [`find`]: Customers::find
     pub fn add(&mut self, id: CompactString, c: Customer) -> Slot {
         debug_assert!(self.find(&id).is_none(), "{id} is held already");
-        let hash = self.hasher.hash_one(id.as_str());
+        let h = short_hash(&self.hasher, &id);
         let slot = match self.free.pop() {
             Some(slot) => {
                 if let Some(e) = self
@@ -146,9 +164,8 @@ impl Customers {
                 ((n << CHUNK_BITS) + last.len() - 1) as Slot
             }
         };
-        let (chunks, hasher) = (&self.chunks, &self.hasher);
         self.index
-            .insert_unique(hash, slot, |&s| hasher.hash_one(id_at(chunks, s)));
+            .insert_unique(spread(h), (slot, h), |&(_, hs)| spread(hs));
         self.len += 1;
         slot
     }
@@ -156,11 +173,12 @@ impl Customers {
     /// Removes customer `id`; its slot is free for the next one added.
     pub fn remove(&mut self, id: &str) -> Option<Customer> {
         let chunks = &self.chunks;
+        let h = short_hash(&self.hasher, id);
         let found = self
             .index
-            .find_entry(self.hasher.hash_one(id), |&s| id_at(chunks, s) == id)
+            .find_entry(spread(h), |&(s, hs)| hs == h && id_at(chunks, s) == id)
             .ok()?;
-        let (slot, _) = found.remove();
+        let ((slot, _), _) = found.remove();
         let (_, c) = self
             .chunks
             .get_mut((slot >> CHUNK_BITS) as usize)?
@@ -184,7 +202,7 @@ impl Customers {
     /// included) and its table.
     pub fn overhead_bytes(&self) -> usize {
         self.chunks.iter().map(|c| c.capacity()).sum::<usize>() * std::mem::size_of::<Entry>()
-            + self.index.capacity() * (std::mem::size_of::<Slot>() + 1)
+            + self.index.capacity() * (std::mem::size_of::<Indexed>() + 1)
     }
 }
 
