@@ -11,7 +11,7 @@
 //! order, the same order as one ordered set of everything; timers added to or removed from
 //! that slot (or an earlier one) meanwhile go to `near` too.
 //!
-//! A customer is named by its [`Slot`] in the partition's store (4 bytes, hashed cheaply);
+//! A customer is named by its [`Slot`] in the partition's store (4 bytes, not a 24-byte id);
 //! only `near` holds ids, because ties in `due` are handed out in id order, which does not
 //! depend on where a process put its customers (a replay after a restore fires them in the
 //! same order).
