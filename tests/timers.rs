@@ -325,6 +325,47 @@ fn a_replay_of_the_same_input_gives_a_byte_identical_change_stream() {
     assert!(a == b, "byte-identical");
 }
 
+/// The default lifecycle has no gap between `active` (a purchase in the 30-day window) and
+/// `at_risk`: a customer who has bought never falls back to the default, `prospect` (never
+/// bought), not even for the hour a window's bucket leaves before 30 full days have passed.
+#[test]
+fn a_buyer_never_falls_back_to_prospect_with_the_default_rules() {
+    let rules = Arc::new(RuleSet::embedded_default());
+    let t = time(ClockMode::Event, 5 * 60_000);
+    let p = Processor::new(Engine::new(rules.clone()), &t, 1);
+    // 300 customers over ~200 days, as in the replay test: customers stop and start buying.
+    let mut g = microseg::generate::Generator::new(11, 300, T0, 60_000 * 30);
+    let (mut back_to_prospect, mut to_at_risk) = (Vec::new(), 0);
+    for i in 0..10_000 {
+        let e = g.next_event();
+        let Ok(ev) = decode(e.json.as_bytes()) else {
+            continue;
+        };
+        let mut out = Vec::new();
+        let _ = p.event(src(i), &ev, i * 3, &mut out, &mut Fired::default());
+        for e in out.iter().filter(|e| e.change.segmentation == Some(0)) {
+            let c = &e.change;
+            if c.kind != ChangeKind::Entered {
+                continue;
+            }
+            // Every lifecycle segment but the default needs a purchase, and purchases never
+            // go away: entering the default from another segment means a buyer fell back.
+            if c.segment == "prospect" && c.previous.is_some() {
+                back_to_prospect.push(format!(
+                    "{} at {} from {:?}",
+                    e.customer_id, c.at, c.previous
+                ));
+            }
+            to_at_risk += (c.segment == "at_risk" && c.previous.is_some()) as usize;
+        }
+    }
+    assert!(
+        to_at_risk > 10,
+        "the input has buyers who stop ({to_at_risk})"
+    );
+    assert!(back_to_prospect.is_empty(), "{back_to_prospect:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Property: timers never miss a flip, and fire at the first instant it holds.
 

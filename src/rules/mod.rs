@@ -570,15 +570,17 @@ mod tests {
         };
         let lapsed = ["purchases.count", "days_since(purchases.last)"];
         assert_eq!(texts(0), lapsed);
-        // `at_risk` reads nothing `lapsed` did not.
-        assert_eq!(texts(1), lapsed);
-        let champion = [&lapsed[..], &["purchases.count_90d", "purchases.spend_90d"]].concat();
-        assert_eq!(texts(2), champion);
-        let all = [
-            &champion[..],
-            &["days_since(purchases.first)", "purchases.count_30d"],
+        // `at_risk` adds what `lapsed` did not read; `purchases.count` is shown once.
+        let at_risk = [&lapsed[..], &["purchases.count_30d"]].concat();
+        assert_eq!(texts(1), at_risk);
+        let champion = [
+            &at_risk[..],
+            &["purchases.count_90d", "purchases.spend_90d"],
         ]
         .concat();
+        assert_eq!(texts(2), champion);
+        // `active` reads nothing new.
+        let all = [&champion[..], &["days_since(purchases.first)"]].concat();
         assert_eq!(texts(4), all);
         // The default: every rule was evaluated.
         assert_eq!(texts(lifecycle.default_index()), all);
