@@ -117,8 +117,8 @@ pub fn restore<'p>(
     feed: impl FnOnce(&mut Feed) -> Result<(), String>,
 ) -> Result<Vec<(i32, Restorer<'p>)>, String> {
     let threads = threads.clamp(1, partitions.len().max(1));
-    // Created here, not on the workers: a restorer clears what the processor held of its
-    // partition, a scan of the whole store.
+    // Created here, before any record is fed: a restorer takes its partition out of the
+    // processor (dropping what it held).
     let mut shares: Vec<Vec<(i32, Restorer<'p>)>> = (0..threads).map(|_| Vec::new()).collect();
     let mut route = Vec::with_capacity(partitions.len());
     for (i, &p) in partitions.iter().enumerate() {
