@@ -141,13 +141,8 @@ fn ctx<'a>(p: &'a Pipeline, c: &'a Customer, now: i64) -> Ctx<'a> {
     }
 }
 
-/// A copy of the customer, so that its partition is not held while the answer is written.
-fn snapshot(p: &Pipeline, id: &str) -> Option<Customer> {
-    p.customer(id)
-}
-
 async fn customer(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Response {
-    let Some(c) = snapshot(&p, &id) else {
+    let Some(c) = p.customer(&id) else {
         return not_here(&p, &id);
     };
     let rules = &p.engine().rules;
@@ -255,7 +250,7 @@ async fn explain(
             json!({"segment": name, "segments": known()}),
         );
     }
-    let Some(c) = snapshot(&p, &id) else {
+    let Some(c) = p.customer(&id) else {
         return not_here(&p, &id);
     };
     let now = now_for(&p, &c);

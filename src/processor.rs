@@ -339,7 +339,8 @@ impl Processor {
         v
     }
 
-    /// A copy of customer `id`'s state, if held.
+    /// A copy of customer `id`'s state, if held: a copy, so that no partition stays locked
+    /// while the caller uses it.
     pub fn customer(&self, id: &str) -> Option<Customer> {
         self.parts
             .iter()
@@ -429,29 +430,29 @@ impl Processor {
         let mut changes = Vec::new();
         let held = part.customers.find(cid);
         let (slot, old, applied) = match held.and_then(|s| Some((s, part.customers.get_mut(s)?))) {
-            Some((slot, (id, c))) => {
+            Some((slot, (_, c))) => {
                 c.prefetch();
                 let old = c.timer;
-                let applied = self.engine.apply_at(c, ev, at, &mut changes)?;
-                if applied != Applied::Duplicate {
-                    part.log.changed(&self.engine, id, slot, c);
-                }
-                (slot, old, applied)
+                (slot, old, self.engine.apply_at(c, ev, at, &mut changes)?)
             }
             None => {
+                // Added only once the event is accepted: a refused first event leaves nothing.
                 let mut c = self.engine.new_customer(partition);
                 let applied = self.engine.apply_at(&mut c, ev, at, &mut changes)?;
-                let slot = part.customers.add(CompactString::from(cid), c);
-                if let Some((id, c)) = part.customers.get_mut(slot) {
-                    part.log.changed(&self.engine, id, slot, c);
-                }
                 fired.new_customers += 1;
-                (slot, NEVER, applied)
+                (
+                    part.customers.add(CompactString::from(cid), c),
+                    NEVER,
+                    applied,
+                )
             }
         };
         let Some((id, c)) = part.customers.get_mut(slot) else {
             return Ok(applied);
         };
+        if applied != Applied::Duplicate {
+            part.log.changed(&self.engine, id, slot, c);
+        }
         reschedule(&mut part.timers, slot, id, old, c.timer);
         fired.timers += changes.iter().filter(|c| c.by_timer).count() as u64;
         if !changes.is_empty() {

@@ -3,9 +3,10 @@
 //! This module owns where customers live in memory. Customers sit side by side with their
 //! ids in chunks that never move ([`CHUNK`] entries each), and a hash table of slots (with
 //! 32 bits of the id's hash: 8 bytes an entry) finds a customer by id: a probe compares the
-//! id stored with the customer, on the cache lines the event then reads anyway. Everything else that names a customer many times (the
-//! partition's timer index, the changelog's list of changed customers) holds the slot, so
-//! firing a timer reaches its customer without hashing the id.
+//! id stored with the customer, on the cache lines the event then reads anyway. Everything
+//! else that names a customer many times (the partition's timer index, the changelog's list
+//! of changed customers) holds the slot, so firing a timer reaches its customer without
+//! hashing the id.
 //!
 //! Against one map of boxed customers keyed by id (BENCHMARKS.md, tenth session), a
 //! customer costs its entry (216 bytes, no allocator rounding) and about 14 bytes of table,
@@ -68,16 +69,25 @@ impl std::fmt::Debug for Customers {
     }
 }
 
-fn entry(chunks: &[Vec<Entry>], slot: Slot) -> Option<&(CompactString, Customer)> {
-    chunks
-        .get((slot >> CHUNK_BITS) as usize)?
-        .get(slot as usize & (CHUNK - 1))?
-        .as_ref()
+/// The chunk and the place in it of `slot`.
+fn place(slot: Slot) -> (usize, usize) {
+    ((slot >> CHUNK_BITS) as usize, slot as usize & (CHUNK - 1))
 }
 
-/// The id at `slot` (empty for a free slot, which the index never holds).
-fn id_at(chunks: &[Vec<Entry>], slot: Slot) -> &str {
-    entry(chunks, slot).map_or("", |(id, _)| id.as_str())
+fn entry(chunks: &[Vec<Entry>], slot: Slot) -> Option<&(CompactString, Customer)> {
+    let (ch, i) = place(slot);
+    chunks.get(ch)?.get(i)?.as_ref()
+}
+
+fn entry_mut(chunks: &mut [Vec<Entry>], slot: Slot) -> Option<&mut Entry> {
+    let (ch, i) = place(slot);
+    chunks.get_mut(ch)?.get_mut(i)
+}
+
+/// Whether an index entry is customer `id`'s, whose short hash is `h`: the entry is read only
+/// when the hash bits match.
+fn is<'a>(chunks: &'a [Vec<Entry>], h: u32, id: &'a str) -> impl Fn(&Indexed) -> bool + 'a {
+    move |&(s, hs)| hs == h && entry(chunks, s).is_some_and(|(held, _)| held == id)
 }
 
 impl Customers {
@@ -95,10 +105,9 @@ impl Customers {
 
     /// The slot of customer `id`, if held.
     pub fn find(&self, id: &str) -> Option<Slot> {
-        let chunks = &self.chunks;
         let h = short_hash(&self.hasher, id);
         self.index
-            .find(spread(h), |&(s, hs)| hs == h && id_at(chunks, s) == id)
+            .find(spread(h), is(&self.chunks, h, id))
             .map(|&(s, _)| s)
     }
 
@@ -113,9 +122,7 @@ impl Customers {
 
     /// The id and the customer at `slot`.
     pub fn get_mut(&mut self, slot: Slot) -> Option<(&CompactString, &mut Customer)> {
-        self.chunks
-            .get_mut((slot >> CHUNK_BITS) as usize)?
-            .get_mut(slot as usize & (CHUNK - 1))?
+        entry_mut(&mut self.chunks, slot)?
             .as_mut()
             .map(|(id, c)| (&*id, c))
     }
@@ -145,11 +152,7 @@ impl Customers {
         let h = short_hash(&self.hasher, &id);
         let slot = match self.free.pop() {
             Some(slot) => {
-                if let Some(e) = self
-                    .chunks
-                    .get_mut((slot >> CHUNK_BITS) as usize)
-                    .and_then(|ch| ch.get_mut(slot as usize & (CHUNK - 1)))
-                {
+                if let Some(e) = entry_mut(&mut self.chunks, slot) {
                     *e = Some((id, c));
                 }
                 slot
@@ -172,18 +175,13 @@ impl Customers {
 
     /// Removes customer `id`; its slot is free for the next one added.
     pub fn remove(&mut self, id: &str) -> Option<Customer> {
-        let chunks = &self.chunks;
         let h = short_hash(&self.hasher, id);
         let found = self
             .index
-            .find_entry(spread(h), |&(s, hs)| hs == h && id_at(chunks, s) == id)
+            .find_entry(spread(h), is(&self.chunks, h, id))
             .ok()?;
         let ((slot, _), _) = found.remove();
-        let (_, c) = self
-            .chunks
-            .get_mut((slot >> CHUNK_BITS) as usize)?
-            .get_mut(slot as usize & (CHUNK - 1))?
-            .take()?;
+        let (_, c) = entry_mut(&mut self.chunks, slot)?.take()?;
         self.free.push(slot);
         self.len -= 1;
         Some(c)
