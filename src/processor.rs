@@ -364,27 +364,9 @@ impl Processor {
         }
     }
 
-    /// Estimated bytes of the customers held: their entries, the stores' tables, the state's
-    /// and memberships' allocations, ids longer than fit inline.
+    /// Estimated bytes of the customers held ([`Customers::approx_bytes`]).
     pub fn state_bytes(&self) -> usize {
-        self.parts
-            .iter()
-            .map(|p| {
-                p.customers.overhead_bytes()
-                    + p.customers
-                        .iter()
-                        .map(|(_, id, c)| {
-                            if id.is_heap_allocated() {
-                                id.len()
-                            } else {
-                                0
-                            }
-                        } + c.state.approx_bytes()
-                            - std::mem::size_of::<crate::state::CustomerState>()
-                            + c.approx_heap_bytes())
-                        .sum::<usize>()
-            })
-            .sum()
+        self.parts.iter().map(|p| p.customers.approx_bytes()).sum()
     }
 
     /// Processes one decoded event read at `src`, received at wall time `wall` (ms): fires

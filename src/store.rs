@@ -196,11 +196,21 @@ impl Customers {
             .filter_map(|(s, e)| e.as_ref().map(|(id, c)| (s as Slot, id, c)))
     }
 
-    /// Bytes this store holds beyond the customers' own allocations: its entries (free ones
-    /// included) and its table.
-    pub fn overhead_bytes(&self) -> usize {
-        self.chunks.iter().map(|c| c.capacity()).sum::<usize>() * std::mem::size_of::<Entry>()
-            + self.index.capacity() * (std::mem::size_of::<Indexed>() + 1)
+    /// Estimated bytes held: the entries (free ones included), the table, and each
+    /// customer's allocations (ids too long to fit inline, state, memberships).
+    pub fn approx_bytes(&self) -> usize {
+        let entries =
+            self.chunks.iter().map(|c| c.capacity()).sum::<usize>() * std::mem::size_of::<Entry>();
+        let table = self.index.capacity() * (std::mem::size_of::<Indexed>() + 1);
+        let heap: usize = self
+            .iter()
+            .map(|(_, id, c)| {
+                let id = if id.is_heap_allocated() { id.len() } else { 0 };
+                id + c.state.approx_bytes() - std::mem::size_of::<crate::state::CustomerState>()
+                    + c.approx_heap_bytes()
+            })
+            .sum();
+        entries + table + heap
     }
 }
 
