@@ -279,6 +279,10 @@ struct Dirty {
 
 const STALE_BODY: usize = usize::MAX;
 
+/// Chunks of customers ([`crate::store::CHUNK`] each) that one [`Processor::state_bytes`]
+/// call measures, over all partitions: about 1.3 ms at 5 µs a chunk.
+pub const STATE_BYTES_BUDGET: usize = 256;
+
 /// The bits of a customer's dirty mark that hold its entry's index; the take count is above.
 const SLOT_BITS: u32 = 24;
 const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
@@ -364,9 +368,15 @@ impl Processor {
         }
     }
 
-    /// Estimated bytes of the customers held ([`Customers::approx_bytes`]).
+    /// Estimated bytes of the customers held ([`Customers::approx_bytes`]), measuring about
+    /// [`STATE_BYTES_BUDGET`] chunks of customers (a millisecond or so) per call: a call
+    /// after every customer was added and each chunk measured since is exact.
     pub fn state_bytes(&self) -> usize {
-        self.parts.iter().map(|p| p.customers.approx_bytes()).sum()
+        let per_partition = STATE_BYTES_BUDGET.div_ceil(self.parts.len().max(1));
+        self.parts
+            .iter_mut()
+            .map(|mut p| p.customers.approx_bytes(per_partition))
+            .sum()
     }
 
     /// Processes one decoded event read at `src`, received at wall time `wall` (ms): fires
