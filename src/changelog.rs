@@ -129,11 +129,15 @@ impl<'a> R<'a> {
         let n = self.len()?;
         (0..n).map(|_| self.i()).collect()
     }
-    fn s(&mut self) -> Result<&'a str, CodecError> {
+    /// A string's bytes, not checked as UTF-8.
+    fn raw(&mut self) -> Result<&'a [u8], CodecError> {
         let n = self.len()?;
         let (b, rest) = self.0.split_at(n);
         self.0 = rest;
-        std::str::from_utf8(b).map_err(|_| CodecError("string is not UTF-8"))
+        Ok(b)
+    }
+    fn s(&mut self) -> Result<&'a str, CodecError> {
+        std::str::from_utf8(self.raw()?).map_err(|_| CodecError("string is not UTF-8"))
     }
 }
 
@@ -284,11 +288,14 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
     c.timer = r.i()?;
     // The record's strings, looked up under one read lock; only new ones are interned.
     let n = r.len()?;
-    let mut strings: SmallVec<[&str; 16]> = SmallVec::with_capacity(n);
+    let mut strings: SmallVec<[&[u8]; 16]> = SmallVec::with_capacity(n);
     for _ in 0..n {
-        strings.push(r.s()?);
+        strings.push(r.raw()?);
     }
-    let table: SmallVec<[Sym; 16]> = rules.symbols.intern_all(&strings);
+    let table: SmallVec<[Sym; 16]> = rules
+        .symbols
+        .intern_all(&strings)
+        .ok_or(CodecError("string is not UTF-8"))?;
     let sym = |i: u64| -> Result<Sym, CodecError> {
         table
             .get(i as usize)
@@ -765,6 +772,25 @@ mod tests {
         assert_eq!(
             decode(&engine, &longer).unwrap_err(),
             CodecError("trailing bytes")
+        );
+        // A string of the record's table that is not UTF-8 (its first byte made 0xff).
+        let names = engine.rules.symbols.read();
+        let name = CountKind::ALL
+            .iter()
+            .flat_map(|k| c.state.activity.counts(*k))
+            .map(|[s, _]| names.name(*s).to_string())
+            .next()
+            .unwrap();
+        drop(names);
+        let at = bytes
+            .windows(name.len())
+            .position(|w| w == name.as_bytes())
+            .unwrap();
+        let mut bad = bytes.clone();
+        bad[at] = 0xff;
+        assert_eq!(
+            decode(&engine, &bad).unwrap_err(),
+            CodecError("string is not UTF-8")
         );
         // Flipped bytes: any outcome but a panic.
         for i in 0..bytes.len() {

@@ -311,7 +311,30 @@ pub struct Processor {
     topics: usize,
     /// [`changelog::header_room`] for `topics`.
     header_room: usize,
-    parts: DashMap<i32, Partition>,
+    parts: DashMap<i32, Partition, PartitionHash>,
+}
+
+/// Hashes a partition number by one multiplication: every event looks its partition up, and
+/// partition numbers come from the broker's assignment, not from the input, so the keyed
+/// SipHash (DashMap's default) bought nothing there.
+type PartitionHash = std::hash::BuildHasherDefault<PartitionHasher>;
+
+#[derive(Default)]
+struct PartitionHasher(u64);
+
+impl std::hash::Hasher for PartitionHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_i32(&mut self, v: i32) {
+        // Spread into the high bits too: DashMap picks the shard from them.
+        self.0 = (v as u32 as u64 ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// Counts of what a call did, for metrics.
@@ -328,7 +351,7 @@ impl Processor {
             engine,
             time: time.clone(),
             topics,
-            parts: DashMap::new(),
+            parts: DashMap::default(),
         }
     }
 
