@@ -94,14 +94,19 @@ impl<'a> R<'a> {
     }
     fn u(&mut self) -> Result<u64, CodecError> {
         let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= ((b & 0x7f) as u64) << shift;
+        // Over the slice, not byte by byte through `byte`: one bounds check per number.
+        for (i, &b) in self.0.iter().take(10).enumerate() {
+            v |= ((b & 0x7f) as u64) << (7 * i);
             if b < 0x80 {
+                self.0 = &self.0[i + 1..];
                 return Ok(v);
             }
         }
-        Err(CodecError("varint too long"))
+        Err(CodecError(if self.0.len() < 10 {
+            "truncated"
+        } else {
+            "varint too long"
+        }))
     }
     fn u32(&mut self) -> Result<u32, CodecError> {
         u32::try_from(self.u()?).map_err(|_| CodecError("number out of range"))
@@ -756,6 +761,32 @@ mod tests {
         let back = decode(&engine, &bytes).unwrap();
         assert_eq!(back.customer, c);
         assert_eq!(back.customer.state.attrs.heap_bytes(), 0);
+    }
+
+    #[test]
+    fn varints_round_trip_and_bad_ones_say_why() {
+        let values = [0, 1, 127, 128, 300, 1 << 35, u64::MAX - 1, u64::MAX];
+        let mut bytes = Vec::new();
+        for v in values {
+            W(&mut bytes).u(v);
+        }
+        bytes.push(0x2a);
+        let mut r = R(&bytes);
+        let back: Vec<u64> = values.iter().map(|_| r.u().unwrap()).collect();
+        assert_eq!(back, values);
+        assert_eq!(r.0, [0x2a], "reads exactly its own bytes");
+        for v in [-1i64, 0, 1, i64::MIN, i64::MAX, 1_767_225_600_000] {
+            let mut b = Vec::new();
+            W(&mut b).i(v);
+            assert_eq!(R(&b).i(), Ok(v));
+        }
+        let mut b = Vec::new();
+        W(&mut b).u(1 << 35);
+        for n in 0..b.len() {
+            assert_eq!(R(&b[..n]).u(), Err(CodecError("truncated")));
+        }
+        assert_eq!(R(&[0x80; 10]).u(), Err(CodecError("varint too long")));
+        assert_eq!(R(&[0x80; 9]).u(), Err(CodecError("truncated")));
     }
 
     #[test]
