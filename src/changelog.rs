@@ -275,8 +275,32 @@ pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
     }
 }
 
+/// The symbol ids a restorer has met, by their bytes: with it, a record's strings are looked
+/// up without the shared symbol table's lock, which the restore workers would otherwise all
+/// take for every record, on one cache line. Symbols are never removed, so an id, once
+/// cached, stays right.
+#[derive(Default)]
+pub struct SymbolCache(std::collections::HashMap<Box<[u8]>, Sym, foldhash::fast::RandomState>);
+
 /// Reads a changelog record back into a customer of `engine`'s rules.
 pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
+    decode_inner(engine, bytes, None)
+}
+
+/// [`decode`], looking the record's strings up in `cache` first.
+pub fn decode_cached(
+    engine: &Engine,
+    bytes: &[u8],
+    cache: &mut SymbolCache,
+) -> Result<Restored, CodecError> {
+    decode_inner(engine, bytes, Some(cache))
+}
+
+fn decode_inner(
+    engine: &Engine,
+    bytes: &[u8],
+    cache: Option<&mut SymbolCache>,
+) -> Result<Restored, CodecError> {
     let rules = &engine.rules;
     let mut r = R(bytes);
     if r.byte()? != MAGIC {
@@ -297,10 +321,24 @@ pub fn decode(engine: &Engine, bytes: &[u8]) -> Result<Restored, CodecError> {
     for _ in 0..n {
         strings.push(r.raw()?);
     }
-    let table: SmallVec<[Sym; 16]> = rules
-        .symbols
-        .intern_all(&strings)
-        .ok_or(CodecError("string is not UTF-8"))?;
+    let cached: Option<SmallVec<[Sym; 16]>> = cache
+        .as_ref()
+        .and_then(|cache| strings.iter().map(|s| cache.0.get(*s).copied()).collect());
+    let table: SmallVec<[Sym; 16]> = match cached {
+        Some(table) => table,
+        None => {
+            let table: SmallVec<[Sym; 16]> = rules
+                .symbols
+                .intern_all(&strings)
+                .ok_or(CodecError("string is not UTF-8"))?;
+            if let Some(cache) = cache {
+                for (s, id) in strings.iter().zip(&table) {
+                    cache.0.entry(Box::from(*s)).or_insert(*id);
+                }
+            }
+            table
+        }
+    };
     let sym = |i: u64| -> Result<Sym, CodecError> {
         table
             .get(i as usize)
@@ -655,6 +693,8 @@ mod tests {
             other.rules.symbols.intern(&engine.rules.symbols.name(id));
         }
         let mut reordered = 0;
+        // A restorer's cache of the symbols it met, filled by the first records.
+        let mut cache = SymbolCache::default();
         for (i, c) in all.values().enumerate() {
             let mut bytes = Vec::new();
             let offsets = [1000 + i as i64, -1, 3];
@@ -666,6 +706,7 @@ mod tests {
                 (offsets.to_vec(), false)
             );
             let there = decode(&other, &bytes).unwrap();
+            assert_eq!(decode_cached(&other, &bytes, &mut cache).unwrap(), there);
             let sorted = |cu: &Customer| {
                 let keys: Vec<_> = cu
                     .state
@@ -821,6 +862,12 @@ mod tests {
         bad[at] = 0xff;
         assert_eq!(
             decode(&engine, &bad).unwrap_err(),
+            CodecError("string is not UTF-8")
+        );
+        let mut cache = SymbolCache::default();
+        assert!(decode_cached(&engine, &bytes, &mut cache).is_ok());
+        assert_eq!(
+            decode_cached(&engine, &bad, &mut cache).unwrap_err(),
             CodecError("string is not UTF-8")
         );
         // Flipped bytes: any outcome but a panic.

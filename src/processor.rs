@@ -611,6 +611,7 @@ impl Processor {
             offsets: Vec::new(),
             timers: Vec::new(),
             replaced: false,
+            symbols: Default::default(),
         }
     }
 }
@@ -641,6 +642,7 @@ pub struct Restorer<'p> {
     timers: Vec<(i64, Slot)>,
     /// A customer was restored twice or removed: `timers` may hold stale entries.
     replaced: bool,
+    symbols: changelog::SymbolCache,
 }
 
 /// What a restore found.
@@ -687,7 +689,7 @@ impl Restorer<'_> {
             }
             return Ok(());
         };
-        let r = changelog::decode(&p.engine, bytes)?;
+        let r = changelog::decode_cached(&p.engine, bytes, &mut self.symbols)?;
         let mut c = r.customer;
         c.partition = self.partition;
         if r.rules_changed {
