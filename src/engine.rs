@@ -26,6 +26,7 @@ use crate::event::{Event, EventKind};
 use crate::rules::compile::{deps, val_to_json, Atom, Ctx, Shown};
 use crate::rules::{fnv1a, Rule, RuleSet};
 use crate::state::{CustomerState, Rejected, NEVER, NO_TIME};
+use smallvec::SmallVec;
 use std::sync::Arc;
 
 /// "Not in any segment of this segmentation yet."
@@ -80,27 +81,136 @@ pub struct Customer {
 ///
 /// It is a cache derived from the state: never written to the changelog, stale after a
 /// restore, and ignored when customers are compared. It lives in the words of
-/// [`Customer`] after the membership bits.
+/// [`Customer`] after the membership bits: one word for a base instant, then one 32-bit entry
+/// per rule, two to a word, each the instant as milliseconds after the base (about 49 days
+/// of range; 8-byte instants took twice the room). Codes: [`STALE`] (recompute),
+/// [`NEVER_CODE`] (time alone never changes the rule), [`BEYOND`] (the instant is later than
+/// the base plus the range: a lower bound). An instant out of range moves the base to the
+/// evaluation instant first; if it is still out of range the entry is [`BEYOND`], and
+/// [`Engine::next_timer`] computes the exact instant again only when the bound is earlier
+/// than every other rule's instant, so a bound never becomes a timer that fires for nothing.
 struct RuleTimers;
 
-/// A cache entry that must be recomputed.
-const STALE: i64 = i64::MIN;
+/// An entry that must be recomputed. Offset 0 is the base itself, never later than an
+/// evaluation instant, so never a valid entry anyway.
+const STALE: u32 = 0;
+/// An entry for a rule that time alone never changes.
+const NEVER_CODE: u32 = u32::MAX;
+/// An entry whose instant is at least the base plus this many milliseconds.
+const BEYOND: u32 = u32::MAX - 1;
+
+/// What the cache knows of one rule's next instant at an evaluation instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cached {
+    /// Nothing valid: analyse the rule.
+    Stale,
+    /// The rule cannot change before this instant (`NEVER`: by time alone, never).
+    At(i64),
+    /// The rule cannot change before this instant, and its own is later.
+    Beyond(i64),
+}
 
 impl RuleTimers {
-    fn get(slots: &[u64], slot: Option<u16>, now: i64) -> Option<i64> {
-        let t = *slots.get(slot? as usize)? as i64;
-        (t > now).then_some(t)
+    /// Words for `n` rules' entries and the base.
+    fn words(n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            1 + n.div_ceil(2)
+        }
     }
-    fn set(slots: &mut [u64], slot: Option<u16>, t: i64) {
-        if let Some(x) = slot.and_then(|i| slots.get_mut(i as usize)) {
-            *x = t as u64;
+    /// Entry `i` of a cache (the base is word 0).
+    fn entry(cache: &[u64], i: usize) -> u32 {
+        cache
+            .get(1 + i / 2)
+            .map_or(STALE, |w| (w >> (32 * (i % 2))) as u32)
+    }
+    fn set_entry(cache: &mut [u64], i: usize, v: u32) {
+        if let Some(w) = cache.get_mut(1 + i / 2) {
+            let shift = 32 * (i % 2);
+            *w = (*w & !(0xffff_ffff << shift)) | ((v as u64) << shift);
+        }
+    }
+    fn base(cache: &[u64]) -> i64 {
+        cache.first().map_or(i64::MIN, |b| *b as i64)
+    }
+    /// Every entry stale, and no base yet.
+    fn clear(cache: &mut [u64]) {
+        cache.fill(0);
+        if let Some(b) = cache.first_mut() {
+            *b = i64::MIN as u64;
+        }
+    }
+    fn get(cache: &[u64], slot: Option<u16>, now: i64) -> Cached {
+        let Some(i) = slot else {
+            return Cached::Stale;
+        };
+        let base = Self::base(cache);
+        match Self::entry(cache, i as usize) {
+            STALE => Cached::Stale,
+            NEVER_CODE => Cached::At(NEVER),
+            BEYOND => match base.checked_add(BEYOND as i64) {
+                Some(b) if b > now => Cached::Beyond(b),
+                _ => Cached::Stale,
+            },
+            o => match base.checked_add(o as i64) {
+                Some(t) if t > now => Cached::At(t),
+                _ => Cached::Stale,
+            },
+        }
+    }
+    /// Whether the cache says the rule cannot change at `now` or before.
+    fn holds(cache: &[u64], slot: Option<u16>, now: i64) -> bool {
+        Self::get(cache, slot, now) != Cached::Stale
+    }
+    /// Records instant `t` of the rule at `slot`, computed at `now`.
+    fn set(cache: &mut [u64], slot: Option<u16>, t: i64, now: i64) {
+        let Some(i) = slot.map(|i| i as usize) else {
+            return;
+        };
+        if t == NEVER {
+            return Self::set_entry(cache, i, NEVER_CODE);
+        }
+        let fits = |base: i64| t.checked_sub(base).filter(|o| *o > 0 && *o < BEYOND as i64);
+        if fits(Self::base(cache)).is_none() && now > Self::base(cache) {
+            Self::rebase(cache, now);
+        }
+        let base = Self::base(cache);
+        let code = match fits(base) {
+            Some(o) => o as u32,
+            // Later than the range: a lower bound. (Earlier than the base cannot be, since
+            // instants follow `now` and the base is an earlier `now`; stale is safe anyway.)
+            None if t > base => BEYOND,
+            None => STALE,
+        };
+        Self::set_entry(cache, i, code);
+    }
+    /// Moves the base to `now`, keeping every exact entry still ahead of it. Bounds are
+    /// dropped: relative to a later base they would claim more than is known.
+    fn rebase(cache: &mut [u64], now: i64) {
+        let base = Self::base(cache);
+        let n = (cache.len().saturating_sub(1)) * 2;
+        for i in 0..n {
+            let v = match Self::entry(cache, i) {
+                STALE => STALE,
+                NEVER_CODE => NEVER_CODE,
+                BEYOND => STALE,
+                o => match base.checked_add(o as i64) {
+                    Some(t) if t > now => (t - now) as u32,
+                    _ => STALE,
+                },
+            };
+            Self::set_entry(cache, i, v);
+        }
+        if let Some(b) = cache.first_mut() {
+            *b = now as u64;
         }
     }
     /// Forgets the entries of the rules that read what `mask` (event kinds) changes.
-    fn invalidate(slots: &mut [u64], rules: &RuleSet, mask: u8) {
-        for (t, deps) in slots.iter_mut().zip(&rules.timer_slot_deps) {
+    fn invalidate(cache: &mut [u64], rules: &RuleSet, mask: u8) {
+        for (i, deps) in rules.timer_slot_deps.iter().enumerate() {
             if deps & mask != 0 {
-                *t = STALE as u64;
+                Self::set_entry(cache, i, STALE);
             }
         }
     }
@@ -219,7 +329,7 @@ impl Customer {
     }
     /// Forgets the rule timer cache (the state was replaced).
     pub fn clear_rule_timers(&mut self) {
-        self.rule_timers().fill(STALE as u64);
+        RuleTimers::clear(self.rule_timers());
     }
     /// Hashes of the most recent event ids applied, oldest first.
     pub fn recent_ids(&self) -> impl Iterator<Item = u64> + '_ {
@@ -383,9 +493,10 @@ impl Engine {
         let segmentations = self.rules.segmentations.len();
         let member_words = self.rules.segments.len().div_ceil(64);
         let seg = segment_words(segmentations);
-        let timers = seg + member_words..seg + member_words + self.rules.timer_slot_deps.len();
+        let timers = seg + member_words
+            ..seg + member_words + RuleTimers::words(self.rules.timer_slot_deps.len());
         let mut words = vec![0u64; timers.end];
-        words[timers].fill(STALE as u64);
+        RuleTimers::clear(&mut words[timers]);
         let mut c = Customer {
             state: CustomerState::new(),
             partition,
@@ -503,14 +614,9 @@ impl Engine {
         // The segment words come first: read them beside the cache, which is written.
         let (head, rest) = c.words.split_at_mut(timers.start);
         let cache = &mut rest[..timers.len()];
-        let mut next = |r: &Rule| match RuleTimers::get(cache, r.timer_slot, now) {
-            Some(t) => t,
-            None => {
-                let t = r.expr.next_change(&cx);
-                RuleTimers::set(cache, r.timer_slot, t);
-                t
-            }
-        };
+        // Rules whose instant is only known to be later than a bound, looked at last.
+        let mut beyond: SmallVec<[(i64, &Rule); 4]> = SmallVec::new();
+        let mut next = |r| Self::cached_next(cache, &cx, r, &mut beyond);
         let mut t = NEVER;
         for (si, seg) in self.rules.segmentations.iter().enumerate() {
             if seg.deps & deps::TIME == 0 {
@@ -530,7 +636,37 @@ impl Engine {
                 t = t.min(next(r));
             }
         }
+        // A bound matters only if it is earlier than every instant known.
+        for (bound, r) in beyond {
+            if bound < t {
+                let x = r.expr.next_change(&cx);
+                RuleTimers::set(cache, r.timer_slot, x, now);
+                t = t.min(x);
+            }
+        }
         t
+    }
+
+    /// Rule `r`'s next instant from the cache, analysed if stale; a bound is put in `beyond`
+    /// (and counts as `NEVER` here).
+    fn cached_next<'a>(
+        cache: &mut [u64],
+        cx: &Ctx<'_>,
+        r: &'a Rule,
+        beyond: &mut SmallVec<[(i64, &'a Rule); 4]>,
+    ) -> i64 {
+        match RuleTimers::get(cache, r.timer_slot, cx.now) {
+            Cached::At(t) => t,
+            Cached::Beyond(bound) => {
+                beyond.push((bound, r));
+                NEVER
+            }
+            Cached::Stale => {
+                let t = r.expr.next_change(cx);
+                RuleTimers::set(cache, r.timer_slot, t, cx.now);
+                t
+            }
+        }
     }
 
     /// Re-evaluates the rule units whose dependencies intersect `mask` at time `now`, and
@@ -634,9 +770,9 @@ impl Engine {
     /// still has the value it had when last evaluated.
     fn time_may_flip(&self, c: &Customer, rules: &[Rule], now: i64) -> bool {
         let cache = &c.words[c.timer_range()];
-        rules.iter().any(|r| {
-            r.deps & deps::TIME != 0 && RuleTimers::get(cache, r.timer_slot, now).is_none()
-        })
+        rules
+            .iter()
+            .any(|r| r.deps & deps::TIME != 0 && !RuleTimers::holds(cache, r.timer_slot, now))
     }
 
     /// The values of `atoms` (each text once already), for a change.
@@ -781,8 +917,9 @@ when = "purchases.count_30d >= 3"
         assert_eq!(c.segments().collect::<Vec<_>>(), vec![NO_SEGMENT; 6]);
         assert_eq!(c.members(), &[0, 0]);
         let timers = c.timer_range();
-        assert_eq!(timers.len(), e.rules.timer_slot_deps.len());
-        assert!(timers.len() >= 70);
+        // A base word and 32 bits per time-dependent rule.
+        assert!(e.rules.timer_slot_deps.len() >= 70);
+        assert_eq!(timers.len(), 1 + e.rules.timer_slot_deps.len().div_ceil(2));
         c.set_segment(3, 7);
         c.set_segment(4, 9);
         c.set_member(69, true);
@@ -937,6 +1074,100 @@ when = "purchases.count_30d >= 3"
             ("days_since(purchases.last)", serde_json::json!(60.0))
         );
         assert_eq!(c.timer, NEVER, "nothing left that time can change");
+    }
+
+    #[test]
+    fn the_timer_cache_keeps_exact_instants_across_a_rebase_and_bounds_only_below_the_truth() {
+        let day = crate::time::DAY_MS;
+        let mut cache = vec![0u64; RuleTimers::words(4)];
+        RuleTimers::clear(&mut cache);
+        let at = |cache: &[u64], i: u16, now: i64| RuleTimers::get(cache, Some(i), now);
+        assert_eq!(at(&cache, 0, 0), Cached::Stale, "nothing known yet");
+        RuleTimers::set(&mut cache, Some(0), 10 * day, 0);
+        RuleTimers::set(&mut cache, Some(1), 30 * day, 0);
+        RuleTimers::set(&mut cache, Some(2), 60 * day, 0);
+        RuleTimers::set(&mut cache, Some(3), NEVER, 0);
+        let range = BEYOND as i64;
+        assert_eq!(
+            [0, 1, 2, 3].map(|i| at(&cache, i, 0)),
+            [
+                Cached::At(10 * day),
+                Cached::At(30 * day),
+                Cached::Beyond(range),
+                Cached::At(NEVER)
+            ]
+        );
+        assert_eq!(
+            at(&cache, 0, 10 * day),
+            Cached::Stale,
+            "due: no longer valid"
+        );
+        // 65 days, seen from day 20, fits once the base moves to day 20: exact entries keep
+        // their instants, the bound is dropped (it would claim more than is known).
+        RuleTimers::set(&mut cache, Some(0), 65 * day, 20 * day);
+        assert_eq!(
+            [0, 1, 2, 3].map(|i| at(&cache, i, 20 * day)),
+            [
+                Cached::At(65 * day),
+                Cached::At(30 * day),
+                Cached::Stale,
+                Cached::At(NEVER)
+            ]
+        );
+        // An event forgets the entries of the rules that read what it changes, only those.
+        let rules = RuleSet::embedded_default();
+        let n = rules.timer_slot_deps.len();
+        let mut cache = vec![0u64; RuleTimers::words(n)];
+        RuleTimers::clear(&mut cache);
+        for i in 0..n as u16 {
+            RuleTimers::set(&mut cache, Some(i), day + i as i64, 0);
+        }
+        let mask = kind_bit(EventKind::Engagement);
+        RuleTimers::invalidate(&mut cache, &rules, mask);
+        let kept: Vec<bool> = (0..n as u16)
+            .map(|i| at(&cache, i, 0) == Cached::At(day + i as i64))
+            .collect();
+        let want: Vec<bool> = rules
+            .timer_slot_deps
+            .iter()
+            .map(|d| d & mask == 0)
+            .collect();
+        assert_eq!(kept, want);
+        assert!(want.contains(&true) && want.contains(&false));
+    }
+
+    #[test]
+    fn a_rule_instant_beyond_the_timer_cache_range_is_still_the_exact_timer() {
+        let day = crate::time::DAY_MS;
+        let e = engine();
+        let mut c = e.new_customer(0);
+        run(&e, &mut c, &purchase(0));
+        assert_eq!(c.timer, 30 * day);
+        // Past 30 days the only rule left that time can change is the 60-day lapse, further
+        // than the cache's range from its base: the timer is its exact instant, not a bound
+        // that would fire for nothing first.
+        let mut out = Vec::new();
+        e.advance(&mut c, 30 * day, &mut out);
+        assert_eq!(out.len(), 2, "active -> prospect");
+        assert_eq!(c.timer, 60 * day + 1);
+        // The same with that rule alone, from the first event.
+        let rules = r#"
+[[segmentation]]
+name = "life"
+default = "other"
+[[segmentation.segment]]
+name = "lapsed"
+when = "purchases.count > 0 && days_since(purchases.last) > 60"
+"#;
+        let e = Engine::new(Arc::new(RuleSet::from_toml("t.toml", rules).unwrap()));
+        let mut c = e.new_customer(0);
+        run(&e, &mut c, &purchase(0));
+        assert_eq!(c.timer, 60 * day + 1);
+        let mut out = Vec::new();
+        e.advance(&mut c, 60 * day, &mut out);
+        assert!(out.is_empty());
+        e.advance(&mut c, 60 * day + 1, &mut out);
+        assert_eq!((out.len(), out[1].segment), (2, "lapsed"));
     }
 
     #[test]
