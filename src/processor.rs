@@ -611,6 +611,7 @@ impl Processor {
             offsets: Vec::new(),
             timers: Vec::new(),
             replaced: false,
+            emptied: Vec::new(),
             symbols: Default::default(),
         }
     }
@@ -632,9 +633,13 @@ pub struct Restorer<'p> {
     partition: i32,
     part: Partition,
     checkpoint: Option<Checkpoint>,
-    /// Customers whose record may be ahead of the final checkpoint, in log order, with an
-    /// index into `offsets`. Records before a checkpoint are dropped from it when covered.
-    pending: Vec<(CompactString, u32)>,
+    /// Customers whose record may be ahead of the final checkpoint, by slot, in log order,
+    /// with an index into `offsets`. Records before a checkpoint are dropped from it when
+    /// covered. A slot a tombstone empties is not reused until the end (`emptied`), so a
+    /// slot here never names another customer than the one its record restored.
+    pending: Vec<(Slot, u32)>,
+    /// Slots emptied by tombstones, released for reuse by [`Restorer::finish`].
+    emptied: Vec<Slot>,
     /// Distinct source-offset vectors of the records in `pending` (a commit interval's
     /// records share one).
     offsets: Vec<Box<[i64]>>,
@@ -684,7 +689,8 @@ impl Restorer<'_> {
         let id = std::str::from_utf8(key).map_err(|_| CodecError("customer id is not UTF-8"))?;
         let id = CompactString::from(id);
         let Some(bytes) = value else {
-            if self.part.customers.remove(&id).is_some() {
+            if let Some((slot, _)) = self.part.customers.remove_keeping_slot(&id) {
+                self.emptied.push(slot);
                 self.replaced = true;
             }
             return Ok(());
@@ -700,9 +706,8 @@ impl Restorer<'_> {
         if self.offsets.last().map(|o| &**o) != Some(r.source_offsets.as_slice()) {
             self.offsets.push(r.source_offsets.into_boxed_slice());
         }
-        self.pending
-            .push((id.clone(), (self.offsets.len() - 1) as u32));
         let (slot, old) = self.part.customers.insert(id, c);
+        self.pending.push((slot, (self.offsets.len() - 1) as u32));
         self.replaced |= old.is_some();
         if timer != NEVER {
             self.timers.push((timer, slot));
@@ -716,17 +721,22 @@ impl Restorer<'_> {
         self.timers.sort_unstable();
         self.timers.dedup();
         if self.replaced {
-            // A slot freed by a tombstone may hold another customer since.
+            // A customer restored twice left its earlier timer behind, and a tombstone an
+            // empty slot.
             self.timers
                 .retain(|(due, at)| customers.get(*at).is_some_and(|c| c.timer == *due));
         }
         self.part.timers = TimerIndex::from_timers(std::mem::take(&mut self.timers));
-        for (id, i) in self.pending.drain(..) {
-            if self.part.customers.find(&id).is_some() {
+        for (slot, i) in self.pending.drain(..) {
+            // An emptied slot: the customer is gone.
+            if let Some(id) = self.part.customers.id(slot) {
                 self.part
                     .reflected
-                    .insert(id, self.offsets[i as usize].clone());
+                    .insert(id.clone(), self.offsets[i as usize].clone());
             }
+        }
+        for slot in self.emptied.drain(..) {
+            self.part.customers.release(slot);
         }
         let offsets = self.checkpoint.map(|c| c.offsets);
         let restored = self.part.customers.len() as u64;

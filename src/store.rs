@@ -179,6 +179,15 @@ impl Customers {
 
     /// Removes customer `id`; its slot is free for the next one added.
     pub fn remove(&mut self, id: &str) -> Option<Customer> {
+        let (slot, c) = self.remove_keeping_slot(id)?;
+        self.release(slot);
+        Some(c)
+    }
+
+    /// Removes customer `id` and returns its slot, which stays empty, given to no other
+    /// customer, until [`Customers::release`]: for a caller that still names the customer by
+    /// that slot elsewhere (a restore's list of customers ahead of its checkpoint).
+    pub fn remove_keeping_slot(&mut self, id: &str) -> Option<(Slot, Customer)> {
         let h = short_hash(&self.hasher, id);
         let found = self
             .index
@@ -186,9 +195,18 @@ impl Customers {
             .ok()?;
         let ((slot, _), _) = found.remove();
         let (_, c) = entry_mut(&mut self.chunks, slot)?.take()?;
-        self.free.push(slot);
         self.len -= 1;
-        Some(c)
+        Some((slot, c))
+    }
+
+    /// Makes a slot emptied by [`Customers::remove_keeping_slot`] free for the next customer.
+    /// Release a slot once: a slot listed twice would go to two customers. A slot that holds a
+    /// customer or was never handed out is ignored.
+    pub fn release(&mut self, slot: Slot) {
+        debug_assert!(!self.free.contains(&slot), "slot {slot} released twice");
+        if matches!(entry_mut(&mut self.chunks, slot), Some(None)) {
+            self.free.push(slot);
+        }
     }
 
     /// Every customer held, with its slot and id, in slot order.
@@ -300,6 +318,23 @@ mod tests {
         }
         assert_eq!(seen, vec![all, all, all + grown]);
         assert_eq!(s.approx_bytes(usize::MAX), all + grown);
+    }
+
+    #[test]
+    fn a_slot_kept_empty_goes_to_no_one_until_released() {
+        let mut s = Customers::new();
+        let a = s.add("a".into(), customer(1));
+        s.add("b".into(), customer(2));
+        let (slot, c) = s.remove_keeping_slot("a").unwrap();
+        assert_eq!((slot, c.partition, s.len()), (a, 1, 1));
+        assert_eq!((s.get(a).is_none(), s.find("a")), (true, None));
+        let c = s.add("c".into(), customer(3));
+        assert_ne!(c, a, "not reused while kept");
+        s.release(c); // holds a customer: ignored
+        s.release(999); // never handed out: ignored
+        s.release(a);
+        assert_eq!(s.add("d".into(), customer(4)), a);
+        assert_eq!(s.add("e".into(), customer(5)), c + 1);
     }
 
     #[derive(Debug, Clone)]
