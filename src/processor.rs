@@ -280,7 +280,7 @@ struct Dirty {
 const STALE_BODY: usize = usize::MAX;
 
 /// Chunks of customers ([`crate::store::CHUNK`] each) that one [`Processor::state_bytes`]
-/// call measures, over all partitions: about 1.3 ms at 5 µs a chunk.
+/// call measures, over all partitions: about 1.5 ms (BENCHMARKS.md, eleventh session).
 pub const STATE_BYTES_BUDGET: usize = 256;
 
 /// The bits of a customer's dirty mark that hold its entry's index; the take count is above.
