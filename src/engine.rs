@@ -119,17 +119,13 @@ impl RuleTimers {
             1 + n.div_ceil(2)
         }
     }
-    /// Entry `i` of a cache (the base is word 0).
+    /// Entry `i` of a cache: 32-bit lane `i + 2`, after the base's word (`STALE` past the
+    /// end).
     fn entry(cache: &[u64], i: usize) -> u32 {
-        cache
-            .get(1 + i / 2)
-            .map_or(STALE, |w| (w >> (32 * (i % 2))) as u32)
+        lane::<32>(cache, i + 2) as u32
     }
     fn set_entry(cache: &mut [u64], i: usize, v: u32) {
-        if let Some(w) = cache.get_mut(1 + i / 2) {
-            let shift = 32 * (i % 2);
-            *w = (*w & !(0xffff_ffff << shift)) | ((v as u64) << shift);
-        }
+        set_lane::<32>(cache, i + 2, v as u64);
     }
     fn base(cache: &[u64]) -> i64 {
         cache.first().map_or(i64::MIN, |b| *b as i64)
@@ -172,10 +168,11 @@ impl RuleTimers {
             return Self::set_entry(cache, i, NEVER_CODE);
         }
         let fits = |base: i64| t.checked_sub(base).filter(|o| *o > 0 && *o < BEYOND as i64);
-        if fits(Self::base(cache)).is_none() && now > Self::base(cache) {
+        let mut base = Self::base(cache);
+        if fits(base).is_none() && now > base {
             Self::rebase(cache, now);
+            base = now;
         }
-        let base = Self::base(cache);
         let code = match fits(base) {
             Some(o) => o as u32,
             // Later than the range: a lower bound. (Earlier than the base cannot be, since
@@ -235,9 +232,27 @@ fn segment_words(n: usize) -> usize {
     n.div_ceil(4)
 }
 
+/// Lane `i` of `BITS`-bit lanes packed into `words`, lowest bits first (0 past the end).
+fn lane<const BITS: usize>(words: &[u64], i: usize) -> u64 {
+    let per = 64 / BITS;
+    words
+        .get(i / per)
+        .map_or(0, |w| (w >> (BITS * (i % per))) & (u64::MAX >> (64 - BITS)))
+}
+
+/// Sets lane `i` of `BITS`-bit lanes packed into `words` (nothing past the end).
+fn set_lane<const BITS: usize>(words: &mut [u64], i: usize, v: u64) {
+    let per = 64 / BITS;
+    let mask = u64::MAX >> (64 - BITS);
+    if let Some(w) = words.get_mut(i / per) {
+        let shift = BITS * (i % per);
+        *w = (*w & !(mask << shift)) | ((v & mask) << shift);
+    }
+}
+
 /// Segment index `si` in the leading words of a customer's `words`.
 fn segment_in(words: &[u64], si: usize) -> u16 {
-    (words[si / 4] >> (16 * (si % 4))) as u16
+    lane::<16>(words, si) as u16
 }
 
 impl Customer {
@@ -259,9 +274,7 @@ impl Customer {
         segment_in(&self.words, si)
     }
     fn set_segment(&mut self, si: usize, v: u16) {
-        let shift = 16 * (si % 4);
-        let w = &mut self.words[si / 4];
-        *w = (*w & !(0xffff << shift)) | ((v as u64) << shift);
+        set_lane::<16>(&mut self.words, si, v as u64);
     }
     /// Current segment index per segmentation.
     pub fn segments(&self) -> impl Iterator<Item = u16> + '_ {
