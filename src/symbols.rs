@@ -71,10 +71,7 @@ impl Symbols {
     pub fn intern_all<C: FromIterator<Sym>>(&self, strings: &[&[u8]]) -> Option<C> {
         let known: SmallVec<[Option<Sym>; 16]> = {
             let names = self.read();
-            strings
-                .iter()
-                .map(|s| names.0.ids.get(*s).copied())
-                .collect()
+            strings.iter().map(|s| names.get_bytes(s)).collect()
         };
         known
             .iter()
@@ -124,7 +121,12 @@ impl Names<'_> {
 
     /// The id of `s` if it was ever interned.
     pub fn get(&self, s: &str) -> Option<Sym> {
-        self.0.ids.get(s.as_bytes()).copied()
+        self.get_bytes(s.as_bytes())
+    }
+
+    /// The id of the string with these bytes, if it was ever interned.
+    pub fn get_bytes(&self, s: &[u8]) -> Option<Sym> {
+        self.0.ids.get(s).copied()
     }
 }
 
