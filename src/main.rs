@@ -97,6 +97,10 @@ enum Command {
         /// Seconds of load for the latency measurement (default 20; quick 3).
         #[arg(long)]
         latency_seconds: Option<f64>,
+        /// Run one measurement only, for profiling and comparing builds: the engine with
+        /// the default rules (and bytes per customer), with the heavy rules, or restore.
+        #[arg(long, value_enum)]
+        only: Option<microseg::bench::Only>,
     },
     /// Check a rules file: exit 0 if valid, otherwise list every problem and exit 1.
     CheckRules { file: PathBuf },
@@ -309,6 +313,7 @@ async fn main() -> ExitCode {
             e2e_pairs,
             latency_rate,
             latency_seconds,
+            only,
         } => {
             let opts = microseg::bench::BenchOptions {
                 customers: customers.unwrap_or(if quick { 20_000 } else { 1_000_000 }),
@@ -320,6 +325,7 @@ async fn main() -> ExitCode {
                 e2e_pairs: e2e_pairs.unwrap_or(if quick { 2 } else { 3 }).max(1),
                 latency_rate,
                 latency_seconds: latency_seconds.unwrap_or(if quick { 3.0 } else { 20.0 }),
+                only,
                 command: std::env::args().collect::<Vec<_>>().join(" "),
             };
             init_logs("warn", false);

@@ -78,8 +78,21 @@ pub struct BenchOptions {
     pub latency_rate: u64,
     /// Duration of the latency measurement's load, seconds (the first second is a warm-up).
     pub latency_seconds: f64,
+    /// One measurement only (`--only`), or all of them.
+    pub only: Option<Only>,
     /// The command line, echoed in every result.
     pub command: String,
+}
+
+/// A single measurement to run (`bench --only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// The engine with the default rules, and bytes per customer.
+    Default,
+    /// The engine with the heavy rules.
+    Heavy,
+    /// Restore from the changelog in memory (and through the broker with `--brokers`).
+    Restore,
 }
 
 /// The machine, as reported with every measurement.
@@ -295,6 +308,15 @@ fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), 
             .map_err(|e| e.to_string())?,
     );
     for (name, set) in [("default", rules), ("heavy", &heavy)] {
+        let only = match opts.only {
+            None => true,
+            Some(Only::Default) => name == "default",
+            Some(Only::Heavy) => name == "heavy",
+            Some(Only::Restore) => false,
+        };
+        if !only {
+            continue;
+        }
         crate::alloc::release_free_memory();
         let before = rss_bytes();
         let r = engine_run(set, opts.customers, opts.events);
@@ -351,7 +373,7 @@ fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), 
         }
         drop(r);
     }
-    if let Some(n) = opts.big_customers {
+    if let Some(n) = opts.big_customers.filter(|_| opts.only.is_none()) {
         // Without this, the run reused pages the runs above freed, and measured about 150
         // bytes per customer too few (BENCHMARKS.md, fourteenth run).
         crate::alloc::release_free_memory();
@@ -380,6 +402,11 @@ pub const HEAVY_RULES: &str = include_str!("../../config/bench-heavy.toml");
 /// Runs every measurement.
 pub async fn run(opts: BenchOptions, rules: Arc<RuleSet>) -> Result<(), String> {
     engine_measurements(&opts, &rules)?;
+    match opts.only {
+        None => {}
+        Some(Only::Restore) => return restore_measurements(&opts, rules).await,
+        Some(Only::Default | Only::Heavy) => return Ok(()),
+    }
     // Latency first, while the broker holds little: Nisshi (in memory) slows down as the
     // loads of the other measurements pile up.
     if let Some(brokers) = &opts.brokers {
