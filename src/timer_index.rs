@@ -18,7 +18,7 @@
 //!
 //! Pure: no I/O, no clock.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use compact_str::CompactString;
 
@@ -26,6 +26,12 @@ use crate::store::Slot;
 
 /// Width of a slot, in ms (about 17.5 minutes: 82 slots a day, about 7 400 for 90 days).
 pub const SLOT_MS: i64 = 1 << 20;
+
+/// A slot's timers. Hashed with foldhash, seeded at random per process: an entry is 8 bytes,
+/// and the standard library's SipHash cost more than the probe (BENCHMARKS.md, twelfth
+/// session). The instants come from the input, so the seed keeps the table's layout
+/// unpredictable from it.
+type SlotSet = std::collections::HashSet<(u32, Slot), foldhash::fast::RandomState>;
 
 /// A timer ready to be handed out: due, customer id, slot.
 pub type Timer = (i64, CompactString, Slot);
@@ -50,7 +56,7 @@ fn instant(s: i64, within: u32) -> i64 {
 #[derive(Debug, Default)]
 pub struct TimerIndex {
     /// Timers of slots after `near_upto`, by slot: `(due within the slot, customer)`.
-    slots: BTreeMap<i64, HashSet<(u32, Slot)>>,
+    slots: BTreeMap<i64, SlotSet>,
     /// Timers of slots up to and including `near_upto`, ordered.
     near: BTreeSet<Timer>,
     /// The last slot moved into `near` (`i64::MIN`: none yet).
