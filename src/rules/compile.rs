@@ -431,7 +431,19 @@ impl Expr {
                 }
                 _ => Val::Missing,
             },
-            Expr::Cmp(op, a, b) => Val::Bool(Expr::eval_cmp(*op, a.eval(cx), b.eval(cx), cx)),
+            Expr::Cmp(op, a, b) => {
+                // The common shape, a feature against a number (`purchases.count_30d >= 3`),
+                // without a call per leaf: the same result as `eval_cmp` for a number or a
+                // time on the left, and anything else goes through it.
+                let x = match &**a {
+                    Expr::Feature(f) => f.read(cx),
+                    a => a.eval(cx),
+                };
+                if let (Expr::Lit(Lit::Num(y)), Some(x)) = (&**b, num(x)) {
+                    return Val::Bool(op.holds(x, *y));
+                }
+                Val::Bool(Expr::eval_cmp(*op, x, b.eval(cx), cx))
+            }
             Expr::InList {
                 item,
                 list,
