@@ -402,8 +402,32 @@ fn num(v: Val<'_>) -> Option<f64> {
 
 impl Expr {
     /// Evaluates a boolean expression. Missing values make comparisons false.
+    /// Whether this expression holds: a boolean node is evaluated here, returning in a
+    /// register, and any other through [`Expr::eval`].
     pub fn eval_bool(&self, cx: &Ctx<'_>) -> bool {
-        matches!(self.eval(cx), Val::Bool(true))
+        match self {
+            Expr::And(a, b) => a.eval_bool(cx) && b.eval_bool(cx),
+            Expr::Or(a, b) => a.eval_bool(cx) || b.eval_bool(cx),
+            Expr::Not(e) => !e.eval_bool(cx),
+            Expr::Static(e) => e.eval_bool(cx),
+            Expr::Cmp(op, a, b) => Expr::cmp_bool(*op, a, b, cx),
+            _ => matches!(self.eval(cx), Val::Bool(true)),
+        }
+    }
+
+    /// `a op b`.
+    fn cmp_bool(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> bool {
+        // The common shape, a feature against a number (`purchases.count_30d >= 3`), without
+        // a call per leaf: the same result as `eval_cmp` for a number or a time on the left,
+        // and anything else goes through it.
+        let x = match a {
+            Expr::Feature(f) => f.read(cx),
+            a => a.eval(cx),
+        };
+        if let (Expr::Lit(Lit::Num(y)), Some(x)) = (b, num(x)) {
+            return op.holds(x, *y);
+        }
+        Expr::eval_cmp(op, x, b.eval(cx), cx)
     }
 
     pub fn eval<'a>(&'a self, cx: &Ctx<'a>) -> Val<'a> {
@@ -411,9 +435,9 @@ impl Expr {
             Expr::Lit(l) => lit_val(l),
             Expr::Feature(f) => f.read(cx),
             Expr::Static(e) => e.eval(cx),
-            Expr::Not(e) => Val::Bool(!e.eval_bool(cx)),
-            Expr::And(a, b) => Val::Bool(a.eval_bool(cx) && b.eval_bool(cx)),
-            Expr::Or(a, b) => Val::Bool(a.eval_bool(cx) || b.eval_bool(cx)),
+            Expr::Not(_) | Expr::And(..) | Expr::Or(..) | Expr::Cmp(..) => {
+                Val::Bool(self.eval_bool(cx))
+            }
             Expr::Neg(e) => match e.eval(cx) {
                 Val::Num(n) => Val::Num(-n),
                 _ => Val::Missing,
@@ -431,19 +455,6 @@ impl Expr {
                 }
                 _ => Val::Missing,
             },
-            Expr::Cmp(op, a, b) => {
-                // The common shape, a feature against a number (`purchases.count_30d >= 3`),
-                // without a call per leaf: the same result as `eval_cmp` for a number or a
-                // time on the left, and anything else goes through it.
-                let x = match &**a {
-                    Expr::Feature(f) => f.read(cx),
-                    a => a.eval(cx),
-                };
-                if let (Expr::Lit(Lit::Num(y)), Some(x)) = (&**b, num(x)) {
-                    return Val::Bool(op.holds(x, *y));
-                }
-                Val::Bool(Expr::eval_cmp(*op, x, b.eval(cx), cx))
-            }
             Expr::InList {
                 item,
                 list,
