@@ -133,12 +133,7 @@ fn now_for(p: &Pipeline, c: &Customer) -> i64 {
 
 fn ctx<'a>(p: &'a Pipeline, c: &'a Customer, now: i64) -> Ctx<'a> {
     let rules = &p.engine().rules;
-    Ctx {
-        state: &c.state,
-        cfg: &rules.state,
-        syms: &rules.symbols,
-        now,
-    }
+    Ctx::new(&c.state, &rules.state, &rules.symbols, now)
 }
 
 async fn customer(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Response {

@@ -529,12 +529,7 @@ impl Engine {
     }
 
     fn ctx<'a>(&'a self, st: &'a CustomerState, now: i64) -> Ctx<'a> {
-        Ctx {
-            state: st,
-            cfg: &self.rules.state,
-            syms: &self.rules.symbols,
-            now,
-        }
+        Ctx::new(st, &self.rules.state, &self.rules.symbols, now)
     }
 
     /// Applies one event at the customer's own clock (event time, no watermark) and appends
@@ -693,8 +688,21 @@ impl Engine {
         out: &mut Vec<Change<'r>>,
     ) {
         let rules = &*self.rules;
+        let (members, timers) = (c.member_start(), c.timer_range());
+        // One context for every unit, so that a window read by several rules is searched
+        // once ([`Ctx`]); the segments, bits and counter are written beside it.
+        let Customer {
+            state, words, seq, ..
+        } = c;
+        let cx = self.ctx(state, now);
+        let time_may_flip = |words: &[u64], rules: &[Rule]| {
+            let cache = &words[timers.clone()];
+            rules
+                .iter()
+                .any(|r| r.deps & deps::TIME != 0 && !RuleTimers::holds(cache, r.timer_slot, now))
+        };
         for (si, seg) in rules.segmentations.iter().enumerate() {
-            let current = c.segment(si);
+            let current = segment_in(words, si);
             if current != NO_SEGMENT {
                 if seg.deps & mask == 0 {
                     continue;
@@ -703,12 +711,11 @@ impl Engine {
                 // decide the winner (those up to it) may have flipped by now.
                 let upto = (current as usize + 1).min(seg.segments.len());
                 if seg.deps & mask & !deps::TIME == 0
-                    && !self.time_may_flip(c, &seg.segments[..upto], now)
+                    && !time_may_flip(words, &seg.segments[..upto])
                 {
                     continue;
                 }
             }
-            let cx = self.ctx(&c.state, now);
             let winner = seg
                 .segments
                 .iter()
@@ -717,10 +724,10 @@ impl Engine {
             if winner == current {
                 continue;
             }
-            let because = self.shown(seg.atoms_upto(winner as usize), &c.state, now);
+            let because = self.shown(seg.atoms_upto(winner as usize), &cx);
             let new_name = seg.segment_name(winner as usize);
             if current != NO_SEGMENT {
-                c.seq += 1;
+                *seq += 1;
                 out.push(Change {
                     segmentation: Some(si),
                     segment: seg.segment_name(current as usize),
@@ -728,12 +735,12 @@ impl Engine {
                     previous: None,
                     next: Some(new_name),
                     at: now,
-                    seq: c.seq,
+                    seq: *seq,
                     because: because.clone(),
                     by_timer,
                 });
             }
-            c.seq += 1;
+            *seq += 1;
             out.push(Change {
                 segmentation: Some(si),
                 segment: new_name,
@@ -741,25 +748,26 @@ impl Engine {
                 previous: (current != NO_SEGMENT).then(|| seg.segment_name(current as usize)),
                 next: None,
                 at: now,
-                seq: c.seq,
+                seq: *seq,
                 because,
                 by_timer,
             });
-            c.set_segment(si, winner);
+            set_lane::<16>(words, si, winner as u64);
         }
         for (i, rule) in rules.segments.iter().enumerate() {
             if rule.deps & mask == 0
                 || (rule.deps & mask & !deps::TIME == 0
-                    && !self.time_may_flip(c, std::slice::from_ref(rule), now))
+                    && !time_may_flip(words, std::slice::from_ref(rule)))
             {
                 continue;
             }
-            let holds = rule.expr.eval_bool(&self.ctx(&c.state, now));
-            if holds == c.is_member(i) {
+            let holds = rule.expr.eval_bool(&cx);
+            let (word, bit) = (&mut words[members + i / 64], 1u64 << (i % 64));
+            if holds == (*word & bit != 0) {
                 continue;
             }
-            c.set_member(i, holds);
-            c.seq += 1;
+            *word ^= bit;
+            *seq += 1;
             out.push(Change {
                 segmentation: None,
                 segment: &rule.name,
@@ -771,30 +779,19 @@ impl Engine {
                 previous: None,
                 next: None,
                 at: now,
-                seq: c.seq,
-                because: self.shown(&rule.atoms, &c.state, now),
+                seq: *seq,
+                because: self.shown(&rule.atoms, &cx),
                 by_timer,
             });
         }
     }
 
-    /// Whether one of these rules may have changed value by `now` as time passed: its
-    /// cached timer (see [`RuleTimers`]) is due or unknown. False means every one of them
-    /// still has the value it had when last evaluated.
-    fn time_may_flip(&self, c: &Customer, rules: &[Rule], now: i64) -> bool {
-        let cache = &c.words[c.timer_range()];
-        rules
-            .iter()
-            .any(|r| r.deps & deps::TIME != 0 && !RuleTimers::holds(cache, r.timer_slot, now))
-    }
-
     /// The values of `atoms` (each text once already), for a change.
-    fn shown<'r>(&'r self, atoms: &'r [Atom], st: &CustomerState, now: i64) -> Because<'r> {
-        let cx = self.ctx(st, now);
+    fn shown<'r>(&'r self, atoms: &'r [Atom], cx: &Ctx<'_>) -> Because<'r> {
         atoms
             .iter()
             .map(|a| {
-                let v = Shown::of(a.expr.eval(&cx), &self.rules.symbols);
+                let v = Shown::of(a.expr.eval(cx), &self.rules.symbols);
                 (a.text.as_str(), v)
             })
             .collect()

@@ -5,6 +5,8 @@
 //! Also owns the feature catalog: every name a rule may read, its type and what changes it.
 //! The README's "Rule language" section documents the same catalog for users.
 
+use std::cell::Cell;
+
 use crate::rules::parse::{Ast, BinOp, Node, Span, UnOp};
 use crate::state::{AttrStr, AttrType, AttrVal, CustomerState, StateConfig, NO_TIME};
 use crate::symbols::{Sym, Symbols};
@@ -286,6 +288,54 @@ pub struct Ctx<'a> {
     pub syms: &'a Symbols,
     /// Evaluation time, epoch ms.
     pub now: i64,
+    /// Purchase window sums already read in this context, by window length in buckets:
+    /// rules read the same window several times (`purchases.count_30d` in four default
+    /// rules, `count_90d` beside `spend_90d`), and each read searches the buckets.
+    windows: [Cell<Option<WindowSums>>; WINDOW_MEMO],
+}
+
+/// A purchase window's length in buckets, and its (count, spend).
+type WindowSums = (u32, (u32, f64));
+
+/// Purchase windows a [`Ctx`] remembers (the default configuration declares three).
+const WINDOW_MEMO: usize = 3;
+
+impl<'a> Ctx<'a> {
+    pub fn new(
+        state: &'a CustomerState,
+        cfg: &'a StateConfig,
+        syms: &'a Symbols,
+        now: i64,
+    ) -> Self {
+        Ctx {
+            state,
+            cfg,
+            syms,
+            now,
+            windows: Default::default(),
+        }
+    }
+
+    /// The same customer at another instant (nothing remembered).
+    pub fn at(&self, now: i64) -> Self {
+        Ctx::new(self.state, self.cfg, self.syms, now)
+    }
+
+    /// Purchases (count, spend) in the window of `buckets` buckets at `now`.
+    fn purchases_in(&self, buckets: u32) -> (u32, f64) {
+        for w in &self.windows {
+            match w.get() {
+                Some((b, sums)) if b == buckets => return sums,
+                Some(_) => {}
+                None => {
+                    let sums = self.state.purchases_in(self.cfg, self.now, buckets);
+                    w.set(Some((buckets, sums)));
+                    return sums;
+                }
+            }
+        }
+        self.state.purchases_in(self.cfg, self.now, buckets)
+    }
 }
 
 fn time_val(t: i64) -> Val<'static> {
@@ -312,8 +362,8 @@ impl Feature {
             PurchaseQuantity => Val::Num(st.quantity),
             PurchaseFirst => time_val(st.first_purchase),
             PurchaseLast => time_val(st.last_purchase),
-            PurchaseCountW(b) => Val::Num(st.purchases_in(cx.cfg, cx.now, b).0 as f64),
-            PurchaseSpendW(b) => Val::Num(st.purchases_in(cx.cfg, cx.now, b).1),
+            PurchaseCountW(b) => Val::Num(cx.purchases_in(b).0 as f64),
+            PurchaseSpendW(b) => Val::Num(cx.purchases_in(b).1),
             TopCategory => sym_val(CustomerState::top(st.categories())),
             TopChannel => sym_val(CustomerState::top(st.channels())),
             Plan => sym_val(st.plan),
@@ -1215,5 +1265,44 @@ mod tests {
         // Every node of an evaluation returns one; 24 bytes (a `&str` inside) cost 1 % more
         // instructions per event (BENCHMARKS.md, twelfth session).
         assert_eq!(std::mem::size_of::<Val<'_>>(), 16);
+    }
+
+    #[test]
+    fn a_context_remembers_each_window_apart_and_reads_more_windows_than_it_keeps() {
+        const DAY: i64 = 86_400_000;
+        let cfg = StateConfig {
+            bucket_ms: 3_600_000,
+            windows: [1, 7, 30, 90]
+                .map(|d| crate::state::Window {
+                    name: format!("{d}d"),
+                    ms: d * DAY,
+                })
+                .to_vec(),
+            attributes: Vec::new(),
+        };
+        let syms = Symbols::new();
+        let mut st = CustomerState::default();
+        for (day, amount) in [(1, 5.0), (40, 7.0), (65, 11.0), (85, 13.0), (89, 17.0)] {
+            let json = format!(
+                r#"{{"customer_id":"c","type":"purchase","timestamp":{},"amount":{amount}}}"#,
+                day * DAY + 1
+            );
+            let ev = crate::event::decode(json.as_bytes()).unwrap();
+            st.apply(&cfg, &syms, &ev);
+        }
+        let now = 90 * DAY;
+        let cx = Ctx::new(&st, &cfg, &syms, now);
+        let buckets = cfg.windows.iter().map(|w| (w.ms / cfg.bucket_ms) as u32);
+        // More windows than the context keeps, read in turn, twice: every read must be the
+        // window's own sums, remembered or not.
+        for b in buckets.clone().chain(buckets.rev()) {
+            let (count, spend) = st.purchases_in(&cfg, now, b);
+            assert_eq!(Feature::PurchaseCountW(b).read(&cx), Val::Num(count as f64));
+            assert_eq!(Feature::PurchaseSpendW(b).read(&cx), Val::Num(spend));
+        }
+        assert_eq!(
+            Feature::PurchaseSpendW(30 * 24).read(&cx),
+            Val::Num(11.0 + 13.0 + 17.0)
+        );
     }
 }

@@ -64,12 +64,7 @@ fn crossing(now: i64, v1: f64, s1: f64, v2: f64, s2: f64, until: i64) -> Option<
 }
 
 fn at<'a>(cx: &Ctx<'a>, now: i64) -> Ctx<'a> {
-    Ctx {
-        state: cx.state,
-        cfg: cx.cfg,
-        syms: cx.syms,
-        now,
-    }
+    cx.at(now)
 }
 
 fn num(v: Val<'_>) -> Option<f64> {
