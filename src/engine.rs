@@ -695,6 +695,9 @@ impl Engine {
             state, words, seq, ..
         } = c;
         let cx = self.ctx(state, now);
+        // Whether one of these rules may have changed value by `now` as time passed: its
+        // cached timer (see [`RuleTimers`]) is due or unknown. False means every one of them
+        // still has the value it had when last evaluated.
         let time_may_flip = |words: &[u64], rules: &[Rule]| {
             let cache = &words[timers.clone()];
             rules
@@ -766,7 +769,7 @@ impl Engine {
             if holds == (*word & bit != 0) {
                 continue;
             }
-            *word ^= bit;
+            *word ^= bit; // the bit differs from `holds`: now it is `holds`
             *seq += 1;
             out.push(Change {
                 segmentation: None,

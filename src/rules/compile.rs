@@ -451,9 +451,8 @@ fn num(v: Val<'_>) -> Option<f64> {
 }
 
 impl Expr {
-    /// Evaluates a boolean expression. Missing values make comparisons false.
-    /// Whether this expression holds: a boolean node is evaluated here, returning in a
-    /// register, and any other through [`Expr::eval`].
+    /// Evaluates a boolean expression. Missing values make comparisons false. A boolean node
+    /// is evaluated here, returning in a register; any other goes through [`Expr::eval`].
     pub fn eval_bool(&self, cx: &Ctx<'_>) -> bool {
         match self {
             Expr::And(a, b) => a.eval_bool(cx) && b.eval_bool(cx),
