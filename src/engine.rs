@@ -27,6 +27,7 @@ use crate::rules::compile::{deps, val_to_json, Atom, Ctx, Shown};
 use crate::rules::{fnv1a, Rule, RuleSet};
 use crate::state::{CustomerState, Rejected, NEVER, NO_TIME};
 use smallvec::SmallVec;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// "Not in any segment of this segmentation yet."
@@ -261,7 +262,7 @@ impl Customer {
         segment_words(self.segmentations as usize)
     }
     /// Where the rule timer cache starts and ends in `words`.
-    fn timer_range(&self) -> std::ops::Range<usize> {
+    fn timer_range(&self) -> Range<usize> {
         self.member_start() + self.member_words as usize..self.words.len()
     }
 
@@ -578,8 +579,9 @@ impl Engine {
             Clock::Event { watermark } => c.state.last_seen.max(watermark),
             Clock::Processing { now } => now,
         };
-        self.evaluate(c, mask, now, false, out);
-        c.timer = self.next_timer(c, now).max(now.saturating_add(1));
+        c.timer = self
+            .evaluate_and_schedule(c, mask, now, false, out)
+            .max(now.saturating_add(1));
         Ok(if late {
             Applied::Late
         } else {
@@ -604,12 +606,14 @@ impl Engine {
             if due > upto {
                 return;
             }
-            self.evaluate(c, deps::TIME, due, true, out);
-            c.timer = self.next_timer(c, due).max(due + 1);
+            c.timer = self
+                .evaluate_and_schedule(c, deps::TIME, due, true, out)
+                .max(due + 1);
         }
         if c.timer <= upto {
-            self.evaluate(c, deps::TIME, upto, true, out);
-            c.timer = self.next_timer(c, upto).max(upto.saturating_add(1));
+            c.timer = self
+                .evaluate_and_schedule(c, deps::TIME, upto, true, out)
+                .max(upto.saturating_add(1));
         }
     }
 
@@ -617,14 +621,22 @@ impl Engine {
     /// flip (`NEVER` if none can). For a segmentation only the rules up to the current winner
     /// matter: a later rule cannot change the outcome unless one of those does first.
     pub fn next_timer(&self, c: &mut Customer, now: i64) -> i64 {
-        let cx = self.ctx(&c.state, now);
         let timers = c.timer_range();
+        let Customer { state, words, .. } = c;
+        self.next_timer_in(&self.ctx(state, now), words, timers)
+    }
+
+    /// [`Engine::next_timer`] in a context already built (by [`Engine::evaluate_in`], whose
+    /// window reads it reuses), over the customer's `words` with the rule timer cache at
+    /// `timers`.
+    fn next_timer_in(&self, cx: &Ctx<'_>, words: &mut [u64], timers: Range<usize>) -> i64 {
+        let now = cx.now;
         // The segment words come first: read them beside the cache, which is written.
-        let (head, rest) = c.words.split_at_mut(timers.start);
+        let (head, rest) = words.split_at_mut(timers.start);
         let cache = &mut rest[..timers.len()];
         // Rules whose instant is only known to be later than a bound, looked at last.
         let mut beyond: SmallVec<[(i64, &Rule); 4]> = SmallVec::new();
-        let mut next = |r| Self::cached_next(cache, &cx, r, &mut beyond);
+        let mut next = |r| Self::cached_next(cache, cx, r, &mut beyond);
         let mut t = NEVER;
         for (si, seg) in self.rules.segmentations.iter().enumerate() {
             if seg.deps & deps::TIME == 0 {
@@ -647,7 +659,7 @@ impl Engine {
         // A bound matters only if it is earlier than every instant known.
         for (bound, r) in beyond {
             if bound < t {
-                let x = r.expr.next_change(&cx);
+                let x = r.expr.next_change(cx);
                 RuleTimers::set(cache, r.timer_slot, x, now);
                 t = t.min(x);
             }
@@ -687,14 +699,58 @@ impl Engine {
         by_timer: bool,
         out: &mut Vec<Change<'r>>,
     ) {
-        let rules = &*self.rules;
         let (members, timers) = (c.member_start(), c.timer_range());
-        // One context for every unit, so that a window read by several rules is searched
-        // once ([`Ctx`]); the segments, bits and counter are written beside it.
         let Customer {
             state, words, seq, ..
         } = c;
         let cx = self.ctx(state, now);
+        self.evaluate_in(&cx, words, seq, (members, timers), mask, by_timer, out);
+    }
+
+    /// [`Engine::evaluate`], then [`Engine::next_timer`], at `now`: the timer analysis reads
+    /// the windows the evaluation has read from the same context ([`Ctx`]), instead of
+    /// searching the buckets again. Returns the next timer.
+    fn evaluate_and_schedule<'r>(
+        &'r self,
+        c: &mut Customer,
+        mask: u8,
+        now: i64,
+        by_timer: bool,
+        out: &mut Vec<Change<'r>>,
+    ) -> i64 {
+        let (members, timers) = (c.member_start(), c.timer_range());
+        let Customer {
+            state, words, seq, ..
+        } = c;
+        let cx = self.ctx(state, now);
+        self.evaluate_in(
+            &cx,
+            words,
+            seq,
+            (members, timers.clone()),
+            mask,
+            by_timer,
+            out,
+        );
+        self.next_timer_in(&cx, words, timers)
+    }
+
+    /// [`Engine::evaluate`] in one context for every unit, so that a window read by several
+    /// rules is searched once ([`Ctx`]). `words` and `seq` are the customer's, written beside
+    /// it; `layout`: where the membership bits and the rule timer cache start in `words`.
+    #[allow(clippy::too_many_arguments)]
+    fn evaluate_in<'r>(
+        &'r self,
+        cx: &Ctx<'_>,
+        words: &mut [u64],
+        seq: &mut u64,
+        (members, timers): (usize, Range<usize>),
+        mask: u8,
+        by_timer: bool,
+        out: &mut Vec<Change<'r>>,
+    ) {
+        let rules = &*self.rules;
+        let now = cx.now;
         // Whether one of these rules may have changed value by `now` as time passed: its
         // cached timer (see [`RuleTimers`]) is due or unknown. False means every one of them
         // still has the value it had when last evaluated.
@@ -722,12 +778,12 @@ impl Engine {
             let winner = seg
                 .segments
                 .iter()
-                .position(|r| r.expr.eval_bool(&cx))
+                .position(|r| r.expr.eval_bool(cx))
                 .unwrap_or(seg.default_index()) as u16;
             if winner == current {
                 continue;
             }
-            let because = self.shown(seg.atoms_upto(winner as usize), &cx);
+            let because = self.shown(seg.atoms_upto(winner as usize), cx);
             let new_name = seg.segment_name(winner as usize);
             if current != NO_SEGMENT {
                 *seq += 1;
@@ -764,7 +820,7 @@ impl Engine {
             {
                 continue;
             }
-            let holds = rule.expr.eval_bool(&cx);
+            let holds = rule.expr.eval_bool(cx);
             let (word, bit) = (&mut words[members + i / 64], 1u64 << (i % 64));
             if holds == (*word & bit != 0) {
                 continue;
@@ -783,7 +839,7 @@ impl Engine {
                 next: None,
                 at: now,
                 seq: *seq,
-                because: self.shown(&rule.atoms, &cx),
+                because: self.shown(&rule.atoms, cx),
                 by_timer,
             });
         }

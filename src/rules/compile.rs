@@ -290,15 +290,36 @@ pub struct Ctx<'a> {
     pub now: i64,
     /// Purchase window sums already read in this context, by window length in buckets:
     /// rules read the same window several times (`purchases.count_30d` in four default
-    /// rules, `count_90d` beside `spend_90d`), and each read searches the buckets.
-    windows: [Cell<Option<WindowSums>>; WINDOW_MEMO],
+    /// rules, `count_90d` beside `spend_90d`), and each read searches the buckets. The timer
+    /// analysis that follows an evaluation reads them again.
+    windows: Memo<u32, (u32, f64)>,
+    /// Engagement window counts already read, by (buckets, action): the same for
+    /// `engagement.count_<w>` and `action_count(a, w)`.
+    engagements: Memo<(u32, Option<Sym>), u32>,
 }
 
-/// A purchase window's length in buckets, and its (count, spend).
-type WindowSums = (u32, (u32, f64));
+/// Values a [`Ctx`] remembers, by key, in the order first read; once full, further keys are
+/// computed at every read. A handful of keys, searched in line.
+type Memo<K, V> = [Cell<Option<(K, V)>>; MEMO_LEN];
 
-/// Purchase windows a [`Ctx`] remembers (the default configuration declares three).
-const WINDOW_MEMO: usize = 3;
+/// Windows of each kind a [`Ctx`] remembers (the default configuration declares three).
+const MEMO_LEN: usize = 3;
+
+/// `key`'s value from `memo`, computed by `compute` and remembered if not there yet.
+fn remembered<K: Copy + Eq, V: Copy>(memo: &Memo<K, V>, key: K, compute: impl FnOnce() -> V) -> V {
+    for slot in memo {
+        match slot.get() {
+            Some((k, v)) if k == key => return v,
+            Some(_) => {}
+            None => {
+                let v = compute();
+                slot.set(Some((key, v)));
+                return v;
+            }
+        }
+    }
+    compute()
+}
 
 impl<'a> Ctx<'a> {
     pub fn new(
@@ -313,6 +334,7 @@ impl<'a> Ctx<'a> {
             syms,
             now,
             windows: Default::default(),
+            engagements: Default::default(),
         }
     }
 
@@ -323,18 +345,17 @@ impl<'a> Ctx<'a> {
 
     /// Purchases (count, spend) in the window of `buckets` buckets at `now`.
     fn purchases_in(&self, buckets: u32) -> (u32, f64) {
-        for w in &self.windows {
-            match w.get() {
-                Some((b, sums)) if b == buckets => return sums,
-                Some(_) => {}
-                None => {
-                    let sums = self.state.purchases_in(self.cfg, self.now, buckets);
-                    w.set(Some((buckets, sums)));
-                    return sums;
-                }
-            }
-        }
-        self.state.purchases_in(self.cfg, self.now, buckets)
+        remembered(&self.windows, buckets, || {
+            self.state.purchases_in(self.cfg, self.now, buckets)
+        })
+    }
+
+    /// Engagements (of `action`, or all) in the window of `buckets` buckets at `now`.
+    fn engagements_in(&self, buckets: u32, action: Option<Sym>) -> u32 {
+        remembered(&self.engagements, (buckets, action), || {
+            self.state
+                .engagements_in(self.cfg, self.now, buckets, action)
+        })
     }
 }
 
@@ -368,7 +389,7 @@ impl Feature {
             TopChannel => sym_val(CustomerState::top(st.channels())),
             Plan => sym_val(st.plan),
             EngagementCount => Val::Num(st.engagement_count as f64),
-            EngagementCountW(b) => Val::Num(st.engagements_in(cx.cfg, cx.now, b, None) as f64),
+            EngagementCountW(b) => Val::Num(cx.engagements_in(b, None) as f64),
             EngagementLast => time_val(st.last_engagement),
             LastSeen => time_val(st.last_seen),
             FirstSeen => time_val(st.first_seen),
@@ -385,7 +406,7 @@ impl Feature {
                 CustomerState::count_of(st.channels(), Some(s)) as f64 / st.purchase_count as f64,
             ),
             ActionCount(s) => Val::Num(CustomerState::count_of(st.actions(), Some(s)) as f64),
-            ActionCountW(s, b) => Val::Num(st.engagements_in(cx.cfg, cx.now, b, Some(s)) as f64),
+            ActionCountW(s, b) => Val::Num(cx.engagements_in(b, Some(s)) as f64),
             // Sets are only read through `in`.
             Categories | Channels | Actions => Val::Missing,
         }
@@ -1303,5 +1324,60 @@ mod tests {
             Feature::PurchaseSpendW(30 * 24).read(&cx),
             Val::Num(11.0 + 13.0 + 17.0)
         );
+    }
+
+    #[test]
+    fn a_context_remembers_each_engagement_window_and_action_apart() {
+        const DAY: i64 = 86_400_000;
+        let cfg = StateConfig {
+            bucket_ms: 3_600_000,
+            windows: [1, 7, 30]
+                .map(|d| crate::state::Window {
+                    name: format!("{d}d"),
+                    ms: d * DAY,
+                })
+                .to_vec(),
+            attributes: Vec::new(),
+        };
+        let syms = Symbols::new();
+        let mut st = CustomerState::default();
+        let seen = [
+            (2, "open"),
+            (20, "click"),
+            (25, "open"),
+            (28, "click"),
+            (29, "open"),
+        ];
+        for (day, action) in seen {
+            let json = format!(
+                r#"{{"customer_id":"c","type":"engagement","timestamp":{},"action":"{action}"}}"#,
+                day * DAY + 1
+            );
+            let ev = crate::event::decode(json.as_bytes()).unwrap();
+            st.apply(&cfg, &syms, &ev);
+        }
+        let sym = |a: &str| syms.read().get_bytes(a.as_bytes());
+        let (open, click) = (sym("open").unwrap(), sym("click").unwrap());
+        let now = 30 * DAY;
+        let cx = Ctx::new(&st, &cfg, &syms, now);
+        // Nine keys (three windows, all actions or one of two) for three places, read in
+        // turn, twice: every read must be its own window's and action's count.
+        let buckets: Vec<u32> = cfg
+            .windows
+            .iter()
+            .map(|w| (w.ms / cfg.bucket_ms) as u32)
+            .collect();
+        for _ in 0..2 {
+            for &b in &buckets {
+                let all = st.engagements_in(&cfg, now, b, None);
+                assert_eq!(Feature::EngagementCountW(b).read(&cx), Val::Num(all as f64));
+                for a in [open, click] {
+                    let n = st.engagements_in(&cfg, now, b, Some(a));
+                    assert_eq!(Feature::ActionCountW(a, b).read(&cx), Val::Num(n as f64));
+                }
+            }
+        }
+        assert_eq!(Feature::ActionCountW(open, 7 * 24).read(&cx), Val::Num(2.0));
+        assert_eq!(Feature::EngagementCountW(7 * 24).read(&cx), Val::Num(3.0));
     }
 }
