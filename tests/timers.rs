@@ -432,6 +432,23 @@ when = "purchases.count == 0 || days_since(purchases.last) < 2"
 [[segment]]
 name = "old_repeat_buyer"
 when = "days_since(purchases.first) > 4 && purchases.count >= 2"
+
+# Time since an instant against a number, either way round (solved in closed form).
+[[segment]]
+name = "quiet_two_days"
+when = "2 <= days_since(purchases.last)"
+
+[[segment]]
+name = "first_within_50h"
+when = "50 > hours_since(purchases.first)"
+
+[[segment]]
+name = "first_over_3_days_ago"
+when = "3 < days_since(purchases.first)"
+
+[[segment]]
+name = "no_engagement_for_20h"
+when = "hours_since(engagement.last) >= 20"
 "#;
 
 #[derive(Debug, Clone)]

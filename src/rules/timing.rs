@@ -279,7 +279,9 @@ impl Expr {
 /// Next change of `a op b`: walk the linear pieces of both sides, solving for the zero of
 /// their difference inside each piece.
 fn cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> i64 {
-    if let Some(t) = window_cmp_next_change(op, a, b, cx) {
+    if let Some(t) =
+        window_cmp_next_change(op, a, b, cx).or_else(|| since_cmp_next_change(op, a, b, cx))
+    {
         return t;
     }
     let cmp = |t: i64| Expr::cmp_at(op, a, b, &at(cx, t));
@@ -341,6 +343,63 @@ fn window_cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> Option
         CmpOp::Lt | CmpOp::Le | CmpOp::Gt | CmpOp::Ge => Walk::Monotone,
     };
     f.first_where(cx, walk, |v| holds(v) != initial)
+}
+
+/// Next change of `days_since(x) op k` or `hours_since(x) op k` (either way round) with `x`
+/// and `k` time-independent and `op` an inequality (`days_since(purchases.last) > 60`, the
+/// common case), in closed form: the value `(t - x) / unit` only grows with `t`, so the
+/// comparison changes at most once, near `x + k * unit`. The instant is checked with the
+/// evaluation's own arithmetic at most three times (never late); when rounding puts it away
+/// from where it was predicted, None, and the general walk answers.
+fn since_cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> Option<i64> {
+    let (f, arg, other, since_left) = match (a, b) {
+        (Expr::Call(f, args), o) if !o.has_time() => (f, &args[0], o, true),
+        (o, Expr::Call(f, args)) if !o.has_time() => (f, &args[0], o, false),
+        _ => return None,
+    };
+    let unit = match f {
+        Func::DaysSince => DAY_MS,
+        Func::HoursSince => HOUR_MS,
+        _ => return None,
+    };
+    if arg.has_time() || matches!(op, CmpOp::Eq | CmpOp::Ne) {
+        return None;
+    }
+    // A missing or non-numeric side makes the comparison false until an event comes.
+    let (Val::Time(x), Some(k)) = (arg.eval(cx), num(other.eval(cx))) else {
+        return Some(NEVER);
+    };
+    // Exactly as `Expr::eval` computes the value and `eval_cmp` compares it.
+    let holds = |t: i64| {
+        let v = t.checked_sub(x).map(|d| d as f64 / unit as f64);
+        v.map(|v| {
+            if since_left {
+                op.holds(v, k)
+            } else {
+                op.holds(k, v)
+            }
+        })
+    };
+    let initial = holds(cx.now)?;
+    // As `t` grows without bound: whether the comparison ends up true.
+    let grows_true = matches!(
+        (op, since_left),
+        (CmpOp::Gt | CmpOp::Ge, true) | (CmpOp::Lt | CmpOp::Le, false)
+    );
+    if initial == grows_true {
+        return Some(NEVER);
+    }
+    let c = x
+        .saturating_add((k * unit as f64).floor() as i64)
+        .max(cx.now.saturating_add(1));
+    if c >= NEVER - 1 {
+        return None;
+    }
+    // The first instant that differs: `c` if the one before it does not, else `c + 1`.
+    if holds(c)? != initial {
+        return (c - 1 == cx.now || holds(c - 1)? == initial).then_some(c);
+    }
+    (holds(c + 1)? != initial).then_some(c + 1)
 }
 
 impl Expr {
