@@ -628,38 +628,42 @@ impl Engine {
 
     /// [`Engine::next_timer`] in a context already built (by [`Engine::evaluate_in`], whose
     /// window reads it reuses), over the customer's `words` with the rule timer cache at
-    /// `timers`.
+    /// `timers`. The memberships in `words` must be those at `cx.now` (as after an
+    /// evaluation): they tell the analysis each rule's value.
     fn next_timer_in(&self, cx: &Ctx<'_>, words: &mut [u64], timers: Range<usize>) -> i64 {
         let now = cx.now;
+        let members = segment_words(self.rules.segmentations.len());
         // The segment words come first: read them beside the cache, which is written.
         let (head, rest) = words.split_at_mut(timers.start);
         let cache = &mut rest[..timers.len()];
         // Rules whose instant is only known to be later than a bound, looked at last.
-        let mut beyond: SmallVec<[(i64, &Rule); 4]> = SmallVec::new();
-        let mut next = |r| Self::cached_next(cache, cx, r, &mut beyond);
+        let mut beyond: SmallVec<[(i64, &Rule, Option<bool>); 4]> = SmallVec::new();
+        let mut next = |r, value| Self::cached_next(cache, cx, r, value, &mut beyond);
         let mut t = NEVER;
         for (si, seg) in self.rules.segmentations.iter().enumerate() {
             if seg.deps & deps::TIME == 0 {
                 continue;
             }
-            let upto = (segment_in(head, si) as usize)
-                .saturating_add(1)
-                .min(seg.segments.len());
-            for r in &seg.segments[..upto] {
+            let winner = segment_in(head, si);
+            let upto = (winner as usize).saturating_add(1).min(seg.segments.len());
+            for (j, r) in seg.segments[..upto].iter().enumerate() {
                 if r.deps & deps::TIME != 0 {
-                    t = t.min(next(r));
+                    // The rules before the winner are false, the winner's is true.
+                    let value = (winner != NO_SEGMENT).then_some(j == winner as usize);
+                    t = t.min(next(r, value));
                 }
             }
         }
-        for r in &self.rules.segments {
+        for (i, r) in self.rules.segments.iter().enumerate() {
             if r.deps & deps::TIME != 0 {
-                t = t.min(next(r));
+                let value = head[members + i / 64] & (1 << (i % 64)) != 0;
+                t = t.min(next(r, Some(value)));
             }
         }
         // A bound matters only if it is earlier than every instant known.
-        for (bound, r) in beyond {
+        for (bound, r, value) in beyond {
             if bound < t {
-                let x = r.expr.next_change(cx);
+                let x = Self::analyse(r, cx, value);
                 RuleTimers::set(cache, r.timer_slot, x, now);
                 t = t.min(x);
             }
@@ -667,25 +671,34 @@ impl Engine {
         t
     }
 
-    /// Rule `r`'s next instant from the cache, analysed if stale; a bound is put in `beyond`
-    /// (and counts as `NEVER` here).
+    /// Rule `r`'s next instant from the cache, analysed if stale (`value`: the rule's value
+    /// now, if known); a bound is put in `beyond` (and counts as `NEVER` here).
     fn cached_next<'a>(
         cache: &mut [u64],
         cx: &Ctx<'_>,
         r: &'a Rule,
-        beyond: &mut SmallVec<[(i64, &'a Rule); 4]>,
+        value: Option<bool>,
+        beyond: &mut SmallVec<[(i64, &'a Rule, Option<bool>); 4]>,
     ) -> i64 {
         match RuleTimers::get(cache, r.timer_slot, cx.now) {
             Cached::At(t) => t,
             Cached::Beyond(bound) => {
-                beyond.push((bound, r));
+                beyond.push((bound, r, value));
                 NEVER
             }
             Cached::Stale => {
-                let t = r.expr.next_change(cx);
+                let t = Self::analyse(r, cx, value);
                 RuleTimers::set(cache, r.timer_slot, t, cx.now);
                 t
             }
+        }
+    }
+
+    /// Rule `r`'s next instant, given its value now if known.
+    fn analyse(r: &Rule, cx: &Ctx<'_>, value: Option<bool>) -> i64 {
+        match value {
+            Some(v) => r.expr.next_change_known(cx, v),
+            None => r.expr.next_change(cx),
         }
     }
 

@@ -15,8 +15,12 @@
 //! solution, so float rounding cannot make the timer late). A windowed feature compared with a
 //! time-independent value is solved by walking its buckets forward (exact, no step limit; an
 //! inequality on a count is a search instead, since the count only falls as buckets leave);
-//! otherwise the analysis steps from breakpoint to breakpoint (at most [`MAX_STEPS`] per
-//! call). The product or quotient of two time-dependent values is not linear: comparisons
+//! `days_since(x)` or `hours_since(x)` of a fixed instant against a time-independent value is
+//! solved in closed form (the value only grows, so an inequality flips once, near
+//! `x + k * unit`); otherwise the analysis steps from breakpoint to breakpoint (at most
+//! [`MAX_STEPS`] per call). The engine passes each rule's value at `now`, which the evaluation
+//! has just brought up to date ([`Expr::next_change_known`]), so that a side of `&&` or `||`
+//! whose value follows from it is not evaluated again. The product or quotient of two time-dependent values is not linear: comparisons
 //! over it are re-checked every [`RECHECK_MS`] (documented in the README as the one
 //! approximate case).
 
@@ -123,39 +127,63 @@ impl Expr {
     /// The earliest instant after `cx.now` at which this expression may change value if no
     /// event arrives; never later than the true change. See the module docs.
     pub fn next_change(&self, cx: &Ctx<'_>) -> i64 {
+        self.next_change_from(cx, None)
+    }
+
+    /// [`Expr::next_change`] of a boolean expression whose value at `cx.now` is known to be
+    /// `value` (a rule's membership, which the evaluation has just brought up to date): its
+    /// sides are then evaluated only where the value does not tell theirs. A wrong `value`
+    /// makes the answer wrong.
+    pub fn next_change_known(&self, cx: &Ctx<'_>, value: bool) -> i64 {
+        self.next_change_from(cx, Some(value))
+    }
+
+    /// [`Expr::next_change`], given this boolean expression's value at `cx.now` if known.
+    fn next_change_from(&self, cx: &Ctx<'_>, value: Option<bool>) -> i64 {
         if !self.has_time() {
             return NEVER;
         }
         match self {
             Expr::Lit(_) => NEVER,
             Expr::Feature(f) => f.next_change(cx),
-            Expr::Not(e) => e.next_change(cx),
+            Expr::Not(e) => e.next_change_from(cx, value.map(|v| !v)),
             Expr::And(a, b) | Expr::Or(a, b) => {
                 // A conjunction changes only when a false side can turn true (or, when both
                 // are true, when either can change); dually for a disjunction.
                 let blocking = matches!(self, Expr::Or(..));
                 // Only the sides that matter are analysed (each analysis may walk buckets).
                 // A blocking side that time cannot change blocks for good: the other side is
-                // not even evaluated.
-                let va = a.eval_bool(cx);
+                // not even evaluated. A node that is not blocking has no blocking side; one
+                // that is, whose first side is not, has a blocking second side.
+                let va = match value {
+                    Some(v) if v != blocking => v,
+                    _ => a.eval_bool(cx),
+                };
                 if va == blocking && !a.has_time() {
                     return NEVER;
                 }
-                let vb = b.eval_bool(cx);
+                let vb = match value {
+                    Some(v) if v != blocking || va != blocking => v,
+                    _ => b.eval_bool(cx),
+                };
                 if vb == blocking && !b.has_time() {
                     return NEVER;
                 }
+                let (ta, tb) = (
+                    |cx| a.next_change_from(cx, Some(va)),
+                    |cx| b.next_change_from(cx, Some(vb)),
+                );
                 match (va == blocking, vb == blocking) {
-                    (true, true) => match a.next_change(cx) {
+                    (true, true) => match ta(cx) {
                         NEVER => NEVER,
-                        ta => ta.max(b.next_change(cx)),
+                        ta => ta.max(tb(cx)),
                     },
-                    (true, false) => a.next_change(cx),
-                    (false, true) => b.next_change(cx),
-                    (false, false) => a.next_change(cx).min(b.next_change(cx)),
+                    (true, false) => ta(cx),
+                    (false, true) => tb(cx),
+                    (false, false) => ta(cx).min(tb(cx)),
                 }
             }
-            Expr::Cmp(op, a, b) => cmp_next_change(*op, a, b, cx),
+            Expr::Cmp(op, a, b) => cmp_next_change(*op, a, b, cx, value),
             Expr::InList { item, .. } => match item.piece(cx) {
                 Some(p) if p.slope == 0.0 || p.value.is_none() => p.until,
                 _ => cx.now.saturating_add(RECHECK_MS),
@@ -278,14 +306,15 @@ impl Expr {
 
 /// Next change of `a op b`: walk the linear pieces of both sides, solving for the zero of
 /// their difference inside each piece.
-fn cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> i64 {
-    if let Some(t) =
-        window_cmp_next_change(op, a, b, cx).or_else(|| since_cmp_next_change(op, a, b, cx))
+/// `value`: the comparison's value at `cx.now`, if known.
+fn cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>, value: Option<bool>) -> i64 {
+    if let Some(t) = window_cmp_next_change(op, a, b, cx, value)
+        .or_else(|| since_cmp_next_change(op, a, b, cx, value))
     {
         return t;
     }
     let cmp = |t: i64| Expr::cmp_at(op, a, b, &at(cx, t));
-    let initial = cmp(cx.now);
+    let initial = value.unwrap_or_else(|| cmp(cx.now));
     let mut t = cx.now;
     for _ in 0..MAX_STEPS {
         let c = at(cx, t);
@@ -319,7 +348,13 @@ fn cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> i64 {
 /// Next change of a windowed feature compared with a time-independent value (`count_30d >= 3`,
 /// the common case), solved exactly by walking the window's buckets forward in time, with
 /// constant work per bucket and no step limit. None for any other comparison.
-fn window_cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> Option<i64> {
+fn window_cmp_next_change(
+    op: CmpOp,
+    a: &Expr,
+    b: &Expr,
+    cx: &Ctx<'_>,
+    value: Option<bool>,
+) -> Option<i64> {
     let (f, other, feature_left) = match (a, b) {
         (Expr::Feature(f), o) if !o.has_time() => (f, o, true),
         (o, Expr::Feature(f)) if !o.has_time() => (f, o, false),
@@ -337,7 +372,10 @@ fn window_cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> Option
             op.holds(y, v)
         }
     };
-    let initial = holds(num(f.read(cx))?);
+    let initial = match value {
+        Some(v) => v,
+        None => holds(num(f.read(cx))?),
+    };
     let walk = match op {
         CmpOp::Eq | CmpOp::Ne => Walk::Linear,
         CmpOp::Lt | CmpOp::Le | CmpOp::Gt | CmpOp::Ge => Walk::Monotone,
@@ -351,7 +389,13 @@ fn window_cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> Option
 /// comparison changes at most once, near `x + k * unit`. The instant is checked with the
 /// evaluation's own arithmetic at most three times (never late); when rounding puts it away
 /// from where it was predicted, None, and the general walk answers.
-fn since_cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> Option<i64> {
+fn since_cmp_next_change(
+    op: CmpOp,
+    a: &Expr,
+    b: &Expr,
+    cx: &Ctx<'_>,
+    value: Option<bool>,
+) -> Option<i64> {
     let (f, arg, other, since_left) = match (a, b) {
         (Expr::Call(f, args), o) if !o.has_time() => (f, &args[0], o, true),
         (o, Expr::Call(f, args)) if !o.has_time() => (f, &args[0], o, false),
@@ -380,7 +424,10 @@ fn since_cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> Option<
             }
         })
     };
-    let initial = holds(cx.now)?;
+    let initial = match value {
+        Some(v) => v,
+        None => holds(cx.now)?,
+    };
     // As `t` grows without bound: whether the comparison ends up true.
     let grows_true = matches!(
         (op, since_left),
