@@ -191,11 +191,12 @@ impl<'a, E: Entry> Totals<'a, E> {
         self.0[i].total().minus(self.total_before(i))
     }
 
-    /// Walks the window forward in time from `span` (value `initial`) with no new data: at
-    /// every instant an entry leaves the window (bucket `b` at `(b + window) * bucket_ms`) or
-    /// enters it (an entry after the span, at its bucket's start), updates the value with the
-    /// entries `counts` selects, and returns the first such instant at which `differs(value)`
-    /// holds; `NEVER` if none. Linear in the entries, constant work per entry.
+    /// Walks the window forward in time from `span` (value `initial()`, computed only by the
+    /// walk: the search below does without it) with no new data: at every instant an entry
+    /// leaves the window (bucket `b` at `(b + window) * bucket_ms`) or enters it (an entry
+    /// after the span, at its bucket's start), updates the value with the entries `counts`
+    /// selects, and returns the first such instant at which `differs(value)` holds; `NEVER` if
+    /// none. Linear in the entries, constant work per entry.
     ///
     /// `counts` selects the entries that make the value (None: all of them).
     ///
@@ -211,7 +212,7 @@ impl<'a, E: Entry> Totals<'a, E> {
         span: Span,
         window: u32,
         bucket_ms: i64,
-        initial: E::Total,
+        initial: impl FnOnce() -> E::Total,
         walk: Walk,
         counts: Option<impl Fn(&E) -> bool>,
         mut differs: impl FnMut(E::Total) -> bool,
@@ -264,7 +265,7 @@ impl<'a, E: Entry> Totals<'a, E> {
             };
         }
         let counts = |x: &E| counts.as_ref().is_none_or(|f| f(x));
-        let mut v = initial;
+        let mut v = initial();
         loop {
             let next_leave = if lo < hi { leaves(lo) } else { never };
             let next_enter = e.get(hi).map_or(never, |_| enters(hi));
@@ -362,7 +363,7 @@ impl<'a> Purchases<'a> {
         walk: Walk,
         mut differs: impl FnMut(u32, i64) -> bool,
     ) -> i64 {
-        let initial = self.sum(span);
+        let initial = || self.sum(span);
         let differs = |(count, spend)| differs(count, spend);
         self.0
             .first_change(span, window, bucket_ms, initial, walk, NONE, differs)
@@ -447,7 +448,7 @@ impl<'a> Engagements<'a> {
         walk: Walk,
         differs: impl FnMut(u32) -> bool,
     ) -> i64 {
-        let initial = self.sum(span, action);
+        let initial = || self.sum(span, action);
         let counts = action.map(|a| move |x: &EngagementTotal| a == x[1]);
         self.0
             .first_change(span, window, bucket_ms, initial, walk, counts, differs)
