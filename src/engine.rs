@@ -256,7 +256,20 @@ fn segment_in(words: &[u64], si: usize) -> u16 {
     lane::<16>(words, si) as u16
 }
 
+/// Where a customer's membership bits and rule timer cache are in its `words`.
+#[derive(Clone)]
+struct Layout {
+    members: usize,
+    timers: Range<usize>,
+}
+
 impl Customer {
+    fn layout(&self) -> Layout {
+        Layout {
+            members: self.member_start(),
+            timers: self.timer_range(),
+        }
+    }
     /// Where the membership bits start in `words`.
     fn member_start(&self) -> usize {
         segment_words(self.segmentations as usize)
@@ -621,18 +634,16 @@ impl Engine {
     /// flip (`NEVER` if none can). For a segmentation only the rules up to the current winner
     /// matter: a later rule cannot change the outcome unless one of those does first.
     pub fn next_timer(&self, c: &mut Customer, now: i64) -> i64 {
-        let timers = c.timer_range();
+        let layout = c.layout();
         let Customer { state, words, .. } = c;
-        self.next_timer_in(&self.ctx(state, now), words, timers)
+        self.next_timer_in(&self.ctx(state, now), words, layout)
     }
 
     /// [`Engine::next_timer`] in a context already built (by [`Engine::evaluate_in`], whose
-    /// window reads it reuses), over the customer's `words` with the rule timer cache at
-    /// `timers`. The memberships in `words` must be those at `cx.now` (as after an
-    /// evaluation): they tell the analysis each rule's value.
-    fn next_timer_in(&self, cx: &Ctx<'_>, words: &mut [u64], timers: Range<usize>) -> i64 {
-        let now = cx.now;
-        let members = segment_words(self.rules.segmentations.len());
+    /// window reads it reuses), over the customer's `words`. The memberships in `words` must
+    /// be those at `cx.now` (as after an evaluation): they tell the analysis each rule's value.
+    fn next_timer_in(&self, cx: &Ctx<'_>, words: &mut [u64], layout: Layout) -> i64 {
+        let (now, Layout { members, timers }) = (cx.now, layout);
         // The segment words come first: read them beside the cache, which is written.
         let (head, rest) = words.split_at_mut(timers.start);
         let cache = &mut rest[..timers.len()];
@@ -663,7 +674,7 @@ impl Engine {
         // A bound matters only if it is earlier than every instant known.
         for (bound, r, value) in beyond {
             if bound < t {
-                let x = Self::analyse(r, cx, value);
+                let x = r.expr.next_change_given(cx, value);
                 RuleTimers::set(cache, r.timer_slot, x, now);
                 t = t.min(x);
             }
@@ -687,42 +698,17 @@ impl Engine {
                 NEVER
             }
             Cached::Stale => {
-                let t = Self::analyse(r, cx, value);
+                let t = r.expr.next_change_given(cx, value);
                 RuleTimers::set(cache, r.timer_slot, t, cx.now);
                 t
             }
         }
     }
 
-    /// Rule `r`'s next instant, given its value now if known.
-    fn analyse(r: &Rule, cx: &Ctx<'_>, value: Option<bool>) -> i64 {
-        match value {
-            Some(v) => r.expr.next_change_known(cx, v),
-            None => r.expr.next_change(cx),
-        }
-    }
-
-    /// Re-evaluates the rule units whose dependencies intersect `mask` at time `now`, and
-    /// records and appends every change.
-    pub fn evaluate<'r>(
-        &'r self,
-        c: &mut Customer,
-        mask: u8,
-        now: i64,
-        by_timer: bool,
-        out: &mut Vec<Change<'r>>,
-    ) {
-        let (members, timers) = (c.member_start(), c.timer_range());
-        let Customer {
-            state, words, seq, ..
-        } = c;
-        let cx = self.ctx(state, now);
-        self.evaluate_in(&cx, words, seq, (members, timers), mask, by_timer, out);
-    }
-
-    /// [`Engine::evaluate`], then [`Engine::next_timer`], at `now`: the timer analysis reads
-    /// the windows the evaluation has read from the same context ([`Ctx`]), instead of
-    /// searching the buckets again. Returns the next timer.
+    /// Re-evaluates the rule units whose dependencies intersect `mask` at time `now`, records
+    /// and appends every change, and returns the next timer ([`Engine::next_timer`]). The
+    /// timer analysis reads the windows the evaluation has read from the same context
+    /// ([`Ctx`]), instead of searching the buckets again.
     fn evaluate_and_schedule<'r>(
         &'r self,
         c: &mut Customer,
@@ -731,33 +717,25 @@ impl Engine {
         by_timer: bool,
         out: &mut Vec<Change<'r>>,
     ) -> i64 {
-        let (members, timers) = (c.member_start(), c.timer_range());
+        let layout = c.layout();
         let Customer {
             state, words, seq, ..
         } = c;
         let cx = self.ctx(state, now);
-        self.evaluate_in(
-            &cx,
-            words,
-            seq,
-            (members, timers.clone()),
-            mask,
-            by_timer,
-            out,
-        );
-        self.next_timer_in(&cx, words, timers)
+        self.evaluate_in(&cx, words, seq, layout.clone(), mask, by_timer, out);
+        self.next_timer_in(&cx, words, layout)
     }
 
-    /// [`Engine::evaluate`] in one context for every unit, so that a window read by several
-    /// rules is searched once ([`Ctx`]). `words` and `seq` are the customer's, written beside
-    /// it; `layout`: where the membership bits and the rule timer cache start in `words`.
+    /// The evaluation of [`Engine::evaluate_and_schedule`], in one context for every unit, so
+    /// that a window read by several rules is searched once ([`Ctx`]). `words` and `seq` are
+    /// the customer's, written beside it.
     #[allow(clippy::too_many_arguments)]
     fn evaluate_in<'r>(
         &'r self,
         cx: &Ctx<'_>,
         words: &mut [u64],
         seq: &mut u64,
-        (members, timers): (usize, Range<usize>),
+        Layout { members, timers }: Layout,
         mask: u8,
         by_timer: bool,
         out: &mut Vec<Change<'r>>,

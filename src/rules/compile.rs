@@ -1287,19 +1287,26 @@ mod tests {
         assert_eq!(std::mem::size_of::<Val<'_>>(), 16);
     }
 
-    #[test]
-    fn a_context_remembers_each_window_apart_and_reads_more_windows_than_it_keeps() {
-        const DAY: i64 = 86_400_000;
-        let cfg = StateConfig {
+    const DAY: i64 = 86_400_000;
+
+    /// A state configuration with windows of these many days, in hourly buckets.
+    fn hourly_windows(days: &[i64]) -> StateConfig {
+        StateConfig {
             bucket_ms: 3_600_000,
-            windows: [1, 7, 30, 90]
+            windows: days
+                .iter()
                 .map(|d| crate::state::Window {
                     name: format!("{d}d"),
                     ms: d * DAY,
                 })
-                .to_vec(),
+                .collect(),
             attributes: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_context_remembers_each_window_apart_and_reads_more_windows_than_it_keeps() {
+        let cfg = hourly_windows(&[1, 7, 30, 90]);
         let syms = Symbols::new();
         let mut st = CustomerState::default();
         for (day, amount) in [(1, 5.0), (40, 7.0), (65, 11.0), (85, 13.0), (89, 17.0)] {
@@ -1328,17 +1335,7 @@ mod tests {
 
     #[test]
     fn a_context_remembers_each_engagement_window_and_action_apart() {
-        const DAY: i64 = 86_400_000;
-        let cfg = StateConfig {
-            bucket_ms: 3_600_000,
-            windows: [1, 7, 30]
-                .map(|d| crate::state::Window {
-                    name: format!("{d}d"),
-                    ms: d * DAY,
-                })
-                .to_vec(),
-            attributes: Vec::new(),
-        };
+        let cfg = hourly_windows(&[1, 7, 30]);
         let syms = Symbols::new();
         let mut st = CustomerState::default();
         let seen = [

@@ -18,9 +18,9 @@
 //! `days_since(x)` or `hours_since(x)` of a fixed instant against a time-independent value is
 //! solved in closed form (the value only grows, so an inequality flips once, near
 //! `x + k * unit`); otherwise the analysis steps from breakpoint to breakpoint (at most
-//! [`MAX_STEPS`] per call). The engine passes each rule's value at `now`, which the evaluation
-//! has just brought up to date ([`Expr::next_change_known`]), so that a side of `&&` or `||`
-//! whose value follows from it is not evaluated again. The product or quotient of two time-dependent values is not linear: comparisons
+//! [`MAX_STEPS`] per call). The engine passes each rule's value at `now`, which the
+//! evaluation has just brought up to date ([`Expr::next_change_given`]), so that a side of
+//! `&&` or `||` whose value follows from it is not evaluated again. The product or quotient of two time-dependent values is not linear: comparisons
 //! over it are re-checked every [`RECHECK_MS`] (documented in the README as the one
 //! approximate case).
 
@@ -65,10 +65,6 @@ fn crossing(now: i64, v1: f64, s1: f64, v2: f64, s2: f64, until: i64) -> Option<
     }
     let t = now.saturating_add((dt.floor() as i64).max(1));
     (t < until).then_some(t)
-}
-
-fn at<'a>(cx: &Ctx<'a>, now: i64) -> Ctx<'a> {
-    cx.at(now)
 }
 
 fn num(v: Val<'_>) -> Option<f64> {
@@ -127,26 +123,21 @@ impl Expr {
     /// The earliest instant after `cx.now` at which this expression may change value if no
     /// event arrives; never later than the true change. See the module docs.
     pub fn next_change(&self, cx: &Ctx<'_>) -> i64 {
-        self.next_change_from(cx, None)
+        self.next_change_given(cx, None)
     }
 
-    /// [`Expr::next_change`] of a boolean expression whose value at `cx.now` is known to be
-    /// `value` (a rule's membership, which the evaluation has just brought up to date): its
+    /// [`Expr::next_change`] of a boolean expression told its value at `cx.now`, if known
+    /// (`value`: a rule's membership, which the evaluation has just brought up to date): its
     /// sides are then evaluated only where the value does not tell theirs. A wrong `value`
     /// makes the answer wrong.
-    pub fn next_change_known(&self, cx: &Ctx<'_>, value: bool) -> i64 {
-        self.next_change_from(cx, Some(value))
-    }
-
-    /// [`Expr::next_change`], given this boolean expression's value at `cx.now` if known.
-    fn next_change_from(&self, cx: &Ctx<'_>, value: Option<bool>) -> i64 {
+    pub fn next_change_given(&self, cx: &Ctx<'_>, value: Option<bool>) -> i64 {
         if !self.has_time() {
             return NEVER;
         }
         match self {
             Expr::Lit(_) => NEVER,
             Expr::Feature(f) => f.next_change(cx),
-            Expr::Not(e) => e.next_change_from(cx, value.map(|v| !v)),
+            Expr::Not(e) => e.next_change_given(cx, value.map(|v| !v)),
             Expr::And(a, b) | Expr::Or(a, b) => {
                 // A conjunction changes only when a false side can turn true (or, when both
                 // are true, when either can change); dually for a disjunction.
@@ -170,8 +161,8 @@ impl Expr {
                     return NEVER;
                 }
                 let (ta, tb) = (
-                    |cx| a.next_change_from(cx, Some(va)),
-                    |cx| b.next_change_from(cx, Some(vb)),
+                    |cx| a.next_change_given(cx, Some(va)),
+                    |cx| b.next_change_given(cx, Some(vb)),
                 );
                 match (va == blocking, vb == blocking) {
                     (true, true) => match ta(cx) {
@@ -313,11 +304,11 @@ fn cmp_next_change(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>, value: Option<bo
     {
         return t;
     }
-    let cmp = |t: i64| Expr::cmp_at(op, a, b, &at(cx, t));
+    let cmp = |t: i64| Expr::cmp_at(op, a, b, &cx.at(t));
     let initial = value.unwrap_or_else(|| cmp(cx.now));
     let mut t = cx.now;
     for _ in 0..MAX_STEPS {
-        let c = at(cx, t);
+        let c = cx.at(t);
         let (Some(pa), Some(pb)) = (a.piece(&c), b.piece(&c)) else {
             return t.saturating_add(RECHECK_MS);
         };
@@ -365,13 +356,7 @@ fn window_cmp_next_change(
     let Some(y) = num(other.eval(cx)) else {
         return Some(NEVER);
     };
-    let holds = |v: f64| {
-        if feature_left {
-            op.holds(v, y)
-        } else {
-            op.holds(y, v)
-        }
-    };
+    let holds = |v: f64| holds_oriented(op, feature_left, v, y);
     let initial = match value {
         Some(v) => v,
         None => holds(num(f.read(cx))?),
@@ -416,13 +401,7 @@ fn since_cmp_next_change(
     // Exactly as `Expr::eval` computes the value and `eval_cmp` compares it.
     let holds = |t: i64| {
         let v = t.checked_sub(x).map(|d| d as f64 / unit as f64);
-        v.map(|v| {
-            if since_left {
-                op.holds(v, k)
-            } else {
-                op.holds(k, v)
-            }
-        })
+        v.map(|v| holds_oriented(op, since_left, v, k))
     };
     let initial = match value {
         Some(v) => v,
@@ -447,6 +426,15 @@ fn since_cmp_next_change(
         return (c - 1 == cx.now || holds(c - 1)? == initial).then_some(c);
     }
     (holds(c + 1)? != initial).then_some(c + 1)
+}
+
+/// `v op k` if `v_left`, else `k op v`.
+fn holds_oriented(op: CmpOp, v_left: bool, v: f64, k: f64) -> bool {
+    if v_left {
+        op.holds(v, k)
+    } else {
+        op.holds(k, v)
+    }
 }
 
 impl Expr {
