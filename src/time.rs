@@ -146,42 +146,39 @@ pub fn write_rfc3339(out: &mut Vec<u8>, ms: i64) {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
+    let (h, min, s) = (sod / 3600, sod % 3600 / 60, sod % 60);
     if !(0..=9999).contains(&y) {
         // Outside four-digit years: the general (slower) formatting.
         use std::io::Write;
-        let _ = write!(
-            out,
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-            sod / 3600,
-            sod % 3600 / 60,
-            sod % 60
-        );
-    } else {
-        let two = |out: &mut Vec<u8>, v: i64| {
-            out.extend_from_slice(&[b'0' + (v / 10) as u8, b'0' + (v % 10) as u8])
-        };
-        two(out, y / 100);
-        two(out, y % 100);
-        out.push(b'-');
-        two(out, m as i64);
-        out.push(b'-');
-        two(out, d as i64);
-        out.push(b'T');
-        two(out, sod / 3600);
-        out.push(b':');
-        two(out, sod % 3600 / 60);
-        out.push(b':');
-        two(out, sod % 60);
+        let _ = write!(out, "{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}");
+        if frac != 0 {
+            let _ = write!(out, ".{frac:03}");
+        }
+        out.push(b'Z');
+        return;
     }
+    // Written into one array and appended once: a push per piece cost a capacity check and a
+    // small copy each (BENCHMARKS.md, fourteenth session).
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut digits = |at: usize, n: usize, mut v: i64| {
+        for i in (at..at + n).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    digits(0, 4, y);
+    digits(5, 2, m as i64);
+    digits(8, 2, d as i64);
+    digits(11, 2, h);
+    digits(14, 2, min);
+    digits(17, 2, s);
     if frac != 0 {
-        out.extend_from_slice(&[
-            b'.',
-            b'0' + (frac / 100) as u8,
-            b'0' + (frac / 10 % 10) as u8,
-            b'0' + (frac % 10) as u8,
-        ]);
+        digits(20, 3, frac);
+        out.extend_from_slice(&b);
+    } else {
+        b[19] = b'Z';
+        out.extend_from_slice(&b[..20]);
     }
-    out.push(b'Z');
 }
 
 /// Parses a duration such as `90d`, `12h`, `30m`, `15s`, `250ms` into milliseconds.
