@@ -437,12 +437,15 @@ pub struct Change<'r> {
     pub by_timer: bool,
 }
 
-/// The values behind a change: `(atom text, value)` in rule order.
-pub type Because<'r> = Arc<[(&'r str, Shown)]>;
+/// The values behind a change: `(atom, value)` in rule order.
+pub type Because<'r> = Arc<[(&'r Atom, Shown)]>;
 
-/// `because` as JSON values (for tests and tools; the output writes [`Shown`] directly).
-pub fn because_json<'r>(b: &[(&'r str, Shown)]) -> Vec<(&'r str, serde_json::Value)> {
-    b.iter().map(|(k, v)| (*k, v.to_json())).collect()
+/// `because` as JSON values, by atom text (for tests and tools; the output writes [`Shown`]
+/// directly).
+pub fn because_json<'r>(b: &[(&'r Atom, Shown)]) -> Vec<(&'r str, serde_json::Value)> {
+    b.iter()
+        .map(|(a, v)| (a.text.as_str(), v.to_json()))
+        .collect()
 }
 
 /// Which clock an event is evaluated against.
@@ -842,7 +845,7 @@ impl Engine {
             .iter()
             .map(|a| {
                 let v = Shown::of(a.expr.eval(cx), &self.rules.symbols);
-                (a.text.as_str(), v)
+                (a, v)
             })
             .collect()
     }

@@ -7,6 +7,7 @@
 use serde::Serialize;
 
 use crate::engine::{Change, ChangeKind};
+use crate::rules::compile::Shown;
 use crate::rules::RuleSet;
 use crate::time::write_rfc3339;
 
@@ -48,7 +49,7 @@ pub fn change_json(
     cause: Cause<'_>,
     change: &Change<'_>,
 ) -> Vec<u8> {
-    let mut o = Vec::with_capacity(384);
+    let mut o = Vec::with_capacity(capacity(rules, customer_id, cause, change));
     o.extend_from_slice(b"{\"customer_id\":");
     json_str(&mut o, customer_id);
     o.extend_from_slice(b",\"segmentation\":");
@@ -91,12 +92,11 @@ pub fn change_json(
         Cause::Timer => o.extend_from_slice(b",\"cause\":{\"kind\":\"timer\"}"),
     }
     o.extend_from_slice(b",\"because\":{");
-    for (i, (k, v)) in change.because.iter().enumerate() {
+    for (i, (atom, v)) in change.because.iter().enumerate() {
         if i > 0 {
             o.push(b',');
         }
-        json_str(&mut o, k);
-        o.push(b':');
+        o.extend_from_slice(atom.json_key());
         v.write_json(&mut o);
     }
     o.extend_from_slice(b"},\"seq\":");
@@ -105,9 +105,48 @@ pub fn change_json(
     o
 }
 
+/// Bytes of [`change_json`]'s message unless strings need escaping: its fixed text, the
+/// strings' lengths, and per `because` entry its key and at most [`VALUE_ROOM`] besides a
+/// string value's length. The buffer is allocated once at this size; a fixed size smaller than some messages made a fraction of them grow
+/// (a copy), and one larger than most wasted memory on the messages waiting in the producer.
+fn capacity(rules: &RuleSet, customer_id: &str, cause: Cause<'_>, change: &Change<'_>) -> usize {
+    let len = |s: Option<&str>| s.map_or(0, str::len);
+    let cause = match cause {
+        Cause::Event {
+            event_id, topic, ..
+        } => len(event_id) + topic.len(),
+        Cause::Timer => 0,
+    };
+    let because: usize = (change.because.iter())
+        .map(|(k, v)| {
+            let string = if let Shown::Str(s) = v { s.len() } else { 0 };
+            k.json_key().len() + VALUE_ROOM + string
+        })
+        .sum();
+    FIXED_ROOM
+        + customer_id.len()
+        + len(change
+            .segmentation
+            .map(|i| rules.segmentations[i].name.as_str()))
+        + change.segment.len()
+        + len(change.previous)
+        + len(change.next)
+        + rules.version.len()
+        + cause
+        + because
+}
+
+/// [`change_json`]'s text around the strings and `because`, with numbers and `at` at their
+/// longest (a test holds it to that, exactly).
+const FIXED_ROOM: usize = 296;
+/// A `because` entry's bytes besides its key and a string value's length, at most: a comma
+/// and a value at its longest (a timestamp at `i64`'s limits, quoted: 31 bytes; a number
+/// takes up to 24).
+const VALUE_ROOM: usize = 32;
+
 /// Appends `s` as a JSON string.
 pub(crate) fn json_str(o: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if !needs_escape(s.as_bytes()) {
         o.push(b'"');
         o.extend_from_slice(s.as_bytes());
         o.push(b'"');
@@ -115,6 +154,32 @@ pub(crate) fn json_str(o: &mut Vec<u8>, s: &str) {
         // Something to escape: serde_json's escaping (writing into a Vec cannot fail).
         let _ = serde_json::to_writer(o, s);
     }
+}
+
+/// Whether `s` holds a byte JSON escapes in a string: a control character, `"` or `\\`.
+///
+/// Eight bytes at a time (byte by byte, the check was half of [`change_json`]'s
+/// instructions): with `x` eight bytes and `ONES` a 1 in each byte, `(x - n * ONES) & !x`
+/// has a byte's top bit set only if some byte of `x` is below `n` (for `n` up to 0x80: a
+/// borrow can set further bits, but only above a byte that is below `n`, so the answer is
+/// exact as a whole). A byte equal to `c` is a byte of `x ^ (c * ONES)` below 1.
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    fn any(x: u64) -> bool {
+        let below = |x: u64, n: u64| x.wrapping_sub(n * ONES) & !x;
+        let quote = x ^ (b'"' as u64 * ONES);
+        let backslash = x ^ (b'\\' as u64 * ONES);
+        (below(x, 0x20) | below(quote, 1) | below(backslash, 1)) & HIGH != 0
+    }
+    let (chunks, tail) = s.as_chunks::<8>();
+    if chunks.iter().any(|c| any(u64::from_le_bytes(*c))) {
+        return true;
+    }
+    // The last bytes padded with spaces, which need no escape.
+    let mut last = [b' '; 8];
+    last[..tail.len()].copy_from_slice(tail);
+    any(u64::from_le_bytes(last))
 }
 
 fn opt_str(o: &mut Vec<u8>, s: Option<&str>) {
@@ -137,7 +202,7 @@ mod tests {
     use super::*;
     use crate::engine::Engine;
     use crate::event::decode;
-    use crate::rules::compile::Shown;
+    use crate::rules::compile::{Atom, Expr, Lit, Shown};
     use proptest::prelude::*;
     use std::sync::Arc;
 
@@ -171,7 +236,7 @@ mod tests {
             because: c
                 .because
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.to_json()))
+                .map(|(k, v)| (k.text.clone(), v.to_json()))
                 .collect(),
             seq: c.seq,
         })
@@ -219,6 +284,7 @@ mod tests {
             let mut because: Vec<(String, Shown)> = because;
             because.sort_by(|a, b| a.0.cmp(&b.0));
             because.dedup_by(|a, b| a.0 == b.0);
+            let because: Vec<(Atom, Shown)> = because.into_iter().map(|(k, v)| (atom(k), v)).collect();
             let change = Change {
                 segmentation,
                 segment: &segment,
@@ -227,7 +293,7 @@ mod tests {
                 next: next.as_deref(),
                 at,
                 seq,
-                because: because.iter().map(|(k, v)| (k.as_str(), v.clone())).collect(),
+                because: because.iter().map(|(k, v)| (k, v.clone())).collect(),
                 by_timer: event.is_none(),
             };
             let cause = match &event {
@@ -242,6 +308,81 @@ mod tests {
             let ours = change_json(&rules, &customer_id, cause, &change);
             let theirs = reference(&rules, &customer_id, cause, &change);
             prop_assert_eq!(String::from_utf8(ours).unwrap(), String::from_utf8(theirs).unwrap());
+        }
+    }
+
+    /// An atom named `text` (its expression does not matter to the output).
+    fn atom(text: String) -> Atom {
+        Atom::new(text, Expr::Lit(Lit::Bool(true)))
+    }
+
+    /// A byte that needs no escape in a JSON string.
+    fn plain() -> impl Strategy<Value = u8> {
+        prop_oneof![Just(b' '), Just(b'!'), 0x23u8..0x5c, 0x5du8..=0xff]
+    }
+
+    proptest! {
+        #[test]
+        fn the_escape_check_finds_any_byte_json_escapes_wherever_it_is(
+            mut s in proptest::collection::vec(plain(), 0..40),
+            special in proptest::option::of((any::<proptest::sample::Index>(), prop_oneof![Just(0x1f), 0u8..0x20, Just(b'"'), Just(b'\\')])),
+        ) {
+            if let Some((at, b)) = special {
+                s.insert(at.index(s.len() + 1), b);
+            }
+            prop_assert_eq!(needs_escape(&s), special.is_some());
+        }
+    }
+
+    #[test]
+    fn a_message_at_its_longest_fits_the_room_reserved() {
+        let rules = RuleSet::from_toml(
+            "config/segments.toml",
+            include_str!("../config/segments.toml"),
+        )
+        .unwrap();
+        // Every kind of value at its longest but strings (whose room is their length).
+        let because = [
+            (atom("a".into()), Shown::Int(i64::MIN)),
+            (atom("b".into()), Shown::Num(-2.2250738585072014e-308)),
+            (atom("c".into()), Shown::Time(i64::MIN)),
+            (atom("d".into()), Shown::Time(i64::MAX)),
+            (atom("e".into()), Shown::Bool(false)),
+            (atom("f".into()), Shown::Null),
+            (atom("g".into()), Shown::Str("a string".into())),
+        ];
+        // With no `because` (the fixed text), then with each value alone.
+        let cases = std::iter::once(&because[..0]).chain(because.chunks(1));
+        for (because, at) in
+            cases.flat_map(|b| [i64::MIN, i64::MAX, 1_795_341_600_123].map(|at| (b, at)))
+        {
+            for timer in [false, true] {
+                let change = Change {
+                    segmentation: Some(0),
+                    segment: "s",
+                    kind: ChangeKind::Exited,
+                    previous: None,
+                    next: Some("n"),
+                    at,
+                    seq: u64::MAX,
+                    because: because.iter().map(|(k, v)| (k, v.clone())).collect(),
+                    by_timer: timer,
+                };
+                let cause = if timer {
+                    Cause::Timer
+                } else {
+                    Cause::Event {
+                        event_id: None,
+                        topic: "t",
+                        partition: i32::MIN,
+                        offset: i64::MIN,
+                    }
+                };
+                let json = change_json(&rules, "c", cause, &change);
+                let room = capacity(&rules, "c", cause, &change);
+                assert!(json.len() <= room, "{} > {room}", json.len());
+                assert_eq!(json.capacity(), room, "the buffer grew");
+            }
         }
     }
 

@@ -681,6 +681,27 @@ impl Expr {
 pub struct Atom {
     pub text: String,
     pub expr: Expr,
+    /// `text` as a JSON object key with its colon (`"purchases.count":`), rendered once: the
+    /// change serializer writes it for every value it shows.
+    json_key: Box<[u8]>,
+}
+
+impl Atom {
+    pub fn new(text: String, expr: Expr) -> Self {
+        let mut json_key = Vec::with_capacity(text.len() + 3);
+        crate::output::json_str(&mut json_key, &text);
+        json_key.push(b':');
+        Atom {
+            text,
+            expr,
+            json_key: json_key.into(),
+        }
+    }
+
+    /// [`Self::text`] as a JSON object key, colon included.
+    pub fn json_key(&self) -> &[u8] {
+        &self.json_key
+    }
 }
 
 /// A problem in one expression: byte offset into the expression, and the reason.
@@ -749,10 +770,7 @@ impl<'a> Compiler<'a> {
     fn add_atom(&mut self, span: Span, expr: &Expr) {
         let text = self.text(span);
         if !self.atoms.iter().any(|a| a.text == text) {
-            self.atoms.push(Atom {
-                text,
-                expr: expr.clone(),
-            });
+            self.atoms.push(Atom::new(text, expr.clone()));
         }
     }
 
