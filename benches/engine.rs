@@ -1,5 +1,6 @@
 //! Criterion micro-benchmarks of the hot path's parts: decode, state update, rule evaluation,
-//! the whole engine step, and the changelog codec. `cargo bench --bench engine`; the
+//! the whole engine step, the changelog codec, and what the pipeline does per change (its
+//! JSON, its metrics). `cargo bench --bench engine`; the
 //! end-to-end figures are `microseg bench` (BENCHMARKS.md).
 
 use std::collections::HashMap;
@@ -11,6 +12,8 @@ use microseg::changelog;
 use microseg::engine::Engine;
 use microseg::event::decode;
 use microseg::generate::Generator;
+use microseg::metrics::Metrics;
+use microseg::output::{change_json, Cause};
 use microseg::rules::RuleSet;
 use microseg::state::CustomerState;
 
@@ -170,12 +173,57 @@ fn changelog(c: &mut Criterion) {
     g.finish();
 }
 
+/// Per change, what the pipeline adds to the engine's work: the message's JSON and the
+/// metrics (counters, segment sizes, movements).
+fn change_output(c: &mut Criterion) {
+    let rules = Arc::new(RuleSet::embedded_default());
+    let engine = Engine::new(rules.clone());
+    let mut customers = HashMap::new();
+    let mut changes = Vec::new();
+    for b in &input() {
+        if let Ok(ev) = decode(b) {
+            let c = customers
+                .entry(ev.customer_id.to_string())
+                .or_insert_with(|| engine.new_customer(0));
+            let mut out = Vec::new();
+            let _ = engine.apply(c, &ev, &mut out);
+            let id = ev.customer_id.to_string();
+            changes.extend(out.into_iter().map(|ch| (id.clone(), ch)));
+        }
+    }
+    let cause = Cause::Event {
+        event_id: Some("0b7c9a52-5f0e-4d8a-9a43-1d2f3e4a5b6c"),
+        topic: "purchases",
+        partition: 3,
+        offset: 123_456,
+    };
+    let metrics = Metrics::new(&rules, &["purchases".to_string()]);
+    let mut g = c.benchmark_group("change");
+    g.throughput(Throughput::Elements(changes.len() as u64));
+    g.bench_function("json", |b| {
+        b.iter(|| {
+            for (id, ch) in &changes {
+                black_box(change_json(&rules, id, Cause::of(ch, cause), ch));
+            }
+        })
+    });
+    g.bench_function("metrics", |b| {
+        b.iter(|| {
+            for (_, ch) in &changes {
+                metrics.change(ch);
+            }
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     decode_events,
     state_update,
     rule_evaluation,
     engine_step,
-    changelog
+    changelog,
+    change_output
 );
 criterion_main!(benches);

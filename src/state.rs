@@ -263,12 +263,18 @@ pub(crate) fn prefetch<T>(s: &[T]) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         const LINE: usize = 64;
         let (p, len) = (s.as_ptr().cast::<i8>(), std::mem::size_of_val(s));
-        let lines = |from: usize, to: usize| {
-            for at in (from..to).step_by(LINE).chain(std::iter::once(to - 1)) {
+        // A plain loop: one with `step_by` and `chain` took about 16 instructions a line.
+        let lines = |mut at: usize, to: usize| {
+            let last = to - 1;
+            loop {
                 // SAFETY: a prefetch is a hint to the cache: it does not fault on any
                 // address and reads nothing into the program; SSE is part of the x86_64
                 // baseline. The address is computed without dereferencing anything.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at)) };
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at.min(last))) };
+                if at >= last {
+                    break;
+                }
+                at += LINE;
             }
         };
         match len {
