@@ -427,6 +427,10 @@ pub struct Change<'r> {
     pub previous: Option<&'r str>,
     /// For a segmentation's `exited`: the segment entered instead.
     pub next: Option<&'r str>,
+    /// `segment`'s index: in its segmentation (the default after the segments), or in
+    /// `RuleSet::segments`; `previous`'s and `next`'s in the segmentation. For what is kept
+    /// per segment (the names the serializer writes, [`crate::output::Names`]).
+    pub index: ChangeIndex,
     /// When the change happened (the customer's clock, epoch ms).
     pub at: i64,
     pub seq: u64,
@@ -435,6 +439,14 @@ pub struct Change<'r> {
     pub because: Because<'r>,
     /// Caused by time passing (a timer due at `at`) rather than by an event.
     pub by_timer: bool,
+}
+
+/// Indexes of a [`Change`]'s segments (see [`Change::index`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChangeIndex {
+    pub segment: u32,
+    pub previous: Option<u32>,
+    pub next: Option<u32>,
 }
 
 /// The values behind a change: `(atom, value)` in rule order.
@@ -787,6 +799,11 @@ impl Engine {
                     kind: ChangeKind::Exited,
                     previous: None,
                     next: Some(new_name),
+                    index: ChangeIndex {
+                        segment: current.into(),
+                        previous: None,
+                        next: Some(winner.into()),
+                    },
                     at: now,
                     seq: *seq,
                     because: because.clone(),
@@ -800,6 +817,11 @@ impl Engine {
                 kind: ChangeKind::Entered,
                 previous: (current != NO_SEGMENT).then(|| seg.segment_name(current as usize)),
                 next: None,
+                index: ChangeIndex {
+                    segment: winner.into(),
+                    previous: (current != NO_SEGMENT).then_some(current.into()),
+                    next: None,
+                },
                 at: now,
                 seq: *seq,
                 because,
@@ -831,6 +853,11 @@ impl Engine {
                 },
                 previous: None,
                 next: None,
+                index: ChangeIndex {
+                    // Fewer rules than memory has bytes.
+                    segment: i as u32,
+                    ..Default::default()
+                },
                 at: now,
                 seq: *seq,
                 because: self.shown(&rule.atoms, cx),
@@ -1056,6 +1083,40 @@ when = "purchases.count_30d >= 3"
             r#"{{"customer_id":"c","type":"purchase","timestamp":{},"amount":10}}"#,
             day * crate::time::DAY_MS
         )
+    }
+
+    #[test]
+    fn a_change_indexes_the_segments_it_names() {
+        let e = Engine::new(Arc::new(RuleSet::embedded_default()));
+        let rules = &e.rules;
+        let mut g = crate::generate::Generator::new(7, 50, 1_767_225_600_000, 3_600_000);
+        let mut customers: std::collections::HashMap<String, Customer> = Default::default();
+        let (mut entered_with_previous, mut exited_with_next, mut independent) = (0, 0, 0);
+        for _ in 0..3_000 {
+            let ev = g.next_event();
+            let Ok(decoded) = decode(ev.json.as_bytes()) else {
+                continue;
+            };
+            let c = customers
+                .entry(ev.customer_id.clone())
+                .or_insert_with(|| e.new_customer(0));
+            let mut out = Vec::new();
+            let _ = e.apply(c, &decoded, &mut out);
+            for ch in &out {
+                let name = |i: u32| match ch.segmentation {
+                    Some(s) => rules.segmentations[s].segment_name(i as usize),
+                    None => rules.segments[i as usize].name.as_str(),
+                };
+                assert_eq!(name(ch.index.segment), ch.segment, "{ch:?}");
+                assert_eq!(ch.index.previous.map(name), ch.previous, "{ch:?}");
+                assert_eq!(ch.index.next.map(name), ch.next, "{ch:?}");
+                entered_with_previous += ch.previous.is_some() as u32;
+                exited_with_next += ch.next.is_some() as u32;
+                independent += ch.segmentation.is_none() as u32;
+            }
+        }
+        // Every kind of index was checked.
+        assert!(entered_with_previous > 0 && exited_with_next > 0 && independent > 0);
     }
 
     #[test]

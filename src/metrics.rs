@@ -55,6 +55,18 @@ pub struct Metrics {
     /// Estimated bytes of customer state held (keys, state, memberships).
     pub state_bytes: IntGauge,
     segmentation_names: Vec<String>,
+    /// Per segmentation, then one for the independent segments: the series a change to one
+    /// of them updates, resolved once (a lookup by label values per change hashed the names
+    /// and cloned the series each time).
+    groups: Vec<Group>,
+}
+
+/// A segmentation's (or the independent segments') series.
+struct Group {
+    /// Changes, entered and exited.
+    changes: [IntCounter; 2],
+    /// Per segment index (see [`crate::engine::Change::index`]), its size.
+    members: Vec<IntGauge>,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -173,15 +185,24 @@ impl Metrics {
             .iter()
             .map(|t| RESULTS.map(|r| events_vec.with_label_values(&[t, r])))
             .collect();
-        for s in &rules.segmentations {
-            for i in 0..=s.segments.len() {
-                members
-                    .with_label_values(&[&s.name, s.segment_name(i)])
-                    .set(0);
-            }
-        }
-        for r in &rules.segments {
-            members.with_label_values(&["", &r.name]).set(0);
+        let group = |name: &str, segments: Vec<&str>| Group {
+            changes: ["entered", "exited"].map(|k| changes.with_label_values(&[name, k])),
+            members: (segments.into_iter())
+                .map(|segment| members.with_label_values(&[name, segment]))
+                .collect(),
+        };
+        let groups: Vec<Group> = (rules.segmentations.iter())
+            .map(|s| {
+                let names = (0..=s.default_index()).map(|i| s.segment_name(i));
+                group(&s.name, names.collect())
+            })
+            .chain(std::iter::once(group(
+                "",
+                rules.segments.iter().map(|r| r.name.as_str()).collect(),
+            )))
+            .collect();
+        for g in groups.iter().flat_map(|g| &g.members) {
+            g.set(0);
         }
         Metrics {
             registry,
@@ -203,6 +224,7 @@ impl Metrics {
             consumer_lag,
             state_bytes,
             segmentation_names: rules.segmentations.iter().map(|s| s.name.clone()).collect(),
+            groups,
         }
     }
 
@@ -221,12 +243,10 @@ impl Metrics {
             ChangeKind::Entered => "entered",
             ChangeKind::Exited => "exited",
         };
-        self.changes.with_label_values(&[seg, kind]).inc();
         if ch.by_timer {
             self.timer_changes.inc();
         }
-        let g = self.members.with_label_values(&[seg, ch.segment]);
-        match ch.kind {
+        let size = |g: &IntGauge| match ch.kind {
             ChangeKind::Entered => {
                 g.inc();
                 if ch.segmentation.is_some() {
@@ -236,6 +256,20 @@ impl Metrics {
                 }
             }
             ChangeKind::Exited => g.dec(),
+        };
+        let group = self
+            .groups
+            .get(ch.segmentation.unwrap_or(self.groups.len() - 1));
+        match group.and_then(|g| Some((g, g.members.get(ch.index.segment as usize)?))) {
+            Some((group, members)) => {
+                group.changes[ch.kind as usize].inc();
+                size(members);
+            }
+            // A change whose indexes are not the rule set's (as tests may build): by names.
+            None => {
+                self.changes.with_label_values(&[seg, kind]).inc();
+                size(&self.members.with_label_values(&[seg, ch.segment]));
+            }
         }
     }
 
@@ -321,5 +355,56 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Customer, Engine};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    #[test]
+    fn each_change_moves_its_own_segment_series() {
+        let rules = Arc::new(RuleSet::embedded_default());
+        let e = Engine::new(rules.clone());
+        let m = Metrics::new(&rules, &["t".to_string()]);
+        let mut g = crate::generate::Generator::new(3, 40, 1_767_225_600_000, 3_600_000);
+        let mut customers: HashMap<String, Customer> = HashMap::new();
+        // What the series should read, by label values.
+        let mut sizes: HashMap<(String, String), i64> = HashMap::new();
+        let mut changes: HashMap<(String, &str), u64> = HashMap::new();
+        for _ in 0..2_000 {
+            let ev = g.next_event();
+            let Ok(decoded) = crate::event::decode(ev.json.as_bytes()) else {
+                continue;
+            };
+            let c = customers
+                .entry(ev.customer_id.clone())
+                .or_insert_with(|| e.new_customer(0));
+            let mut out = Vec::new();
+            let _ = e.apply(c, &decoded, &mut out);
+            for ch in &out {
+                m.change(ch);
+                let seg = ch.segmentation.map_or("", |i| &rules.segmentations[i].name);
+                let (step, kind) = match ch.kind {
+                    ChangeKind::Entered => (1, "entered"),
+                    ChangeKind::Exited => (-1, "exited"),
+                };
+                *sizes
+                    .entry((seg.to_string(), ch.segment.to_string()))
+                    .or_default() += step;
+                *changes.entry((seg.to_string(), kind)).or_default() += 1;
+            }
+        }
+        assert!(sizes.len() > 5, "too few segments moved: {sizes:?}");
+        for ((seg, segment), n) in &sizes {
+            assert_eq!(m.members(seg, segment), *n, "size of {seg}/{segment}");
+        }
+        for ((seg, kind), n) in &changes {
+            let counted = m.changes.with_label_values(&[seg.as_str(), kind]).get();
+            assert_eq!(counted, *n, "{kind} changes of {seg:?}");
+        }
     }
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::engine::{Change, ChangeKind};
 use crate::rules::compile::Shown;
-use crate::rules::RuleSet;
+use crate::rules::{Rule, RuleSet, Segmentation};
 use crate::time::write_rfc3339;
 
 /// What caused a change.
@@ -38,6 +38,66 @@ impl<'a> Cause<'a> {
     }
 }
 
+/// The rule set's names and version as JSON strings, rendered once: a change's message holds
+/// two to four of them ([`Change::index`] says which).
+#[derive(Debug, Clone, Default)]
+pub struct Names {
+    /// Per segmentation: its name, then its segments' names (the default last).
+    segmentations: Vec<(Json, Vec<Json>)>,
+    segments: Vec<Json>,
+    version: Json,
+}
+
+/// A string rendered as JSON, quotes included.
+type Json = Box<[u8]>;
+
+fn rendered(s: &str) -> Json {
+    let mut o = Vec::with_capacity(s.len() + 2);
+    json_str(&mut o, s);
+    o.into()
+}
+
+impl Names {
+    pub fn new(version: &str, segmentations: &[Segmentation], segments: &[Rule]) -> Self {
+        Names {
+            segmentations: (segmentations.iter())
+                .map(|s| {
+                    let names = (0..=s.default_index()).map(|i| rendered(s.segment_name(i)));
+                    (rendered(&s.name), names.collect())
+                })
+                .collect(),
+            segments: segments.iter().map(|r| rendered(&r.name)).collect(),
+            version: rendered(version),
+        }
+    }
+
+    /// Segment `i` of segmentation `segmentation`, or independent segment `i`.
+    fn segment(&self, segmentation: Option<usize>, i: u32) -> Option<&[u8]> {
+        let list = match segmentation {
+            Some(s) => &self.segmentations.get(s)?.1,
+            None => &self.segments,
+        };
+        list.get(i as usize).map(|n| &n[..])
+    }
+}
+
+/// Appends a rendered name, or `text` rendered now if there is none (a change whose indexes
+/// are not the rule set's, as tests may build).
+fn name(o: &mut Vec<u8>, rendered: Option<&[u8]>, text: &str) {
+    match rendered {
+        Some(r) => o.extend_from_slice(r),
+        None => json_str(o, text),
+    }
+}
+
+/// Like [`name`] for an optional one (`null` if absent).
+fn opt_name(o: &mut Vec<u8>, rendered: Option<&[u8]>, text: Option<&str>) {
+    match text {
+        Some(t) => name(o, rendered, t),
+        None => o.extend_from_slice(b"null"),
+    }
+}
+
 /// Serializes one change as the JSON message published on the output topic.
 ///
 /// Written by hand, field by field, in the order of the README's "Output format" (the
@@ -52,26 +112,26 @@ pub fn change_json(
     let mut o = Vec::with_capacity(capacity(rules, customer_id, cause, change));
     o.extend_from_slice(b"{\"customer_id\":");
     json_str(&mut o, customer_id);
+    let (names, si, index) = (&rules.names, change.segmentation, change.index);
     o.extend_from_slice(b",\"segmentation\":");
-    opt_str(
-        &mut o,
-        change
-            .segmentation
-            .map(|i| rules.segmentations[i].name.as_str()),
-    );
+    match si.and_then(|i| rules.segmentations.get(i).zip(names.segmentations.get(i))) {
+        Some((s, (rendered, _))) => name(&mut o, Some(rendered), &s.name),
+        None => o.extend_from_slice(b"null"),
+    }
     o.extend_from_slice(b",\"segment\":");
-    json_str(&mut o, change.segment);
+    name(&mut o, names.segment(si, index.segment), change.segment);
     o.extend_from_slice(match change.kind {
         ChangeKind::Entered => b",\"change\":\"entered\",\"previous\":".as_slice(),
         ChangeKind::Exited => b",\"change\":\"exited\",\"previous\":".as_slice(),
     });
-    opt_str(&mut o, change.previous);
+    let other = |i: Option<u32>| i.and_then(|i| names.segment(si, i));
+    opt_name(&mut o, other(index.previous), change.previous);
     o.extend_from_slice(b",\"next\":");
-    opt_str(&mut o, change.next);
+    opt_name(&mut o, other(index.next), change.next);
     o.extend_from_slice(b",\"at\":\"");
     write_rfc3339(&mut o, change.at);
     o.extend_from_slice(b"\",\"rules_version\":");
-    json_str(&mut o, &rules.version);
+    o.extend_from_slice(&names.version);
     match cause {
         Cause::Event {
             event_id,
@@ -200,7 +260,7 @@ pub mod dlq_headers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Engine;
+    use crate::engine::{ChangeIndex, Engine};
     use crate::event::decode;
     use crate::rules::compile::{Atom, Expr, Lit, Shown};
     use proptest::prelude::*;
@@ -269,9 +329,8 @@ mod tests {
         #[test]
         fn the_hand_written_message_equals_the_serde_one(
             customer_id in text(),
-            segment in text(),
-            previous in proptest::option::of(text()),
-            next in proptest::option::of(text()),
+            named in proptest::option::of((text(), proptest::option::of(text()), proptest::option::of(text()))),
+            indexes in (0u32..8, proptest::option::of(0u32..8), proptest::option::of(0u32..8)),
             segmentation in proptest::option::of(0usize..2),
             entered in any::<bool>(),
             at in -10_000_000_000_000i64..300_000_000_000_000,
@@ -285,12 +344,42 @@ mod tests {
             because.sort_by(|a, b| a.0.cmp(&b.0));
             because.dedup_by(|a, b| a.0 == b.0);
             let because: Vec<(Atom, Shown)> = because.into_iter().map(|(k, v)| (atom(k), v)).collect();
+            // The rule set's segments by index, as the engine makes them, or any names with
+            // indexes the rule set does not have (as a test may build them).
+            let (segment, previous, next, index) = match &named {
+                None => {
+                    let (seg, prev, next) = indexes;
+                    let name = |i: u32| match segmentation {
+                        Some(s) => rules.segmentations[s].segment_name(i as usize),
+                        None => rules.segments[i as usize].name.as_str(),
+                    };
+                    let within = |i: u32| match segmentation {
+                        Some(s) => i % (rules.segmentations[s].default_index() as u32 + 1),
+                        None => i % rules.segments.len() as u32,
+                    };
+                    let (prev, next) = match segmentation {
+                        Some(_) => (prev.map(within), next.map(within)),
+                        None => (None, None),
+                    };
+                    let index = ChangeIndex { segment: within(seg), previous: prev, next };
+                    (name(index.segment), prev.map(name), next.map(name), index)
+                }
+                Some((segment, previous, next)) => {
+                    let index = ChangeIndex {
+                        segment: u32::MAX,
+                        previous: previous.as_ref().map(|_| u32::MAX),
+                        next: next.as_ref().map(|_| u32::MAX),
+                    };
+                    (segment.as_str(), previous.as_deref(), next.as_deref(), index)
+                }
+            };
             let change = Change {
                 segmentation,
-                segment: &segment,
+                segment,
                 kind: if entered { ChangeKind::Entered } else { ChangeKind::Exited },
-                previous: previous.as_deref(),
-                next: next.as_deref(),
+                previous,
+                next,
+                index,
                 at,
                 seq,
                 because: because.iter().map(|(k, v)| (k, v.clone())).collect(),
@@ -357,12 +446,18 @@ mod tests {
             cases.flat_map(|b| [i64::MIN, i64::MAX, 1_795_341_600_123].map(|at| (b, at)))
         {
             for timer in [false, true] {
+                let lifecycle = &rules.segmentations[0];
                 let change = Change {
                     segmentation: Some(0),
-                    segment: "s",
+                    segment: lifecycle.segment_name(0),
                     kind: ChangeKind::Exited,
                     previous: None,
-                    next: Some("n"),
+                    next: Some(lifecycle.segment_name(1)),
+                    index: ChangeIndex {
+                        segment: 0,
+                        previous: None,
+                        next: Some(1),
+                    },
                     at,
                     seq: u64::MAX,
                     because: because.iter().map(|(k, v)| (k, v.clone())).collect(),

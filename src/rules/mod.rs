@@ -126,6 +126,8 @@ pub struct RuleSet {
     /// Per slot of a customer's per-rule timer cache (one per time-dependent rule, see
     /// `Rule::timer_slot`), the rule's dependencies.
     pub timer_slot_deps: Vec<u8>,
+    /// The names and version as JSON strings, for the change serializer.
+    pub names: crate::output::Names,
 }
 
 /// One problem in a rules file.
@@ -529,8 +531,10 @@ impl RuleSet {
                 slot_deps.push(r.deps);
             }
         }
+        let version = format!("{:08x}", fnv1a(text.as_bytes()) >> 32);
         Ok(RuleSet {
-            version: format!("{:08x}", fnv1a(text.as_bytes()) >> 32),
+            names: crate::output::Names::new(&version, &segmentations, &segments),
+            version,
             state,
             segmentations,
             segments,
