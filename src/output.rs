@@ -1,8 +1,8 @@
 //! The output contract: segment-change messages (JSON) and dead-letter records.
 //!
 //! This module owns the exact JSON written to the segment-change topic (field names, order,
-//! null handling; see README "Output format") and the dead-letter headers. Pure: it builds
-//! bytes, it does not send them.
+//! null handling; see README "Output format"), the rule set's names rendered as JSON once for
+//! it ([`Names`]), and the dead-letter headers. Pure: it builds bytes, it does not send them.
 
 use serde::Serialize;
 
