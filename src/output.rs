@@ -114,8 +114,8 @@ pub fn change_json(
     json_str(&mut o, customer_id);
     let (names, si, index) = (&rules.names, change.segmentation, change.index);
     o.extend_from_slice(b",\"segmentation\":");
-    match si.and_then(|i| rules.segmentations.get(i).zip(names.segmentations.get(i))) {
-        Some((s, (rendered, _))) => name(&mut o, Some(rendered), &s.name),
+    match si.and_then(|i| names.segmentations.get(i)) {
+        Some((rendered, _)) => o.extend_from_slice(rendered),
         None => o.extend_from_slice(b"null"),
     }
     o.extend_from_slice(b",\"segment\":");
@@ -167,8 +167,9 @@ pub fn change_json(
 
 /// Bytes of [`change_json`]'s message unless strings need escaping: its fixed text, the
 /// strings' lengths, and per `because` entry its key and at most [`VALUE_ROOM`] besides a
-/// string value's length. The buffer is allocated once at this size; a fixed size smaller than some messages made a fraction of them grow
-/// (a copy), and one larger than most wasted memory on the messages waiting in the producer.
+/// string value's length. The buffer is allocated once at this size; a fixed size smaller
+/// than some messages made a fraction of them grow (a copy), and one larger than most wasted
+/// memory on the messages waiting in the producer.
 fn capacity(rules: &RuleSet, customer_id: &str, cause: Cause<'_>, change: &Change<'_>) -> usize {
     let len = |s: Option<&str>| s.map_or(0, str::len);
     let cause = match cause {
@@ -185,9 +186,9 @@ fn capacity(rules: &RuleSet, customer_id: &str, cause: Cause<'_>, change: &Chang
         .sum();
     FIXED_ROOM
         + customer_id.len()
-        + len(change
-            .segmentation
-            .map(|i| rules.segmentations[i].name.as_str()))
+        + (change.segmentation)
+            .and_then(|i| rules.segmentations.get(i))
+            .map_or(0, |s| s.name.len())
         + change.segment.len()
         + len(change.previous)
         + len(change.next)
