@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use microseg::changelog;
-use microseg::engine::Engine;
+use microseg::engine::{Change, Customer, Engine};
 use microseg::event::decode;
 use microseg::generate::Generator;
 use microseg::metrics::Metrics;
@@ -129,18 +129,30 @@ fn engine_step(c: &mut Criterion) {
     g.finish();
 }
 
-/// Changelog records: every customer of the input encoded, then decoded (the restore path).
-fn changelog(c: &mut Criterion) {
-    let engine = Engine::new(Arc::new(RuleSet::embedded_default()));
+/// The customers the engine builds from [`input`], handing each event's customer id and
+/// changes to `each`.
+fn replay<'r>(
+    engine: &'r Engine,
+    mut each: impl FnMut(&str, Vec<Change<'r>>),
+) -> HashMap<String, Customer> {
     let mut customers = HashMap::new();
     for b in &input() {
         if let Ok(ev) = decode(b) {
             let c = customers
                 .entry(ev.customer_id.to_string())
                 .or_insert_with(|| engine.new_customer(0));
-            let _ = engine.apply(c, &ev, &mut Vec::new());
+            let mut out = Vec::new();
+            let _ = engine.apply(c, &ev, &mut out);
+            each(&ev.customer_id, out);
         }
     }
+    customers
+}
+
+/// Changelog records: every customer of the input encoded, then decoded (the restore path).
+fn changelog(c: &mut Criterion) {
+    let engine = Engine::new(Arc::new(RuleSet::embedded_default()));
+    let customers = replay(&engine, |_, _| {});
     let offsets = [1_000, -1, 7];
     let records: Vec<Vec<u8>> = customers
         .values()
@@ -178,19 +190,10 @@ fn changelog(c: &mut Criterion) {
 fn change_output(c: &mut Criterion) {
     let rules = Arc::new(RuleSet::embedded_default());
     let engine = Engine::new(rules.clone());
-    let mut customers = HashMap::new();
     let mut changes = Vec::new();
-    for b in &input() {
-        if let Ok(ev) = decode(b) {
-            let c = customers
-                .entry(ev.customer_id.to_string())
-                .or_insert_with(|| engine.new_customer(0));
-            let mut out = Vec::new();
-            let _ = engine.apply(c, &ev, &mut out);
-            let id = ev.customer_id.to_string();
-            changes.extend(out.into_iter().map(|ch| (id.clone(), ch)));
-        }
-    }
+    replay(&engine, |id, out| {
+        changes.extend(out.into_iter().map(|ch| (id.to_string(), ch)))
+    });
     let cause = Cause::Event {
         event_id: Some("0b7c9a52-5f0e-4d8a-9a43-1d2f3e4a5b6c"),
         topic: "purchases",

@@ -664,18 +664,7 @@ mod tests {
     /// windows, timers, recent ids).
     fn customers(engine: &Engine) -> BTreeMap<String, Customer> {
         let mut g = Generator::new(3, 200, 1_767_225_600_000, 20 * 60_000);
-        let mut out = BTreeMap::new();
-        for _ in 0..5000 {
-            let ev = g.next_event();
-            let Ok(d) = decode_event(ev.json.as_bytes()) else {
-                continue;
-            };
-            let c = out
-                .entry(ev.customer_id.clone())
-                .or_insert_with(|| engine.new_customer(2));
-            let _ = engine.apply(c, &d, &mut Vec::new());
-        }
-        out
+        engine.replay(&mut g, 5000, 2, |_| {})
     }
 
     #[test]

@@ -946,6 +946,35 @@ impl Engine {
     }
 }
 
+/// Test support: customers built by the engine from generated input.
+#[cfg(test)]
+impl Engine {
+    /// Applies `events` events of `g` to customers it creates in `partition` (malformed ones
+    /// skipped), handing each event's changes to `each`; returns the customers by id.
+    pub(crate) fn replay<'r>(
+        &'r self,
+        g: &mut crate::generate::Generator,
+        events: usize,
+        partition: i32,
+        mut each: impl FnMut(&[Change<'r>]),
+    ) -> std::collections::BTreeMap<String, Customer> {
+        let mut customers = std::collections::BTreeMap::new();
+        for _ in 0..events {
+            let ev = g.next_event();
+            let Ok(decoded) = crate::event::decode(ev.json.as_bytes()) else {
+                continue;
+            };
+            let c = customers
+                .entry(ev.customer_id.clone())
+                .or_insert_with(|| self.new_customer(partition));
+            let mut out = Vec::new();
+            let _ = self.apply(c, &decoded, &mut out);
+            each(&out);
+        }
+        customers
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1090,19 +1119,9 @@ when = "purchases.count_30d >= 3"
         let e = Engine::new(Arc::new(RuleSet::embedded_default()));
         let rules = &e.rules;
         let mut g = crate::generate::Generator::new(7, 50, 1_767_225_600_000, 3_600_000);
-        let mut customers: std::collections::HashMap<String, Customer> = Default::default();
         let (mut entered_with_previous, mut exited_with_next, mut independent) = (0, 0, 0);
-        for _ in 0..3_000 {
-            let ev = g.next_event();
-            let Ok(decoded) = decode(ev.json.as_bytes()) else {
-                continue;
-            };
-            let c = customers
-                .entry(ev.customer_id.clone())
-                .or_insert_with(|| e.new_customer(0));
-            let mut out = Vec::new();
-            let _ = e.apply(c, &decoded, &mut out);
-            for ch in &out {
+        e.replay(&mut g, 3_000, 0, |out| {
+            for ch in out {
                 let name = |i: u32| match ch.segmentation {
                     Some(s) => rules.segmentations[s].segment_name(i as usize),
                     None => rules.segments[i as usize].name.as_str(),
@@ -1114,7 +1133,7 @@ when = "purchases.count_30d >= 3"
                 exited_with_next += ch.next.is_some() as u32;
                 independent += ch.segmentation.is_none() as u32;
             }
-        }
+        });
         // Every kind of index was checked.
         assert!(entered_with_previous > 0 && exited_with_next > 0 && independent > 0);
     }

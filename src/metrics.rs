@@ -239,10 +239,6 @@ impl Metrics {
         let seg = ch
             .segmentation
             .map_or("", |i| self.segmentation_names[i].as_str());
-        let kind = match ch.kind {
-            ChangeKind::Entered => "entered",
-            ChangeKind::Exited => "exited",
-        };
         if ch.by_timer {
             self.timer_changes.inc();
         }
@@ -267,6 +263,10 @@ impl Metrics {
             }
             // A change whose indexes are not the rule set's (as tests may build): by names.
             None => {
+                let kind = match ch.kind {
+                    ChangeKind::Entered => "entered",
+                    ChangeKind::Exited => "exited",
+                };
                 self.changes.with_label_values(&[seg, kind]).inc();
                 size(&self.members.with_label_values(&[seg, ch.segment]));
             }
@@ -361,7 +361,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Customer, Engine};
+    use crate::engine::Engine;
     use std::collections::HashMap;
     use std::sync::Arc;
 
@@ -371,21 +371,11 @@ mod tests {
         let e = Engine::new(rules.clone());
         let m = Metrics::new(&rules, &["t".to_string()]);
         let mut g = crate::generate::Generator::new(3, 40, 1_767_225_600_000, 3_600_000);
-        let mut customers: HashMap<String, Customer> = HashMap::new();
         // What the series should read, by label values.
         let mut sizes: HashMap<(String, String), i64> = HashMap::new();
         let mut changes: HashMap<(String, &str), u64> = HashMap::new();
-        for _ in 0..2_000 {
-            let ev = g.next_event();
-            let Ok(decoded) = crate::event::decode(ev.json.as_bytes()) else {
-                continue;
-            };
-            let c = customers
-                .entry(ev.customer_id.clone())
-                .or_insert_with(|| e.new_customer(0));
-            let mut out = Vec::new();
-            let _ = e.apply(c, &decoded, &mut out);
-            for ch in &out {
+        e.replay(&mut g, 2_000, 0, |out| {
+            for ch in out {
                 m.change(ch);
                 let seg = ch.segmentation.map_or("", |i| &rules.segmentations[i].name);
                 let (step, kind) = match ch.kind {
@@ -397,7 +387,7 @@ mod tests {
                     .or_default() += step;
                 *changes.entry((seg.to_string(), kind)).or_default() += 1;
             }
-        }
+        });
         assert!(sizes.len() > 5, "too few segments moved: {sizes:?}");
         for ((seg, segment), n) in &sizes {
             assert_eq!(m.members(seg, segment), *n, "size of {seg}/{segment}");
