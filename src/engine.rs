@@ -784,7 +784,7 @@ impl Engine {
             let winner = seg
                 .segments
                 .iter()
-                .position(|r| r.expr.eval_bool(cx))
+                .position(|r| r.program.holds(cx))
                 .unwrap_or(seg.default_index()) as u16;
             if winner == current {
                 continue;
@@ -836,7 +836,7 @@ impl Engine {
             {
                 continue;
             }
-            let holds = rule.expr.eval_bool(cx);
+            let holds = rule.program.holds(cx);
             let (word, bit) = (&mut words[members + i / 64], 1u64 << (i % 64));
             if holds == (*word & bit != 0) {
                 continue;

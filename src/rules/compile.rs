@@ -344,14 +344,14 @@ impl<'a> Ctx<'a> {
     }
 
     /// Purchases (count, spend) in the window of `buckets` buckets at `now`.
-    fn purchases_in(&self, buckets: u32) -> (u32, f64) {
+    pub(crate) fn purchases_in(&self, buckets: u32) -> (u32, f64) {
         remembered(&self.windows, buckets, || {
             self.state.purchases_in(self.cfg, self.now, buckets)
         })
     }
 
     /// Engagements (of `action`, or all) in the window of `buckets` buckets at `now`.
-    fn engagements_in(&self, buckets: u32, action: Option<Sym>) -> u32 {
+    pub(crate) fn engagements_in(&self, buckets: u32, action: Option<Sym>) -> u32 {
         remembered(&self.engagements, (buckets, action), || {
             self.state
                 .engagements_in(self.cfg, self.now, buckets, action)
@@ -463,7 +463,7 @@ fn lit_val(l: &Lit) -> Val<'_> {
     }
 }
 
-fn num(v: Val<'_>) -> Option<f64> {
+pub(crate) fn num(v: Val<'_>) -> Option<f64> {
     match v {
         Val::Num(n) => Some(n),
         Val::Time(t) => Some(t as f64),

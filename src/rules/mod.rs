@@ -3,11 +3,13 @@
 //! This module owns the rules file format (TOML: `[features]`, `[attributes]`,
 //! `[[segmentation]]`, `[[segment]]`) and the error report: a bad file is refused with every
 //! problem listed as `file:line:column: rule "name": reason`, never at event time.
-//! Expression syntax lives in [`parse`], typing and evaluation in [`compile`].
+//! Expression syntax lives in [`parse`], typing and the reference evaluation in [`compile`],
+//! the evaluation the engine runs in [`program`], the timer analysis in [`timing`].
 
 pub mod compile;
 pub mod explain;
 pub mod parse;
+pub mod program;
 pub mod timing;
 
 use std::collections::{BTreeMap, HashSet};
@@ -29,6 +31,8 @@ pub struct Rule {
     pub description: Option<String>,
     pub source: String,
     pub expr: Expr,
+    /// `expr` compiled for evaluation ([`program`]): what the engine runs.
+    pub program: Arc<program::Program>,
     pub deps: u8,
     /// This rule's slot in a customer's per-rule timer cache (time-dependent rules only;
     /// see `engine::RuleTimers`), assigned when the rule set is built.
@@ -422,6 +426,7 @@ impl RuleSet {
                         source: src.clone(),
                         deps: expr.deps(),
                         timer_slot: None,
+                        program: Arc::new(program::Program::new(&expr)),
                         expr: expr.mark_static(),
                         atoms,
                         condition: explain::Condition::build(&node, src, &state, &symbols),

@@ -1,0 +1,621 @@
+//! A rule's condition compiled for evaluation: a tree of closures, each specialised at load
+//! time for what its node reads and the types it compares.
+//!
+//! This module owns how the engine evaluates a condition. [`Expr`] stays the reference: the
+//! timer analysis, `explain` and the from-scratch evaluation walk it, and a [`Program`] gives
+//! the same answer as [`Expr::eval_bool`] on every state (a property test holds them equal,
+//! mistyped attribute values included). What a program saves is the tree walk's dispatch:
+//! a comparison of a feature with a number (`purchases.count_30d >= 3`) is one call that reads
+//! the feature and compares, with no [`Val`] built and no match on the node's kind or the
+//! value's type. Nodes it has no special form for evaluate through the tree.
+
+use crate::rules::compile::{num, ArithOp, Ctx, Expr, Feature, Func, Lit, StrLit};
+use crate::rules::compile::{CmpOp, Val};
+use crate::state::{AttrType, AttrVal, CustomerState, NO_TIME};
+use crate::time::{DAY_MS, HOUR_MS};
+
+type BoolFn = Box<dyn Fn(&Ctx<'_>) -> bool + Send + Sync>;
+type NumFn = Box<dyn Fn(&Ctx<'_>) -> Option<f64> + Send + Sync>;
+type TimeFn = Box<dyn Fn(&Ctx<'_>) -> Option<i64> + Send + Sync>;
+
+/// A compiled condition (see the module docs).
+pub struct Program(BoolFn);
+
+impl std::fmt::Debug for Program {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Program")
+    }
+}
+
+impl Program {
+    /// Compiles a boolean expression.
+    pub fn new(e: &Expr) -> Self {
+        Program(bool_fn(e))
+    }
+
+    /// Whether the condition holds: [`Expr::eval_bool`] of the expression compiled.
+    #[inline]
+    pub fn holds(&self, cx: &Ctx<'_>) -> bool {
+        (self.0)(cx)
+    }
+}
+
+/// What a numeric closure's values are, in the tree's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `Val::Num` or `Val::Missing` (the closure's `None`).
+    Num,
+    /// `Val::Time` or `Val::Missing`, as milliseconds.
+    Time,
+    /// A number attribute: `Val::Num` or `Val::Missing`, or, for a value stored under another
+    /// type (restored under changed rules), a string or a bool, which the closure reads as
+    /// `None`. Where the tree treats such a value unlike a missing one (`!=`, `coalesce`),
+    /// the node is left to the tree.
+    AttrNum,
+}
+
+/// The tree's evaluation of `e`, as a closure.
+fn by_tree(e: &Expr) -> BoolFn {
+    let e = e.clone();
+    Box::new(move |cx| e.eval_bool(cx))
+}
+
+fn bool_fn(e: &Expr) -> BoolFn {
+    match e {
+        Expr::And(a, b) => {
+            let (a, b) = (bool_fn(a), bool_fn(b));
+            Box::new(move |cx| a(cx) && b(cx))
+        }
+        Expr::Or(a, b) => {
+            let (a, b) = (bool_fn(a), bool_fn(b));
+            Box::new(move |cx| a(cx) || b(cx))
+        }
+        Expr::Not(a) => {
+            let a = bool_fn(a);
+            Box::new(move |cx| !a(cx))
+        }
+        Expr::Static(a) => bool_fn(a),
+        Expr::Cmp(op, a, b) => cmp_fn(*op, a, b).unwrap_or_else(|| by_tree(e)),
+        _ => by_tree(e),
+    }
+}
+
+/// `a op b` for two numeric sides, or a string feature against a string literal.
+///
+/// A number attribute can hold a value of another type (restored under changed rules): a
+/// closure reads it as missing, which decides every comparison as the tree does, except `!=`
+/// (the tree compares such a value with a number as unequal) and `==` of two such values (as
+/// strings or bools). Those are left to the tree.
+fn cmp_fn(op: CmpOp, a: &Expr, b: &Expr) -> Option<BoolFn> {
+    let loose = |k: Kind| k == Kind::AttrNum;
+    match (strip(a), strip(b)) {
+        (Expr::Feature(f), Expr::Lit(Lit::Str(l))) => return str_cmp_fn(op, f, l),
+        (Expr::Feature(f), Expr::Lit(Lit::Num(k))) => {
+            if let Some((x, kx)) = feature_with(f, CmpConst(op, *k)) {
+                return (op != CmpOp::Ne || !loose(kx)).then_some(x);
+            }
+        }
+        _ => {}
+    }
+    let (x, kx) = num_fn(a)?;
+    if let Expr::Lit(Lit::Num(k)) = strip(b) {
+        return (op != CmpOp::Ne || !loose(kx)).then(|| cmp_const(x, op, *k));
+    }
+    let (y, ky) = num_fn(b)?;
+    if matches!(op, CmpOp::Eq | CmpOp::Ne) && (loose(kx) || loose(ky)) {
+        return None;
+    }
+    Some(Box::new(move |cx| match (x(cx), y(cx)) {
+        (Some(p), Some(q)) => op.holds(p, q),
+        _ => false,
+    }))
+}
+
+/// `e` without its [`Expr::Static`] marks (they only guide the timer analysis).
+fn strip(mut e: &Expr) -> &Expr {
+    while let Expr::Static(inner) = e {
+        e = inner;
+    }
+    e
+}
+
+/// A string feature `==` or `!=` a literal. Interned values compare by id; an attribute's
+/// string by its bytes; anything else (a missing value, a mistyped attribute) as the tree.
+fn str_cmp_fn(op: CmpOp, f: &Feature, l: &StrLit) -> Option<BoolFn> {
+    let eq = match op {
+        CmpOp::Eq => true,
+        CmpOp::Ne => false,
+        _ => return None,
+    };
+    let sym = l.sym;
+    let sym_cmp = move |s: Option<u32>| s.is_some_and(|s| (s == sym) == eq);
+    Some(match f {
+        Feature::Plan => Box::new(move |cx| sym_cmp(cx.state.plan)),
+        Feature::TopCategory => {
+            Box::new(move |cx| sym_cmp(CustomerState::top(cx.state.categories())))
+        }
+        Feature::TopChannel => Box::new(move |cx| sym_cmp(CustomerState::top(cx.state.channels()))),
+        Feature::Attr(i, AttrType::String) => {
+            let (i, f, l) = (*i, f.clone(), l.clone());
+            Box::new(move |cx| match cx.state.attrs.get(i) {
+                Some(AttrVal::Str(s)) => (s.as_bytes() == l.text.as_bytes()) == eq,
+                _ => Expr::eval_cmp(op, f.read(cx), Val::Lit(&l), cx),
+            })
+        }
+        _ => return None,
+    })
+}
+
+/// A numeric expression's closure and its [`Kind`], if it has a special form.
+fn num_fn(e: &Expr) -> Option<(NumFn, Kind)> {
+    Some(match e {
+        Expr::Lit(Lit::Num(k)) => {
+            let k = *k;
+            (Box::new(move |_| Some(k)), Kind::Num)
+        }
+        Expr::Static(a) => return num_fn(a),
+        Expr::Feature(f) => feature_with(f, Boxed)?,
+        Expr::Neg(a) => {
+            let (a, k) = num_fn(a)?;
+            if k == Kind::Time {
+                return None;
+            }
+            (Box::new(move |cx| a(cx).map(|v| -v)), Kind::Num)
+        }
+        Expr::Arith(op, a, b) => {
+            let ((x, _), (y, _)) = (num_fn(a)?, num_fn(b)?);
+            let f: NumFn = match op {
+                ArithOp::Add => Box::new(move |cx| Some(x(cx)? + y(cx)?)),
+                ArithOp::Sub => Box::new(move |cx| Some(x(cx)? - y(cx)?)),
+                ArithOp::Mul => Box::new(move |cx| Some(x(cx)? * y(cx)?)),
+                ArithOp::Div => Box::new(move |cx| {
+                    let (p, q) = (x(cx)?, y(cx)?);
+                    (q != 0.0).then(|| p / q)
+                }),
+            };
+            (f, Kind::Num)
+        }
+        Expr::Call(func @ (Func::DaysSince | Func::HoursSince), args) => {
+            let t = time_fn(args.first()?)?;
+            let unit = if *func == Func::DaysSince {
+                DAY_MS
+            } else {
+                HOUR_MS
+            } as f64;
+            (
+                Box::new(move |cx| t(cx).map(|t| (cx.now - t) as f64 / unit)),
+                Kind::Num,
+            )
+        }
+        Expr::Call(Func::Abs, args) => {
+            let (a, k) = num_fn(args.first()?)?;
+            if k == Kind::Time {
+                return None;
+            }
+            (Box::new(move |cx| a(cx).map(f64::abs)), Kind::Num)
+        }
+        Expr::Call(func @ (Func::Min | Func::Max), args) => {
+            let ((x, _), (y, _)) = (num_fn(args.first()?)?, num_fn(args.get(1)?)?);
+            let f: NumFn = if *func == Func::Min {
+                Box::new(move |cx| Some(x(cx)?.min(y(cx)?)))
+            } else {
+                Box::new(move |cx| Some(x(cx)?.max(y(cx)?)))
+            };
+            (f, Kind::Num)
+        }
+        Expr::Call(Func::Coalesce, args) => {
+            let ((x, kx), (y, ky)) = (num_fn(args.first()?)?, num_fn(args.get(1)?)?);
+            // Sides of two kinds would make the result's kind depend on the state. Two
+            // number attributes give one: a mistyped first value, which the tree returns and
+            // this reads as missing, then decides no comparison but `!=`, which is left to
+            // the tree for that kind.
+            if kx != ky {
+                return None;
+            }
+            (Box::new(move |cx| x(cx).or_else(|| y(cx))), kx)
+        }
+        _ => return None,
+    })
+}
+
+/// A time-valued expression (`days_since`'s argument): a time feature.
+fn time_fn(e: &Expr) -> Option<TimeFn> {
+    let time = |t: i64| (t != NO_TIME).then_some(t);
+    Some(match strip(e) {
+        Expr::Feature(Feature::PurchaseFirst) => Box::new(move |cx| time(cx.state.first_purchase)),
+        Expr::Feature(Feature::PurchaseLast) => Box::new(move |cx| time(cx.state.last_purchase)),
+        Expr::Feature(Feature::EngagementLast) => {
+            Box::new(move |cx| time(cx.state.last_engagement))
+        }
+        Expr::Feature(Feature::LastSeen) => Box::new(move |cx| time(cx.state.last_seen)),
+        Expr::Feature(Feature::FirstSeen) => Box::new(move |cx| time(cx.state.first_seen)),
+        _ => return None,
+    })
+}
+
+/// What to make of a feature's reader: [`feature_with`] passes each feature's own closure
+/// type, so that what is built around it (a comparison with a number, say) is compiled
+/// together with the read, one call in all.
+trait Build {
+    type Out;
+    fn build<R>(self, read: R, kind: Kind) -> Self::Out
+    where
+        R: Fn(&Ctx<'_>) -> Option<f64> + Send + Sync + 'static;
+}
+
+/// The reader itself, boxed.
+struct Boxed;
+
+impl Build for Boxed {
+    type Out = (NumFn, Kind);
+    fn build<R>(self, read: R, kind: Kind) -> Self::Out
+    where
+        R: Fn(&Ctx<'_>) -> Option<f64> + Send + Sync + 'static,
+    {
+        (Box::new(read), kind)
+    }
+}
+
+/// The reader compared with a number.
+struct CmpConst(CmpOp, f64);
+
+impl Build for CmpConst {
+    type Out = (BoolFn, Kind);
+    fn build<R>(self, x: R, kind: Kind) -> Self::Out
+    where
+        R: Fn(&Ctx<'_>) -> Option<f64> + Send + Sync + 'static,
+    {
+        (cmp_const(x, self.0, self.1), kind)
+    }
+}
+
+/// `x op k`: false when `x` reads `None`.
+fn cmp_const<R>(x: R, op: CmpOp, k: f64) -> BoolFn
+where
+    R: Fn(&Ctx<'_>) -> Option<f64> + Send + Sync + 'static,
+{
+    match op {
+        CmpOp::Eq => Box::new(move |cx| x(cx).is_some_and(|v| v == k)),
+        CmpOp::Ne => Box::new(move |cx| x(cx).is_some_and(|v| v != k)),
+        CmpOp::Lt => Box::new(move |cx| x(cx).is_some_and(|v| v < k)),
+        CmpOp::Le => Box::new(move |cx| x(cx).is_some_and(|v| v <= k)),
+        CmpOp::Gt => Box::new(move |cx| x(cx).is_some_and(|v| v > k)),
+        CmpOp::Ge => Box::new(move |cx| x(cx).is_some_and(|v| v >= k)),
+    }
+}
+
+/// A numeric or time feature's reader, handed to `b` (`None`: a feature of another type).
+fn feature_with<B: Build>(f: &Feature, b: B) -> Option<B::Out> {
+    use Feature::*;
+    let time = |t: i64| (t != NO_TIME).then_some(t as f64);
+    Some(match *f {
+        PurchaseCount => b.build(|cx| Some(cx.state.purchase_count as f64), Kind::Num),
+        PurchaseSpend => b.build(|cx| Some(cx.state.spend), Kind::Num),
+        PurchaseAvg => b.build(
+            |cx| {
+                let st = cx.state;
+                (st.purchase_count != 0).then(|| st.spend / st.purchase_count as f64)
+            },
+            Kind::Num,
+        ),
+        PurchaseQuantity => b.build(|cx| Some(cx.state.quantity), Kind::Num),
+        PurchaseCountW(w) => b.build(move |cx| Some(cx.purchases_in(w).0 as f64), Kind::Num),
+        PurchaseSpendW(w) => b.build(move |cx| Some(cx.purchases_in(w).1), Kind::Num),
+        EngagementCount => b.build(|cx| Some(cx.state.engagement_count as f64), Kind::Num),
+        EngagementCountW(w) => {
+            b.build(move |cx| Some(cx.engagements_in(w, None) as f64), Kind::Num)
+        }
+        ActionCountW(s, w) => b.build(
+            move |cx| Some(cx.engagements_in(w, Some(s)) as f64),
+            Kind::Num,
+        ),
+        CategoryCount(_) | ChannelCount(_) | ChannelShare(_) | ActionCount(_) => {
+            let f = f.clone();
+            b.build(move |cx| num(f.read(cx)), Kind::Num)
+        }
+        PurchaseFirst => b.build(move |cx| time(cx.state.first_purchase), Kind::Time),
+        PurchaseLast => b.build(move |cx| time(cx.state.last_purchase), Kind::Time),
+        EngagementLast => b.build(move |cx| time(cx.state.last_engagement), Kind::Time),
+        LastSeen => b.build(move |cx| time(cx.state.last_seen), Kind::Time),
+        FirstSeen => b.build(move |cx| time(cx.state.first_seen), Kind::Time),
+        Attr(i, AttrType::Number) => b.build(
+            move |cx| match cx.state.attrs.get(i) {
+                Some(AttrVal::Num(v)) => Some(*v),
+                _ => None,
+            },
+            Kind::AttrNum,
+        ),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::compile::Compiler;
+    use crate::rules::parse::parse;
+    use crate::state::{AttrStr, StateConfig, Window};
+    use crate::symbols::Symbols;
+    use proptest::prelude::*;
+
+    /// 2026-01-01T00:00:00Z.
+    const T0: i64 = 1_767_225_600_000;
+
+    fn config() -> StateConfig {
+        StateConfig {
+            bucket_ms: HOUR_MS,
+            windows: [("7d", 7), ("30d", 30)]
+                .into_iter()
+                .map(|(name, days)| Window {
+                    name: name.into(),
+                    ms: days * DAY_MS,
+                })
+                .collect(),
+            attributes: vec![
+                ("industry".into(), AttrType::String),
+                ("size".into(), AttrType::Number),
+                ("vip".into(), AttrType::Bool),
+            ],
+        }
+    }
+
+    fn one_of(items: &'static [&'static str]) -> impl Strategy<Value = String> {
+        proptest::sample::select(items).prop_map(str::to_string)
+    }
+
+    /// A time-valued expression.
+    fn time() -> impl Strategy<Value = String> {
+        one_of(&[
+            "purchases.first",
+            "purchases.last",
+            "engagement.last",
+            "last_seen",
+            "first_seen",
+        ])
+    }
+
+    /// A numeric expression, of every form the language has.
+    fn number() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            one_of(&[
+                "purchases.count",
+                "purchases.spend",
+                "purchases.avg_order",
+                "purchases.quantity",
+                "purchases.count_7d",
+                "purchases.spend_30d",
+                "engagement.count",
+                "engagement.count_30d",
+                "attr.size",
+                r#"category_count("books")"#,
+                r#"channel_count("web")"#,
+                r#"channel_share("web")"#,
+                r#"action_count("open")"#,
+                r#"action_count("open", "7d")"#,
+                "0",
+                "1",
+                "2.5",
+                "500",
+            ]),
+            time().prop_map(|t| format!("days_since({t})")),
+            time().prop_map(|t| format!("hours_since({t})")),
+            (time(), time()).prop_map(|(a, b)| format!("days_since(coalesce({a}, {b}))")),
+        ];
+        leaf.prop_recursive(3, 12, 2, |n| {
+            prop_oneof![
+                (n.clone(), one_of(&["+", "-", "*", "/"]), n.clone())
+                    .prop_map(|(a, op, b)| format!("({a} {op} {b})")),
+                n.clone().prop_map(|a| format!("-({a})")),
+                n.clone().prop_map(|a| format!("abs({a})")),
+                (one_of(&["min", "max", "coalesce"]), n.clone(), n)
+                    .prop_map(|(f, a, b)| format!("{f}({a}, {b})")),
+            ]
+        })
+    }
+
+    fn cmp_op() -> impl Strategy<Value = String> {
+        one_of(&["==", "!=", "<", "<=", ">", ">="])
+    }
+
+    /// A condition: comparisons of every kind, string tests, sets and lists, combined.
+    fn condition() -> impl Strategy<Value = String> {
+        // A feature against a number it often equals (counts are small, sizes are 12 or 500):
+        // the form rules have most, and where a wrong comparison shows.
+        let simple = (
+            one_of(&[
+                "purchases.count",
+                "purchases.count_7d",
+                "purchases.count_30d",
+                "engagement.count",
+                "engagement.count_30d",
+                r#"action_count("open", "30d")"#,
+                r#"category_count("books")"#,
+                "attr.size",
+                "attr.size",
+                "coalesce(attr.size, 0)",
+                "coalesce(attr.size, attr.size)",
+                "coalesce(purchases.avg_order, 1)",
+                "days_since(purchases.last)",
+            ]),
+            cmp_op(),
+            one_of(&["0", "1", "2", "12", "500"]),
+        )
+            .prop_map(|(a, op, b)| format!("{a} {op} {b}"));
+        let leaf = prop_oneof![
+            4 => simple,
+            3 => (number(), cmp_op(), number()).prop_map(|(a, op, b)| format!("{a} {op} {b}")),
+            // A number attribute against another feature: where a mistyped value differs
+            // from a missing one.
+            2 => (
+                one_of(&["attr.size", "coalesce(attr.size, attr.size)"]),
+                cmp_op(),
+                one_of(&["purchases.count", "attr.size", "attr.size", "engagement.count"]),
+            )
+                .prop_map(|(a, op, b)| format!("{a} {op} {b}")),
+            1 => (time(), cmp_op(), time()).prop_map(|(a, op, b)| format!("{a} {op} {b}")),
+            1 => (
+                one_of(&["attr.industry", "purchases.plan", "purchases.top_category", "purchases.top_channel"]),
+                one_of(&["==", "!="]),
+                one_of(&[r#""finance""#, r#""annual""#, r#""books""#, r#""web""#, r#""nowhere""#]),
+            )
+                .prop_map(|(a, op, b)| format!("{a} {op} {b}")),
+            1 => one_of(&[
+                r#""books" in purchases.categories"#,
+                r#"attr.industry in ["finance", "retail"]"#,
+                r#"attr.industry not in ["finance"]"#,
+                "attr.size in [500, 12]",
+                "has(attr.size)",
+                "has(attr.industry)",
+                "attr.vip == true",
+                "attr.vip != false",
+                "attr.vip",
+                r#""finance" == attr.industry"#,
+            ]),
+        ];
+        leaf.prop_recursive(3, 16, 2, |b| {
+            prop_oneof![
+                (b.clone(), b.clone()).prop_map(|(x, y)| format!("({x} && {y})")),
+                (b.clone(), b.clone()).prop_map(|(x, y)| format!("({x} || {y})")),
+                b.prop_map(|x| format!("!({x})")),
+            ]
+        })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Ev {
+        Purchase {
+            day: i64,
+            amount: f64,
+            category: &'static str,
+            channel: &'static str,
+            plan: Option<&'static str>,
+        },
+        Engagement {
+            day: i64,
+            action: &'static str,
+        },
+        Profile {
+            day: i64,
+            industry: Option<&'static str>,
+            size: Option<f64>,
+            vip: Option<bool>,
+        },
+    }
+
+    fn event() -> impl Strategy<Value = Ev> {
+        let day = 0i64..60;
+        prop_oneof![
+            (
+                day.clone(),
+                proptest::sample::select(&[-20.0, 10.0, 600.0, 1200.0][..]),
+                proptest::sample::select(&["books", "games"][..]),
+                proptest::sample::select(&["web", "store"][..]),
+                proptest::option::of(proptest::sample::select(&["annual", "monthly"][..])),
+            )
+                .prop_map(|(day, amount, category, channel, plan)| Ev::Purchase {
+                    day,
+                    amount,
+                    category,
+                    channel,
+                    plan
+                }),
+            (
+                day.clone(),
+                proptest::sample::select(&["open", "click"][..])
+            )
+                .prop_map(|(day, action)| Ev::Engagement { day, action }),
+            (
+                day,
+                proptest::option::of(proptest::sample::select(&["finance", "retail"][..])),
+                proptest::option::of(proptest::sample::select(&[12.0, 500.0, 800.0][..])),
+                proptest::option::of(any::<bool>()),
+            )
+                .prop_map(|(day, industry, size, vip)| Ev::Profile {
+                    day,
+                    industry,
+                    size,
+                    vip
+                }),
+        ]
+    }
+
+    fn json(ev: &Ev, minute: i64) -> String {
+        let ts = |day: i64| T0 + day * DAY_MS + minute * 60_000;
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "null".into());
+        match ev {
+            Ev::Purchase {
+                day,
+                amount,
+                category,
+                channel,
+                plan,
+            } => format!(
+                r#"{{"customer_id":"c","type":"purchase","timestamp":{},"amount":{amount},"category":"{category}","channel":"{channel}"{}}}"#,
+                ts(*day),
+                plan.map_or(String::new(), |p| format!(r#","plan":"{p}""#))
+            ),
+            Ev::Engagement { day, action } => format!(
+                r#"{{"customer_id":"c","type":"engagement","timestamp":{},"action":"{action}"}}"#,
+                ts(*day)
+            ),
+            Ev::Profile {
+                day,
+                industry,
+                size,
+                vip,
+            } => format!(
+                r#"{{"customer_id":"c","type":"profile","timestamp":{},"attributes":{{"industry":{},"size":{},"vip":{}}}}}"#,
+                ts(*day),
+                opt(industry.map(|i| format!("\"{i}\""))),
+                opt(size.map(|s| s.to_string())),
+                opt(vip.map(|v| v.to_string())),
+            ),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+
+        /// A program holds exactly when the tree's evaluation does, for conditions of every
+        /// form, on customers built from events, with attribute values of the wrong type (a
+        /// restore under changed rules), at instants before, during and after the events.
+        #[test]
+        fn a_program_agrees_with_the_tree(
+            cond in condition(),
+            events in prop::collection::vec(event(), 0..12),
+            mistyped in proptest::option::of(0usize..6),
+            at_day in -1i64..120,
+        ) {
+            let cfg = config();
+            let syms = Symbols::new();
+            let node = parse(&cond).map_err(|e| TestCaseError::fail(format!("{cond}: {}", e.message)))?;
+            let Ok((expr, _)) = Compiler::new(&cfg, &syms, &cond).compile_condition(&node) else {
+                return Err(TestCaseError::reject("does not type-check"));
+            };
+            let mut st = CustomerState::default();
+            for (i, ev) in events.iter().enumerate() {
+                let json = json(ev, i as i64);
+                let ev = crate::event::decode(json.as_bytes()).unwrap();
+                st.apply(&cfg, &syms, &ev);
+            }
+            let wrong = [
+                (0, AttrVal::Num(3.0)),
+                (0, AttrVal::Bool(true)),
+                (1, AttrVal::Str(AttrStr::new("12"))),
+                (1, AttrVal::Bool(false)),
+                (2, AttrVal::Num(1.0)),
+                (2, AttrVal::Str(AttrStr::new("true"))),
+            ];
+            if let Some(m) = mistyped {
+                let (slot, v) = wrong[m].clone();
+                st.attrs.set(slot, 3, Some(v));
+            }
+            let program = Program::new(&expr);
+            let marked = expr.mark_static();
+            let cx = Ctx::new(&st, &cfg, &syms, T0 + at_day * DAY_MS + 30 * 60_000);
+            let want = marked.eval_bool(&cx);
+            prop_assert_eq!(program.holds(&cx), want, "{}", cond);
+            prop_assert_eq!(Program::new(&marked).holds(&cx), want, "{} (marked)", cond);
+        }
+    }
+}
