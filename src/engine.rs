@@ -868,13 +868,7 @@ impl Engine {
 
     /// The values of `atoms` (each text once already), for a change.
     fn shown<'r>(&'r self, atoms: &'r [Atom], cx: &Ctx<'_>) -> Because<'r> {
-        atoms
-            .iter()
-            .map(|a| {
-                let v = Shown::of(a.expr.eval(cx), &self.rules.symbols);
-                (a, v)
-            })
-            .collect()
+        atoms.iter().map(|a| (a, a.shown(cx))).collect()
     }
 
     /// The values of the given atoms, deduplicated by text, in order, as JSON (for

@@ -6,8 +6,10 @@
 //! The README's "Rule language" section documents the same catalog for users.
 
 use std::cell::Cell;
+use std::sync::Arc;
 
 use crate::rules::parse::{Ast, BinOp, Node, Span, UnOp};
+use crate::rules::program::ShownProgram;
 use crate::state::{AttrStr, AttrType, AttrVal, CustomerState, StateConfig, NO_TIME};
 use crate::symbols::{Sym, Symbols};
 use crate::time::{DAY_MS, HOUR_MS};
@@ -677,13 +679,22 @@ impl Expr {
 
 /// One value a rule reads, named by its source text (`purchases.count`,
 /// `days_since(purchases.last)`), shown in `because` and `explain`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Atom {
     pub text: String,
     pub expr: Expr,
     /// `text` as a JSON object key with its colon (`"purchases.count":`), rendered once: the
     /// change serializer writes it for every value it shows.
     json_key: Box<[u8]>,
+    /// `expr`'s value as shown, compiled ([`ShownProgram`]): what a change carries.
+    shown: Arc<ShownProgram>,
+}
+
+impl PartialEq for Atom {
+    /// The same text and expression (the rest is made from them).
+    fn eq(&self, o: &Self) -> bool {
+        self.text == o.text && self.expr == o.expr
+    }
 }
 
 impl Atom {
@@ -693,9 +704,16 @@ impl Atom {
         json_key.push(b':');
         Atom {
             text,
+            shown: Arc::new(ShownProgram::new(&expr)),
             expr,
             json_key: json_key.into(),
         }
+    }
+
+    /// The value shown for this atom in a change's `because`: [`Shown::of`] the expression's
+    /// value.
+    pub fn shown(&self, cx: &Ctx<'_>) -> Shown {
+        self.shown.shown(cx)
     }
 
     /// [`Self::text`] as a JSON object key, colon included.
@@ -1232,23 +1250,26 @@ pub enum Shown {
 }
 
 impl Shown {
+    /// A number as shown: whole numbers without a fraction, others rounded.
+    pub fn num(n: f64) -> Shown {
+        if n.fract() == 0.0 && n.abs() < 9.0e15 {
+            Shown::Int(n as i64)
+        } else {
+            // Round to 6 decimals so explanations stay readable (days_since etc.).
+            let r = (n * 1e6).round() / 1e6;
+            if r.is_finite() {
+                Shown::Num(r)
+            } else {
+                Shown::Null
+            }
+        }
+    }
+
     pub fn of(v: Val<'_>, syms: &Symbols) -> Shown {
         match v {
             Val::Missing => Shown::Null,
             Val::Bool(b) => Shown::Bool(b),
-            Val::Num(n) => {
-                if n.fract() == 0.0 && n.abs() < 9.0e15 {
-                    Shown::Int(n as i64)
-                } else {
-                    // Round to 6 decimals so explanations stay readable (days_since etc.).
-                    let r = (n * 1e6).round() / 1e6;
-                    if r.is_finite() {
-                        Shown::Num(r)
-                    } else {
-                        Shown::Null
-                    }
-                }
-            }
+            Val::Num(n) => Shown::num(n),
             Val::Time(t) => Shown::Time(t),
             Val::Sym(s) => Shown::Str(syms.name(s).as_ref().into()),
             Val::Text(t) => Shown::Str(t.as_str().into()),

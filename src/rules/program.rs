@@ -10,7 +10,7 @@
 //! value's type. Nodes it has no special form for evaluate through the tree.
 
 use crate::rules::compile::{num, ArithOp, Ctx, Expr, Feature, Func, Lit, StrLit};
-use crate::rules::compile::{CmpOp, Val};
+use crate::rules::compile::{CmpOp, Shown, Val};
 use crate::state::{AttrType, AttrVal, CustomerState, NO_TIME};
 use crate::time::{DAY_MS, HOUR_MS};
 
@@ -36,6 +36,35 @@ impl Program {
     /// Whether the condition holds: [`Expr::eval_bool`] of the expression compiled.
     #[inline]
     pub fn holds(&self, cx: &Ctx<'_>) -> bool {
+        (self.0)(cx)
+    }
+}
+
+/// An atom's value for `because` ([`Shown::of`] the expression's value), compiled: a number
+/// or an instant is read and shown without a [`Val`]; anything else goes through the tree.
+pub struct ShownProgram(Box<dyn Fn(&Ctx<'_>) -> Shown + Send + Sync>);
+
+impl std::fmt::Debug for ShownProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShownProgram")
+    }
+}
+
+impl ShownProgram {
+    pub fn new(e: &Expr) -> Self {
+        if let Some(t) = time_fn(e) {
+            return ShownProgram(Box::new(move |cx| t(cx).map_or(Shown::Null, Shown::Time)));
+        }
+        if let Some((x, Kind::Num)) = num_fn(e) {
+            return ShownProgram(Box::new(move |cx| x(cx).map_or(Shown::Null, Shown::num)));
+        }
+        let e = e.clone();
+        ShownProgram(Box::new(move |cx| Shown::of(e.eval(cx), cx.syms)))
+    }
+
+    /// The value shown.
+    #[inline]
+    pub fn shown(&self, cx: &Ctx<'_>) -> Shown {
         (self.0)(cx)
     }
 }
@@ -578,9 +607,10 @@ mod tests {
 
         /// A program holds exactly when the tree's evaluation does, for conditions of every
         /// form, on customers built from events, with attribute values of the wrong type (a
-        /// restore under changed rules), at instants before, during and after the events.
+        /// restore under changed rules), at instants before, during and after the events; and
+        /// the condition's atoms show the tree's values.
         #[test]
-        fn a_program_agrees_with_the_tree(
+        fn a_program_and_its_atoms_agree_with_the_tree(
             cond in condition(),
             events in prop::collection::vec(event(), 0..12),
             mistyped in proptest::option::of(0usize..6),
@@ -589,7 +619,7 @@ mod tests {
             let cfg = config();
             let syms = Symbols::new();
             let node = parse(&cond).map_err(|e| TestCaseError::fail(format!("{cond}: {}", e.message)))?;
-            let Ok((expr, _)) = Compiler::new(&cfg, &syms, &cond).compile_condition(&node) else {
+            let Ok((expr, atoms)) = Compiler::new(&cfg, &syms, &cond).compile_condition(&node) else {
                 return Err(TestCaseError::reject("does not type-check"));
             };
             let mut st = CustomerState::default();
@@ -616,6 +646,10 @@ mod tests {
             let want = marked.eval_bool(&cx);
             prop_assert_eq!(program.holds(&cx), want, "{}", cond);
             prop_assert_eq!(Program::new(&marked).holds(&cx), want, "{} (marked)", cond);
+            // And every value it shows in `because`.
+            for a in &atoms {
+                prop_assert_eq!(a.shown(&cx), Shown::of(a.expr.eval(&cx), &syms), "{}", a.text);
+            }
         }
     }
 }
