@@ -117,7 +117,14 @@ fn bench_quick_prints_one_json_line_per_measurement_with_the_machine() {
     }
     assert_eq!(engine[1]["rules"], "heavy");
     assert!(engine[1]["rule_count"].as_u64().unwrap() >= 30);
-    positive(find("bytes_per_customer")[0], "bytes_per_customer");
+    let memory = find("bytes_per_customer")[0];
+    positive(memory, "bytes_per_customer");
+    positive(memory, "bytes_per_customer_unreleased");
+    // Returning the allocator's free memory can only lower the reading.
+    assert!(
+        memory["bytes_per_customer_unreleased"].as_u64() >= memory["bytes_per_customer"].as_u64(),
+        "{memory}"
+    );
     // On the pipeline's workers, then fed directly on one core: every customer each time.
     for (m, workers) in [
         ("restore_in_memory", microseg::restore::workers(3) as u64),
