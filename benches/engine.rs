@@ -14,6 +14,7 @@ use microseg::event::decode;
 use microseg::generate::Generator;
 use microseg::metrics::Metrics;
 use microseg::output::{change_json, Cause};
+use microseg::rules::compile::Ctx;
 use microseg::rules::RuleSet;
 use microseg::state::CustomerState;
 
@@ -91,6 +92,29 @@ fn rule_evaluation(c: &mut Criterion) {
                 }
             })
         });
+        // Every rule, as the engine evaluates it (`rules::program`) and by the reference tree
+        // walk: the same loop, no result allocated.
+        let rules = engine.rules.clone();
+        type Holds = fn(&microseg::rules::Rule, &Ctx<'_>) -> bool;
+        let evaluators: [(&str, Holds); 2] = [
+            ("programs", |r, cx| r.program.holds(cx)),
+            ("tree", |r, cx| r.expr.eval_bool(cx)),
+        ];
+        for (how, holds) in evaluators {
+            g.bench_function(format!("{how}_{name}"), |b| {
+                b.iter(|| {
+                    for c in customers.values() {
+                        let cx = Ctx::new(&c.state, &rules.state, &rules.symbols, now);
+                        for s in &rules.segmentations {
+                            black_box(s.segments.iter().position(|r| holds(r, &cx)));
+                        }
+                        for r in &rules.segments {
+                            black_box(holds(r, &cx));
+                        }
+                    }
+                })
+            });
+        }
         g.bench_function(format!("next_timer_{name}"), |b| {
             b.iter(|| {
                 for c in customers.values_mut() {
