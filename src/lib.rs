@@ -13,8 +13,9 @@
 //!            processor::Processor  per partition: watermark + timer index (due, customer)
 //!                │ fires due timers, then              │
 //!                ▼                                     ▼
-//!            engine::Engine::advance / apply_at (state::CustomerState + rules::compile::Expr;
-//!                                                rules::timing → the customer's next timer)
+//!            engine::Engine::advance / apply_at (state::CustomerState + rules::program, the
+//!                                                rules compiled to closures; rules::timing on
+//!                                                rules::compile::Expr → the next timer)
 //!                                                      │ changes
 //!                                                      ▼
 //!                        output::change_json ─► producer ─► segment-change topic
