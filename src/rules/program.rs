@@ -78,8 +78,8 @@ enum Kind {
     Time,
     /// A number attribute: `Val::Num` or `Val::Missing`, or, for a value stored under another
     /// type (restored under changed rules), a string or a bool, which the closure reads as
-    /// `None`. Where the tree treats such a value unlike a missing one (`!=`, `coalesce`),
-    /// the node is left to the tree.
+    /// `None`. Where the tree treats such a value unlike a missing one (`==` and `!=`, see
+    /// `cmp_fn`; `coalesce`), the node is left to the tree.
     AttrNum,
 }
 
@@ -234,11 +234,10 @@ fn num_fn(e: &Expr) -> Option<(NumFn, Kind)> {
         }
         Expr::Call(Func::Coalesce, args) => {
             let ((x, kx), (y, ky)) = (num_fn(args.first()?)?, num_fn(args.get(1)?)?);
-            // Sides of two kinds would make the result's kind depend on the state. Two
-            // number attributes give one: a mistyped first value, which the tree returns and
-            // this reads as missing, then decides no comparison but `!=`, which is left to
-            // the tree for that kind.
-            if kx != ky {
+            // A mistyped first value is not missing to the tree: it returns it, where this
+            // would read the second. Sides of two kinds would make the result's kind depend
+            // on the state.
+            if kx == Kind::AttrNum || kx != ky {
                 return None;
             }
             (Box::new(move |cx| x(cx).or_else(|| y(cx))), kx)
@@ -384,6 +383,7 @@ mod tests {
                 ("industry".into(), AttrType::String),
                 ("size".into(), AttrType::Number),
                 ("vip".into(), AttrType::Bool),
+                ("seats".into(), AttrType::Number),
             ],
         }
     }
@@ -463,6 +463,9 @@ mod tests {
                 "attr.size",
                 "coalesce(attr.size, 0)",
                 "coalesce(attr.size, attr.size)",
+                "coalesce(attr.size, attr.seats)",
+                "coalesce(attr.seats, attr.size)",
+                "attr.seats",
                 "coalesce(purchases.avg_order, 1)",
                 "days_since(purchases.last)",
             ]),
@@ -528,6 +531,7 @@ mod tests {
             industry: Option<&'static str>,
             size: Option<f64>,
             vip: Option<bool>,
+            seats: Option<f64>,
         },
     }
 
@@ -558,12 +562,14 @@ mod tests {
                 proptest::option::of(proptest::sample::select(&["finance", "retail"][..])),
                 proptest::option::of(proptest::sample::select(&[12.0, 500.0, 800.0][..])),
                 proptest::option::of(any::<bool>()),
+                proptest::option::of(proptest::sample::select(&[12.0, 40.0][..])),
             )
-                .prop_map(|(day, industry, size, vip)| Ev::Profile {
+                .prop_map(|(day, industry, size, vip, seats)| Ev::Profile {
                     day,
                     industry,
                     size,
-                    vip
+                    vip,
+                    seats,
                 }),
         ]
     }
@@ -592,12 +598,14 @@ mod tests {
                 industry,
                 size,
                 vip,
+                seats,
             } => format!(
-                r#"{{"customer_id":"c","type":"profile","timestamp":{},"attributes":{{"industry":{},"size":{},"vip":{}}}}}"#,
+                r#"{{"customer_id":"c","type":"profile","timestamp":{},"attributes":{{"industry":{},"size":{},"vip":{},"seats":{}}}}}"#,
                 ts(*day),
                 opt(industry.map(|i| format!("\"{i}\""))),
                 opt(size.map(|s| s.to_string())),
                 opt(vip.map(|v| v.to_string())),
+                opt(seats.map(|s| s.to_string())),
             ),
         }
     }
@@ -613,7 +621,7 @@ mod tests {
         fn a_program_and_its_atoms_agree_with_the_tree(
             cond in condition(),
             events in prop::collection::vec(event(), 0..12),
-            mistyped in proptest::option::of(0usize..6),
+            mistyped in proptest::option::of(0usize..7),
             at_day in -1i64..120,
         ) {
             let cfg = config();
@@ -633,12 +641,13 @@ mod tests {
                 (0, AttrVal::Bool(true)),
                 (1, AttrVal::Str(AttrStr::new("12"))),
                 (1, AttrVal::Bool(false)),
+                (3, AttrVal::Str(AttrStr::new("40"))),
                 (2, AttrVal::Num(1.0)),
                 (2, AttrVal::Str(AttrStr::new("true"))),
             ];
             if let Some(m) = mistyped {
                 let (slot, v) = wrong[m].clone();
-                st.attrs.set(slot, 3, Some(v));
+                st.attrs.set(slot, cfg.attributes.len(), Some(v));
             }
             let program = Program::new(&expr);
             let marked = expr.mark_static();
