@@ -12,6 +12,7 @@
 use crate::rules::compile::{num, ArithOp, Ctx, Expr, Feature, Func, Lit, StrLit};
 use crate::rules::compile::{CmpOp, Shown, Val};
 use crate::state::{AttrType, AttrVal, CustomerState, NO_TIME};
+use crate::symbols::Sym;
 use crate::time::{DAY_MS, HOUR_MS};
 
 type BoolFn = Box<dyn Fn(&Ctx<'_>) -> bool + Send + Sync>;
@@ -157,7 +158,7 @@ fn str_cmp_fn(op: CmpOp, f: &Feature, l: &StrLit) -> Option<BoolFn> {
         _ => return None,
     };
     let sym = l.sym;
-    let sym_cmp = move |s: Option<u32>| s.is_some_and(|s| (s == sym) == eq);
+    let sym_cmp = move |s: Option<Sym>| s.is_some_and(|s| (s == sym) == eq);
     Some(match f {
         Feature::Plan => Box::new(move |cx| sym_cmp(cx.state.plan)),
         Feature::TopCategory => {
