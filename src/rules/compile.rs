@@ -383,8 +383,9 @@ impl Feature {
             PurchaseAvg if st.purchase_count == 0 => Val::Missing,
             PurchaseAvg => Val::Num(st.spend / st.purchase_count as f64),
             PurchaseQuantity => Val::Num(st.quantity),
-            PurchaseFirst => time_val(st.first_purchase),
-            PurchaseLast => time_val(st.last_purchase),
+            PurchaseFirst | PurchaseLast | EngagementLast | LastSeen | FirstSeen => self
+                .time_field()
+                .map_or(Val::Missing, |get| time_val(get(st))),
             PurchaseCountW(b) => Val::Num(cx.purchases_in(b).0 as f64),
             PurchaseSpendW(b) => Val::Num(cx.purchases_in(b).1),
             TopCategory => sym_val(CustomerState::top(st.categories())),
@@ -392,9 +393,6 @@ impl Feature {
             Plan => sym_val(st.plan),
             EngagementCount => Val::Num(st.engagement_count as f64),
             EngagementCountW(b) => Val::Num(cx.engagements_in(b, None) as f64),
-            EngagementLast => time_val(st.last_engagement),
-            LastSeen => time_val(st.last_seen),
-            FirstSeen => time_val(st.first_seen),
             Attr(i, _) => match st.attrs.get(i) {
                 Some(AttrVal::Num(n)) => Val::Num(*n),
                 Some(AttrVal::Str(s)) => Val::Text(s),
@@ -412,6 +410,19 @@ impl Feature {
             // Sets are only read through `in`.
             Categories | Channels | Actions => Val::Missing,
         }
+    }
+
+    /// A time feature's field in the state (`NO_TIME` before any), None for other features.
+    pub fn time_field(&self) -> Option<fn(&CustomerState) -> i64> {
+        use Feature::*;
+        Some(match self {
+            PurchaseFirst => |st| st.first_purchase,
+            PurchaseLast => |st| st.last_purchase,
+            EngagementLast => |st| st.last_engagement,
+            LastSeen => |st| st.last_seen,
+            FirstSeen => |st| st.first_seen,
+            _ => return None,
+        })
     }
 
     fn set_contains(&self, st: &CustomerState, sym: Sym) -> bool {

@@ -249,17 +249,14 @@ fn num_fn(e: &Expr) -> Option<(NumFn, Kind)> {
 
 /// A time-valued expression (`days_since`'s argument): a time feature.
 fn time_fn(e: &Expr) -> Option<TimeFn> {
-    let time = |t: i64| (t != NO_TIME).then_some(t);
-    Some(match strip(e) {
-        Expr::Feature(Feature::PurchaseFirst) => Box::new(move |cx| time(cx.state.first_purchase)),
-        Expr::Feature(Feature::PurchaseLast) => Box::new(move |cx| time(cx.state.last_purchase)),
-        Expr::Feature(Feature::EngagementLast) => {
-            Box::new(move |cx| time(cx.state.last_engagement))
-        }
-        Expr::Feature(Feature::LastSeen) => Box::new(move |cx| time(cx.state.last_seen)),
-        Expr::Feature(Feature::FirstSeen) => Box::new(move |cx| time(cx.state.first_seen)),
-        _ => return None,
-    })
+    let Expr::Feature(f) = strip(e) else {
+        return None;
+    };
+    let get = f.time_field()?;
+    Some(Box::new(move |cx| {
+        let t = get(cx.state);
+        (t != NO_TIME).then_some(t)
+    }))
 }
 
 /// What to make of a feature's reader: [`feature_with`] passes each feature's own closure
@@ -316,7 +313,6 @@ where
 /// A numeric or time feature's reader, handed to `b` (`None`: a feature of another type).
 fn feature_with<B: Build>(f: &Feature, b: B) -> Option<B::Out> {
     use Feature::*;
-    let time = |t: i64| (t != NO_TIME).then_some(t as f64);
     Some(match *f {
         PurchaseCount => b.build(|cx| Some(cx.state.purchase_count as f64), Kind::Num),
         PurchaseSpend => b.build(|cx| Some(cx.state.spend), Kind::Num),
@@ -342,11 +338,16 @@ fn feature_with<B: Build>(f: &Feature, b: B) -> Option<B::Out> {
             let f = f.clone();
             b.build(move |cx| num(f.read(cx)), Kind::Num)
         }
-        PurchaseFirst => b.build(move |cx| time(cx.state.first_purchase), Kind::Time),
-        PurchaseLast => b.build(move |cx| time(cx.state.last_purchase), Kind::Time),
-        EngagementLast => b.build(move |cx| time(cx.state.last_engagement), Kind::Time),
-        LastSeen => b.build(move |cx| time(cx.state.last_seen), Kind::Time),
-        FirstSeen => b.build(move |cx| time(cx.state.first_seen), Kind::Time),
+        PurchaseFirst | PurchaseLast | EngagementLast | LastSeen | FirstSeen => {
+            let get = f.time_field()?;
+            b.build(
+                move |cx| {
+                    let t = get(cx.state);
+                    (t != NO_TIME).then_some(t as f64)
+                },
+                Kind::Time,
+            )
+        }
         Attr(i, AttrType::Number) => b.build(
             move |cx| match cx.state.attrs.get(i) {
                 Some(AttrVal::Num(v)) => Some(*v),
