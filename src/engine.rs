@@ -689,7 +689,7 @@ impl Engine {
         // A bound matters only if it is earlier than every instant known.
         for (bound, r, value) in beyond {
             if bound < t {
-                let x = r.expr.next_change_given(cx, value);
+                let x = r.timing.next_change_given(cx, value);
                 RuleTimers::set(cache, r.timer_slot, x, now);
                 t = t.min(x);
             }
@@ -713,7 +713,7 @@ impl Engine {
                 NEVER
             }
             Cached::Stale => {
-                let t = r.expr.next_change_given(cx, value);
+                let t = r.timing.next_change_given(cx, value);
                 RuleTimers::set(cache, r.timer_slot, t, cx.now);
                 t
             }

@@ -361,7 +361,7 @@ impl<'a> Ctx<'a> {
     }
 }
 
-fn time_val(t: i64) -> Val<'static> {
+pub(crate) fn time_val(t: i64) -> Val<'static> {
     if t == NO_TIME {
         Val::Missing
     } else {

@@ -8,6 +8,8 @@
 
 pub mod compile;
 pub mod explain;
+#[cfg(test)]
+mod gen;
 pub mod parse;
 pub mod program;
 pub mod timing;
@@ -33,6 +35,8 @@ pub struct Rule {
     pub expr: Expr,
     /// `expr` compiled for evaluation ([`program`]): what the engine runs.
     pub program: Arc<program::Program>,
+    /// `expr`'s timer analysis compiled ([`timing::Timing`]): what the engine runs.
+    pub timing: Arc<timing::Timing>,
     pub deps: u8,
     /// This rule's slot in a customer's per-rule timer cache (time-dependent rules only;
     /// see `engine::RuleTimers`), assigned when the rule set is built.
@@ -420,17 +424,22 @@ impl RuleSet {
                     }
                 };
                 match Compiler::new(&state, &symbols, src).compile_condition(&node) {
-                    Ok((expr, atoms)) => Some(Rule {
-                        name: def.name.get_ref().clone(),
-                        description: def.description.clone(),
-                        source: src.clone(),
-                        deps: expr.deps(),
-                        timer_slot: None,
-                        program: Arc::new(program::Program::new(&expr)),
-                        expr: expr.mark_static(),
-                        atoms,
-                        condition: explain::Condition::build(&node, src, &state, &symbols),
-                    }),
+                    Ok((expr, atoms)) => {
+                        let program = Arc::new(program::Program::new(&expr));
+                        let expr = expr.mark_static();
+                        Some(Rule {
+                            name: def.name.get_ref().clone(),
+                            description: def.description.clone(),
+                            source: src.clone(),
+                            deps: expr.deps(),
+                            timer_slot: None,
+                            program,
+                            timing: Arc::new(timing::Timing::new(&expr)),
+                            expr,
+                            atoms,
+                            condition: explain::Condition::build(&node, src, &state, &symbols),
+                        })
+                    }
                     Err(errors) => {
                         for e in errors {
                             let col = src[..e.span.start.min(src.len())].chars().count() + 1;
