@@ -139,10 +139,13 @@ impl RuleTimers {
         }
     }
     fn get(cache: &[u64], slot: Option<u16>, now: i64) -> Cached {
+        Self::get_from(cache, Self::base(cache), slot, now)
+    }
+    /// [`RuleTimers::get`] with the cache's base already read.
+    fn get_from(cache: &[u64], base: i64, slot: Option<u16>, now: i64) -> Cached {
         let Some(i) = slot else {
             return Cached::Stale;
         };
-        let base = Self::base(cache);
         match Self::entry(cache, i as usize) {
             STALE => Cached::Stale,
             NEVER_CODE => Cached::At(NEVER),
@@ -161,7 +164,14 @@ impl RuleTimers {
         Self::get(cache, slot, now) != Cached::Stale
     }
     /// Records instant `t` of the rule at `slot`, computed at `now`.
+    #[cfg(test)]
     fn set(cache: &mut [u64], slot: Option<u16>, t: i64, now: i64) {
+        let mut base = Self::base(cache);
+        Self::set_from(cache, &mut base, slot, t, now);
+    }
+    /// [`RuleTimers::set`] with the cache's base already read into `base`, which follows a
+    /// move of the base.
+    fn set_from(cache: &mut [u64], base: &mut i64, slot: Option<u16>, t: i64, now: i64) {
         let Some(i) = slot.map(|i| i as usize) else {
             return;
         };
@@ -169,16 +179,15 @@ impl RuleTimers {
             return Self::set_entry(cache, i, NEVER_CODE);
         }
         let fits = |base: i64| t.checked_sub(base).filter(|o| *o > 0 && *o < BEYOND as i64);
-        let mut base = Self::base(cache);
-        if fits(base).is_none() && now > base {
+        if fits(*base).is_none() && now > *base {
             Self::rebase(cache, now);
-            base = now;
+            *base = now;
         }
-        let code = match fits(base) {
+        let code = match fits(*base) {
             Some(o) => o as u32,
             // Later than the range: a lower bound. (Earlier than the base cannot be, since
             // instants follow `now` and the base is an earlier `now`; stale is safe anyway.)
-            None if t > base => BEYOND,
+            None if t > *base => BEYOND,
             None => STALE,
         };
         Self::set_entry(cache, i, code);
@@ -662,9 +671,10 @@ impl Engine {
         // The segment words come first: read them beside the cache, which is written.
         let (head, rest) = words.split_at_mut(timers.start);
         let cache = &mut rest[..timers.len()];
+        let mut base = RuleTimers::base(cache);
         // Rules whose instant is only known to be later than a bound, looked at last.
         let mut beyond: SmallVec<[(i64, &Rule, Option<bool>); 4]> = SmallVec::new();
-        let mut next = |r, value| Self::cached_next(cache, cx, r, value, &mut beyond);
+        let mut next = |r, value| Self::cached_next(cache, &mut base, cx, r, value, &mut beyond);
         let mut t = NEVER;
         for (si, seg) in self.rules.segmentations.iter().enumerate() {
             if seg.deps & deps::TIME == 0 {
@@ -690,7 +700,7 @@ impl Engine {
         for (bound, r, value) in beyond {
             if bound < t {
                 let x = r.timing.next_change_given(cx, value);
-                RuleTimers::set(cache, r.timer_slot, x, now);
+                RuleTimers::set_from(cache, &mut base, r.timer_slot, x, now);
                 t = t.min(x);
             }
         }
@@ -701,12 +711,13 @@ impl Engine {
     /// now, if known); a bound is put in `beyond` (and counts as `NEVER` here).
     fn cached_next<'a>(
         cache: &mut [u64],
+        base: &mut i64,
         cx: &Ctx<'_>,
         r: &'a Rule,
         value: Option<bool>,
         beyond: &mut SmallVec<[(i64, &'a Rule, Option<bool>); 4]>,
     ) -> i64 {
-        match RuleTimers::get(cache, r.timer_slot, cx.now) {
+        match RuleTimers::get_from(cache, *base, r.timer_slot, cx.now) {
             Cached::At(t) => t,
             Cached::Beyond(bound) => {
                 beyond.push((bound, r, value));
@@ -714,7 +725,7 @@ impl Engine {
             }
             Cached::Stale => {
                 let t = r.timing.next_change_given(cx, value);
-                RuleTimers::set(cache, r.timer_slot, t, cx.now);
+                RuleTimers::set_from(cache, base, r.timer_slot, t, cx.now);
                 t
             }
         }
