@@ -115,6 +115,35 @@ fn rule_evaluation(c: &mut Criterion) {
                 })
             });
         }
+        // Every time-dependent rule's timer analysis, as the engine runs it (`rules::timing`,
+        // compiled) and by the reference tree walk, each told the rule's value (read by its
+        // program in both loops): the same loop, no cache.
+        type Next = fn(&microseg::rules::Rule, &Ctx<'_>, Option<bool>) -> i64;
+        let analyses: [(&str, Next); 2] = [
+            ("timing_compiled", |r, cx, v| {
+                r.timing.next_change_given(cx, v)
+            }),
+            ("timing_tree", |r, cx, v| r.expr.next_change_given(cx, v)),
+        ];
+        let timed: Vec<_> = rules
+            .segmentations
+            .iter()
+            .flat_map(|s| &s.segments)
+            .chain(&rules.segments)
+            .filter(|r| r.timer_slot.is_some())
+            .collect();
+        for (how, next) in analyses {
+            g.bench_function(format!("{how}_{name}"), |b| {
+                b.iter(|| {
+                    for c in customers.values() {
+                        let cx = Ctx::new(&c.state, &rules.state, &rules.symbols, now);
+                        for r in &timed {
+                            black_box(next(r, &cx, Some(r.program.holds(&cx))));
+                        }
+                    }
+                })
+            });
+        }
         g.bench_function(format!("next_timer_{name}"), |b| {
             b.iter(|| {
                 for c in customers.values_mut() {
