@@ -14,8 +14,8 @@
 //!                │ fires due timers, then              │
 //!                ▼                                     ▼
 //!            engine::Engine::advance / apply_at (state::CustomerState + rules::program, the
-//!                                                rules compiled to closures; rules::timing on
-//!                                                rules::compile::Expr → the next timer)
+//!                                                rules compiled to closures; rules::timing,
+//!                                                their timer analysis compiled → the next timer)
 //!                                                      │ changes
 //!                                                      ▼
 //!                        output::change_json ─► producer ─► segment-change topic
