@@ -46,9 +46,10 @@ pub struct Span {
 pub enum Walk {
     /// Entry by entry: any `differs`.
     Linear,
-    /// `differs` reads only a count and is an inequality against a constant (`< k`,
-    /// `>= k`…): with no entry left to enter the window the count only falls, so `differs`
-    /// turns true at most once, and the walk can be a search (see `Totals::first_change`).
+    /// `differs` reads only a count and, as the count falls, turns true at most once (an
+    /// inequality against a constant, `< k`, `>= k`…, or `== k` / `!= k` with the count at
+    /// or below `k`): with no entry left to enter the window the count only falls, so the
+    /// walk can be a search (see `Totals::first_change`).
     Monotone,
 }
 

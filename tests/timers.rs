@@ -415,6 +415,11 @@ when = "40 <= purchases.spend_7d || engagement.count_1d == 2"
 name = "not_one_this_week"
 when = 'purchases.count_7d != 1 && action_count("open", "1d") < 2'
 
+# A window's count equal to zero (the default rules' at_risk): found by a search.
+[[segment]]
+name = "none_this_week"
+when = "purchases.count > 0 && purchases.count_7d == 0"
+
 # Inequalities on a whole window's count, either side (found by a search, not a walk).
 [[segment]]
 name = "two_this_week"

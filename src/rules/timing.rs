@@ -13,8 +13,9 @@
 //! time-independent value stay linear. A comparison of two linear pieces changes where their
 //! difference crosses zero, which is solved directly (then checked by evaluating around the
 //! solution, so float rounding cannot make the timer late). A windowed feature compared with a
-//! time-independent value is solved by walking its buckets forward (exact, no step limit; an
-//! inequality on a count is a search instead, since the count only falls as buckets leave);
+//! time-independent value is solved by walking its buckets forward (exact, no step limit; a
+//! count compared with a value is a search instead, since the count only falls as buckets
+//! leave);
 //! `days_since(x)` or `hours_since(x)` of a fixed instant against a time-independent value is
 //! solved in closed form (the value only grows, so an inequality flips once, near
 //! `x + k * unit`); otherwise the analysis steps from breakpoint to breakpoint (at most
@@ -137,6 +138,14 @@ where
 }
 
 impl Feature {
+    /// Whether this is a windowed count (which only falls as time passes without events).
+    fn is_count(&self) -> bool {
+        matches!(
+            self,
+            Feature::PurchaseCountW(_) | Feature::EngagementCountW(_) | Feature::ActionCountW(..)
+        )
+    }
+
     /// The next instant after `cx.now` at which this feature may change with no event.
     fn next_change(&self, cx: &Ctx<'_>) -> i64 {
         let (st, cfg, now) = (cx.state, cx.cfg, cx.now);
@@ -152,8 +161,8 @@ impl Feature {
 
     /// For a windowed feature (a number): the first instant after `cx.now` at which, with no
     /// new event, `differs` holds for its value (`NEVER`: never). None for any other feature.
-    /// `walk`: [`Walk::Monotone`] when `differs` is an inequality against a constant, which
-    /// on a count turns true at most once (the windows then search instead of walking).
+    /// `walk`: [`Walk::Monotone`] when `differs` turns true at most once as a count falls
+    /// (the windows then search instead of walking).
     fn first_where(
         &self,
         cx: &Ctx<'_>,
@@ -426,8 +435,19 @@ impl<'e> WindowCmp<'e> {
             None => holds(num(f.read(cx))?),
         };
         let walk = match op {
-            CmpOp::Eq | CmpOp::Ne => Walk::Linear,
             CmpOp::Lt | CmpOp::Le | CmpOp::Gt | CmpOp::Ge => Walk::Monotone,
+            CmpOp::Eq | CmpOp::Ne if f.is_count() => {
+                // A count only falls as time passes. At or below `y` now, `== y` can only
+                // turn false (or never true): that is monotone. Above it, nothing changes
+                // before the count first reaches `y` or below: that instant, found by a
+                // search, is the change if the count is `y` there, else early (a bucket
+                // took it past `y`), which is allowed: the analysis runs again then.
+                if num(f.read(cx))? > y {
+                    return f.first_where(cx, Walk::Monotone, |v| v <= y);
+                }
+                Walk::Monotone
+            }
+            CmpOp::Eq | CmpOp::Ne => Walk::Linear,
         };
         f.first_where(cx, walk, |v| holds(v) != initial)
     }
