@@ -153,6 +153,31 @@ fn rule_evaluation(c: &mut Criterion) {
                 }
             })
         });
+        // One busy customer: a purchase and an email open every hour for 30 days, so every
+        // window holds hundreds of buckets (what a search over them saves against a walk).
+        let mut busy = engine.new_customer(0);
+        let start = now - 30 * 86_400_000;
+        for h in 0..720 {
+            let ts = start + h * 3_600_000;
+            for json in [
+                format!(
+                    r#"{{"customer_id":"busy","type":"purchase","timestamp":{ts},"amount":20,"category":"books","channel":"online"}}"#
+                ),
+                format!(
+                    r#"{{"customer_id":"busy","type":"engagement","timestamp":{ts},"action":"email_open"}}"#
+                ),
+            ] {
+                let ev = decode(json.as_bytes()).expect("a valid event");
+                let _ = engine.apply(&mut busy, &ev, &mut Vec::new());
+            }
+        }
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(format!("next_timer_busy_customer_{name}"), |b| {
+            b.iter(|| {
+                busy.clear_rule_timers();
+                black_box(engine.next_timer(&mut busy, now))
+            })
+        });
     }
     g.finish();
 }
