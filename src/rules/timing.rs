@@ -394,8 +394,9 @@ fn cmp_walk(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>, value: Option<bool>) ->
 }
 
 /// A windowed feature compared with a time-independent value (`count_30d >= 3`, the common
-/// case), either way round: solved exactly by walking the window's buckets forward in time,
-/// with constant work per bucket and no step limit.
+/// case), either way round: solved exactly from the window's buckets, with no step limit (a
+/// count by binary searches, since it only falls as time passes; a spend, which refunds can
+/// lower, by a walk forward with constant work per bucket).
 #[derive(Clone, Copy)]
 struct WindowCmp<'e> {
     op: CmpOp,
@@ -538,8 +539,8 @@ type NextFn = Box<dyn Fn(&Ctx<'_>, Option<bool>) -> i64 + Send + Sync>;
 /// A rule's timer analysis compiled when the rules load: [`Expr::next_change_given`] of the
 /// marked expression ([`Expr::mark_static`]), as closures. The sides of `&&` and `||` are
 /// evaluated by their [`Program`]s instead of the tree, and a comparison of one of the
-/// closed-form shapes (a windowed count or `days_since` against a constant) is recognised
-/// once, a literal side read once; what has no special form runs the tree's analysis. Same
+/// closed-form shapes (a windowed feature, or `days_since`/`hours_since` of an instant,
+/// against a time-independent value) is recognised once, a literal side read once; what has no special form runs the tree's analysis. Same
 /// answers as the tree (a property test holds them equal).
 pub struct Timing(NextFn);
 
