@@ -77,6 +77,11 @@ pub struct Activity {
     purchases: u32,
     /// Words of the recent ids, at the end; the engagement entries take what is between.
     recent: u16,
+    /// Whether a purchase entry may have a negative spend of its own (a refund): set when a
+    /// negative amount is added, kept until a restore rebuilds the entries (then exact).
+    /// Without one, a window's spend only falls as time passes, and the timer analysis can
+    /// search it as it does counts. Derived, so not compared; fills padding.
+    refunds: bool,
 }
 
 impl PartialEq for Activity {
@@ -204,7 +209,14 @@ impl Activity {
 
     /// Adds `count` purchases spending `spend` (millionths) to bucket `b`.
     pub fn add_purchase(&mut self, b: u32, count: u32, spend: i64) {
+        self.refunds |= spend < 0;
         self.add_total::<PurchaseTotal>(Part::Purchases, b, (count, spend));
+    }
+
+    /// Whether a purchase entry may have a negative spend of its own (a refund); false
+    /// means a window's spend only falls as buckets leave it.
+    pub fn may_have_refunds(&self) -> bool {
+        self.refunds
     }
 
     /// Adds one engagement of `action` to bucket `b`.

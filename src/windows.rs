@@ -46,10 +46,11 @@ pub struct Span {
 pub enum Walk {
     /// Entry by entry: any `differs`.
     Linear,
-    /// `differs` reads only a count and, as the count falls, turns true at most once (an
+    /// `differs` reads a value that only falls as entries leave the window (a count, or a
+    /// spend with no refund among the entries) and, as it falls, turns true at most once (an
     /// inequality against a constant, `< k`, `>= k`…, or `== k` / `!= k` with the count at
-    /// or below `k`): with no entry left to enter the window the count only falls, so the
-    /// walk can be a search (see `Totals::first_change`).
+    /// or below `k`): with no entry left to enter the window, the walk can be a search (see
+    /// `Totals::first_change`).
     Monotone,
 }
 
@@ -355,7 +356,8 @@ impl<'a> Purchases<'a> {
     /// The first instant after the window's `span` at which, with no new purchase,
     /// `differs(count, spend in millionths)` holds for the window's sums (`NEVER`: none).
     /// Linear in the buckets, constant work per bucket; logarithmic with [`Walk::Monotone`]
-    /// (`differs` then reads the count only: spend can fall or rise, refunds are negative).
+    /// (`differs` then reads the count, or the spend when no bucket holds a refund: see
+    /// [`crate::activity::Activity::may_have_refunds`]).
     pub fn first_change(
         &self,
         span: Span,

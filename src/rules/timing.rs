@@ -174,9 +174,14 @@ impl Feature {
             Feature::PurchaseCountW(b) => {
                 st.purchases_first_change(cfg, now, b, walk, |n, _| differs(n as f64))
             }
-            // Spend is not monotone (refunds are negative amounts).
+            // Spend falls as buckets leave unless a bucket holds a refund (a negative amount).
             Feature::PurchaseSpendW(b) => {
-                st.purchases_first_change(cfg, now, b, Walk::Linear, |_, spend| differs(spend))
+                let walk = if st.activity.may_have_refunds() {
+                    Walk::Linear
+                } else {
+                    walk
+                };
+                st.purchases_first_change(cfg, now, b, walk, |_, spend| differs(spend))
             }
             Feature::EngagementCountW(b) => {
                 st.engagements_first_change(cfg, now, b, None, walk, |n| differs(n as f64))
