@@ -400,8 +400,8 @@ fn cmp_walk(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>, value: Option<bool>) ->
 
 /// A windowed feature compared with a time-independent value (`count_30d >= 3`, the common
 /// case), either way round: solved exactly from the window's buckets, with no step limit (a
-/// count by binary searches, since it only falls as time passes; a spend, which refunds can
-/// lower, by a walk forward with constant work per bucket).
+/// count by binary searches, since it only falls as time passes; a spend too unless a bucket
+/// holds a refund, and then by a walk forward with constant work per bucket).
 #[derive(Clone, Copy)]
 struct WindowCmp<'e> {
     op: CmpOp,
