@@ -500,6 +500,21 @@ impl CustomerState {
             .sum(cfg.span(now, buckets), action)
     }
 
+    /// Whether the window of `buckets` buckets at `now` holds at least `k` engagements of
+    /// `action` ([`crate::windows::Engagements::at_least`]).
+    pub fn engagements_at_least(
+        &self,
+        cfg: &StateConfig,
+        now: i64,
+        buckets: u32,
+        action: Sym,
+        k: u32,
+    ) -> bool {
+        self.activity
+            .engagements()
+            .at_least(cfg.span(now, buckets), action, k)
+    }
+
     pub fn categories(&self) -> &[Count] {
         self.activity.counts(CountKind::Category)
     }

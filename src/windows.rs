@@ -427,6 +427,26 @@ impl<'a> Engagements<'a> {
             .fold(0u32, u32::wrapping_add)
     }
 
+    /// Whether buckets `span` hold at least `k` engagements of `action`: counted back from
+    /// the newest entry, stopping once `k` are found (a comparison of `action_count(a, w)`
+    /// with a number needs no more than that; the whole count is linear in the entries).
+    pub fn at_least(&self, span: Span, action: Sym, k: u32) -> bool {
+        if k == 0 {
+            return true;
+        }
+        let (lo, hi) = self.0.range(span);
+        let mut n = 0u32;
+        for i in (lo..hi).rev() {
+            if self.0 .0[i][1] == action {
+                n = n.wrapping_add(self.0.own(i));
+                if n >= k {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// `(bucket, action, count)` of every entry, sorted by bucket then action symbol.
     pub fn iter(self) -> impl Iterator<Item = (u32, Sym, u32)> + 'a {
         self.0.iter().map(|((b, a), n)| (b, a, n))

@@ -359,6 +359,21 @@ impl<'a> Ctx<'a> {
                 .engagements_in(self.cfg, self.now, buckets, action)
         })
     }
+
+    /// Whether the window holds at least `k` engagements of `action`: from the count if
+    /// this context has read it, else counted back from the newest entry up to `k` only.
+    pub(crate) fn engagements_at_least(&self, buckets: u32, action: Sym, k: u32) -> bool {
+        let key = (buckets, Some(action));
+        for slot in &self.engagements {
+            match slot.get() {
+                Some((k2, n)) if k2 == key => return n >= k,
+                Some(_) => {}
+                None => break,
+            }
+        }
+        self.state
+            .engagements_at_least(self.cfg, self.now, buckets, action, k)
+    }
 }
 
 pub(crate) fn time_val(t: i64) -> Val<'static> {

@@ -112,7 +112,7 @@ pub fn condition() -> impl Strategy<Value = String> {
             "days_since(purchases.last)",
         ]),
         cmp_op(),
-        one_of(&["0", "1", "2", "12", "500"]),
+        one_of(&["0", "1", "2", "2.5", "12", "500"]),
     )
         .prop_map(|(a, op, b)| format!("{a} {op} {b}"));
     let leaf = prop_oneof![

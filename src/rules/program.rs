@@ -120,6 +120,11 @@ fn cmp_fn(op: CmpOp, a: &Expr, b: &Expr) -> Option<BoolFn> {
     let loose = |k: Kind| k == Kind::AttrNum;
     match (strip(a), strip(b)) {
         (Expr::Feature(f), Expr::Lit(Lit::Str(l))) => return str_cmp_fn(op, f, l),
+        (Expr::Feature(Feature::ActionCountW(s, w)), Expr::Lit(Lit::Num(k))) => {
+            if let Some(x) = action_count_cmp_fn(op, *s, *w, *k) {
+                return Some(x);
+            }
+        }
         (Expr::Feature(f), Expr::Lit(Lit::Num(k))) => {
             if let Some((x, kx)) = feature_with(f, CmpConst(op, *k)) {
                 return (op != CmpOp::Ne || !loose(kx)).then_some(x);
@@ -139,6 +144,34 @@ fn cmp_fn(op: CmpOp, a: &Expr, b: &Expr) -> Option<BoolFn> {
         (Some(p), Some(q)) => op.holds(p, q),
         _ => false,
     }))
+}
+
+/// `action_count(a, w) op k` for an inequality: the count is a whole number, so each is
+/// "at least `n`" or its negation, which a scan back from the newest entry answers once it has
+/// found `n` ([`Ctx::engagements_at_least`]), where the count itself reads every entry of the
+/// window.
+fn action_count_cmp_fn(op: CmpOp, s: Sym, w: u32, k: f64) -> Option<BoolFn> {
+    // The least count that satisfies `>= k` (`> k`), as a threshold: None when no count does.
+    let least = |t: f64| -> Option<u32> {
+        if t <= 0.0 {
+            Some(0)
+        } else if t <= u32::MAX as f64 {
+            Some(t as u32)
+        } else {
+            None
+        }
+    };
+    let (n, negated) = match op {
+        CmpOp::Ge => (least(k.ceil()), false),
+        CmpOp::Gt => (least(k.floor() + 1.0), false),
+        CmpOp::Lt => (least(k.ceil()), true),
+        CmpOp::Le => (least(k.floor() + 1.0), true),
+        CmpOp::Eq | CmpOp::Ne => return None,
+    };
+    Some(match n {
+        Some(n) => Box::new(move |cx| cx.engagements_at_least(w, s, n) != negated),
+        None => Box::new(move |_| negated),
+    })
 }
 
 /// `e` without its [`Expr::Static`] marks (they only guide the timer analysis).
@@ -362,9 +395,55 @@ fn feature_with<B: Build>(f: &Feature, b: B) -> Option<B::Out> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::gen::{compiled, condition, config, customer, event, T0};
+    use crate::rules::gen::{compiled, condition, config, customer, event, Ev, T0};
     use crate::symbols::Symbols;
     use proptest::prelude::*;
+
+    /// `action_count(a, w) op k` against the tree for every inequality, counts from 0 to 4
+    /// (opens among clicks, some outside the window) and thresholds between, at and beyond
+    /// whole numbers and past the largest count: where the scan back to `n` and its threshold
+    /// could be off by one.
+    #[test]
+    fn an_action_count_inequality_agrees_with_the_tree_at_every_threshold() {
+        let (cfg, syms) = (config(), Symbols::new());
+        let ks = [
+            "-1",
+            "0",
+            "0.5",
+            "1",
+            "2",
+            "2.5",
+            "3",
+            "4",
+            "4.5",
+            "10000000000",
+        ];
+        for opens in 0..=4 {
+            let mut events = vec![Ev::Engagement {
+                day: 1,
+                action: "open",
+            }];
+            events.extend((0..opens).map(|_| Ev::Engagement {
+                day: 40,
+                action: "open",
+            }));
+            events.push(Ev::Engagement {
+                day: 41,
+                action: "click",
+            });
+            let st = customer(&cfg, &syms, &events, None);
+            for op in ["<", "<=", ">", ">="] {
+                for k in ks {
+                    let cond = format!(r#"action_count("open", "30d") {op} {k}"#);
+                    let (expr, _) = compiled(&cond, &cfg, &syms).expect("compiles");
+                    let at = T0 + 42 * DAY_MS;
+                    let got = Program::new(&expr).holds(&Ctx::new(&st, &cfg, &syms, at));
+                    let want = expr.eval_bool(&Ctx::new(&st, &cfg, &syms, at));
+                    assert_eq!(got, want, "{cond} with {opens} opens");
+                }
+            }
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(5000))]
@@ -386,9 +465,15 @@ mod tests {
             let st = customer(&cfg, &syms, &events, mistyped);
             let program = Program::new(&expr);
             let marked = expr.mark_static();
-            let cx = Ctx::new(&st, &cfg, &syms, T0 + at_day * DAY_MS + 30 * 60_000);
+            let at = T0 + at_day * DAY_MS + 30 * 60_000;
+            // Each in a context of its own: a context remembers the windows it has read, and
+            // a program reads some differently when they are not remembered yet.
+            let got = program.holds(&Ctx::new(&st, &cfg, &syms, at));
+            let cx = Ctx::new(&st, &cfg, &syms, at);
             let want = marked.eval_bool(&cx);
-            prop_assert_eq!(program.holds(&cx), want, "{}", cond);
+            prop_assert_eq!(got, want, "{}", cond);
+            // Also after the tree has read the windows.
+            prop_assert_eq!(program.holds(&cx), want, "{} (remembered)", cond);
             prop_assert_eq!(Program::new(&marked).holds(&cx), want, "{} (marked)", cond);
             // And every value it shows in `because`.
             for a in &atoms {
