@@ -307,6 +307,14 @@ type Memo<K, V> = [Cell<Option<(K, V)>>; MEMO_LEN];
 /// Windows of each kind a [`Ctx`] remembers (the default configuration declares three).
 const MEMO_LEN: usize = 3;
 
+/// The value remembered under `key`, if any (slots fill in order, so an empty one ends the
+/// search).
+fn recalled<K: Copy + Eq, V: Copy>(memo: &Memo<K, V>, key: K) -> Option<V> {
+    memo.iter()
+        .map_while(|slot| slot.get())
+        .find_map(|(k, v)| (k == key).then_some(v))
+}
+
 /// `key`'s value from `memo`, computed by `compute` and remembered if not there yet.
 fn remembered<K: Copy + Eq, V: Copy>(memo: &Memo<K, V>, key: K, compute: impl FnOnce() -> V) -> V {
     for slot in memo {
@@ -363,16 +371,12 @@ impl<'a> Ctx<'a> {
     /// Whether the window holds at least `k` engagements of `action`: from the count if
     /// this context has read it, else counted back from the newest entry up to `k` only.
     pub(crate) fn engagements_at_least(&self, buckets: u32, action: Sym, k: u32) -> bool {
-        let key = (buckets, Some(action));
-        for slot in &self.engagements {
-            match slot.get() {
-                Some((k2, n)) if k2 == key => return n >= k,
-                Some(_) => {}
-                None => break,
-            }
+        match recalled(&self.engagements, (buckets, Some(action))) {
+            Some(n) => n >= k,
+            None => self
+                .state
+                .engagements_at_least(self.cfg, self.now, buckets, action, k),
         }
-        self.state
-            .engagements_at_least(self.cfg, self.now, buckets, action, k)
     }
 }
 
