@@ -302,6 +302,43 @@ impl Activity {
     pub fn capacity_bytes(&self) -> usize {
         self.buf.capacity() * std::mem::size_of::<u32>()
     }
+
+    /// The buffer's bytes by part, and its room not used yet.
+    pub fn bytes(&self) -> ActivityBytes {
+        let b = |part| self.bounds(part).len() * std::mem::size_of::<u32>();
+        ActivityBytes {
+            counts: b(Part::Counts),
+            purchases: b(Part::Purchases),
+            engagements: b(Part::Engagements),
+            recent_ids: b(Part::Recent),
+            spare: (self.buf.capacity() - self.buf.len()) * std::mem::size_of::<u32>(),
+        }
+    }
+}
+
+/// What an [`Activity`]'s buffer holds, in bytes ([`Activity::bytes`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ActivityBytes {
+    /// Lifetime counts per category, channel and action, with their lengths.
+    pub counts: usize,
+    /// The windows' purchase entries.
+    pub purchases: usize,
+    /// The windows' engagement entries.
+    pub engagements: usize,
+    /// The recent event ids kept for duplicate detection.
+    pub recent_ids: usize,
+    /// Room the buffer has and does not use yet (up to the allocator's size class).
+    pub spare: usize,
+}
+
+impl std::ops::AddAssign for ActivityBytes {
+    fn add_assign(&mut self, o: Self) {
+        self.counts += o.counts;
+        self.purchases += o.purchases;
+        self.engagements += o.engagements;
+        self.recent_ids += o.recent_ids;
+        self.spare += o.spare;
+    }
 }
 
 #[cfg(test)]
@@ -382,6 +419,22 @@ mod tests {
                 let want: Vec<_> = engagements.iter().map(|((b, act), n)| (*b, *act, *n)).collect();
                 prop_assert_eq!(a.engagements().iter().collect::<Vec<_>>(), want);
                 prop_assert_eq!(&a.recent().iter().map(join).collect::<Vec<_>>(), &recent);
+                // The bytes by part, as the lists above take them.
+                let n: usize = counts.iter().map(|l| l.len()).sum();
+                let b = a.bytes();
+                prop_assert_eq!(
+                    (b.counts, b.purchases, b.engagements, b.recent_ids),
+                    (
+                        if n > 0 { 8 + 8 * n } else { 0 },
+                        4 * PurchaseTotal::WORDS * purchases.len(),
+                        4 * EngagementTotal::WORDS * engagements.len(),
+                        8 * recent.len(),
+                    )
+                );
+                prop_assert_eq!(
+                    b.counts + b.purchases + b.engagements + b.recent_ids + b.spare,
+                    a.capacity_bytes()
+                );
             }
             let p: Vec<_> = a.purchases().iter().collect();
             let mut e: Vec<_> = a.engagements().iter().collect();

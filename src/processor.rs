@@ -391,6 +391,16 @@ impl Processor {
         }
     }
 
+    /// What the customers hold, by part, over all partitions (reads every customer: for
+    /// measurements).
+    pub fn held(&self) -> crate::store::Held {
+        let mut h = crate::store::Held::default();
+        for p in self.parts.iter() {
+            h += p.customers.held();
+        }
+        h
+    }
+
     /// Estimated bytes of the customers held ([`Customers::approx_bytes`]), measuring about
     /// [`STATE_BYTES_BUDGET`] chunks of customers (a millisecond or so) per call: a call
     /// after every customer was added and each chunk measured since is exact.

@@ -23,6 +23,7 @@ use std::hash::{BuildHasher, RandomState};
 use compact_str::CompactString;
 use hashbrown::HashTable;
 
+use crate::activity::ActivityBytes;
 use crate::engine::Customer;
 
 /// A customer's place in its partition's [`Customers`]: stable while the customer is held.
@@ -50,6 +51,54 @@ fn short_hash(hasher: &RandomState, id: &str) -> u32 {
 /// bits and a tag from the top 7, so both must depend on all 32.
 fn spread(h: u32) -> u64 {
     (h as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Bytes held by customers, by what holds them ([`Customers::held`]): the sizes asked of the
+/// allocator, so neither its rounding to size classes nor partly used pages are in them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Held {
+    pub customers: usize,
+    /// The entries: each customer's id (inline up to 24 bytes) and struct, free slots too.
+    pub entries: usize,
+    /// The hash table of slots.
+    pub index: usize,
+    /// Ids too long to be kept inline.
+    pub long_ids: usize,
+    /// The activity buffers (counts, windows' entries, recent ids), by part.
+    pub activity: ActivityBytes,
+    /// The declared attributes' slots.
+    pub attributes: usize,
+    /// Segments, membership bits and the rule timer cache.
+    pub rule_words: usize,
+}
+
+impl Held {
+    /// Every byte counted.
+    pub fn total(&self) -> usize {
+        let a = &self.activity;
+        self.entries
+            + self.index
+            + self.long_ids
+            + a.counts
+            + a.purchases
+            + a.engagements
+            + a.recent_ids
+            + a.spare
+            + self.attributes
+            + self.rule_words
+    }
+}
+
+impl std::ops::AddAssign for Held {
+    fn add_assign(&mut self, o: Self) {
+        self.customers += o.customers;
+        self.entries += o.entries;
+        self.index += o.index;
+        self.long_ids += o.long_ids;
+        self.activity += o.activity;
+        self.attributes += o.attributes;
+        self.rule_words += o.rule_words;
+    }
 }
 
 /// One partition's customers (see the module docs).
@@ -218,6 +267,27 @@ impl Customers {
             .filter_map(|(s, e)| e.as_ref().map(|(id, c)| (s as Slot, id, c)))
     }
 
+    /// What the customers hold, by part ([`Held`]), reading every customer: for measurements
+    /// (the benchmark), not for a running pipeline (see [`Customers::approx_bytes`]).
+    pub fn held(&self) -> Held {
+        let mut h = Held {
+            customers: self.len,
+            entries: self.chunks.iter().map(|c| c.capacity()).sum::<usize>()
+                * std::mem::size_of::<Entry>(),
+            index: self.index.capacity() * (std::mem::size_of::<Indexed>() + 1),
+            ..Held::default()
+        };
+        for (_, id, c) in self.iter() {
+            if id.is_heap_allocated() {
+                h.long_ids += id.len();
+            }
+            h.activity += c.state.activity.bytes();
+            h.attributes += c.state.attrs.heap_bytes();
+            h.rule_words += c.approx_heap_bytes();
+        }
+        h
+    }
+
     /// Estimated bytes held: the entries (free ones included), the table, and each
     /// customer's allocations (ids too long to fit inline, state, memberships).
     ///
@@ -283,6 +353,66 @@ mod tests {
         assert_eq!(
             std::mem::size_of::<Entry>(),
             std::mem::size_of::<(CompactString, Customer)>()
+        );
+    }
+
+    /// `held` counts each part of every customer once, and nothing of a removed one.
+    #[test]
+    fn held_counts_every_customer_by_part() {
+        let mut s = Customers::new();
+        let (a, _) = s.insert(CompactString::from("a"), customer(0));
+        s.insert(CompactString::from("b"), customer(0));
+        let long = "an id too long to be kept inline in the entry";
+        let (gone, _) = s.insert(CompactString::from(long), customer(0));
+        let (_, c) = s.get_mut(a).unwrap();
+        c.state.activity.add_purchase(7, 1, 5);
+        c.state.activity.push_recent(42);
+        let (one, words) = (c.state.activity.bytes(), c.approx_heap_bytes());
+        let h = s.held();
+        assert_eq!(h.customers, 3);
+        assert_eq!(h.long_ids, long.len());
+        assert_eq!(h.entries, CHUNK * std::mem::size_of::<Entry>());
+        assert!(h.index > 0);
+        assert_eq!(h.activity.purchases, one.purchases);
+        assert_eq!(h.activity.recent_ids, 8);
+        assert_eq!(h.rule_words, 3 * words);
+        s.remove_keeping_slot(long).unwrap();
+        s.release(gone);
+        let h = s.held();
+        assert_eq!((h.customers, h.long_ids, h.rule_words), (2, 0, 2 * words));
+        // Adding a store's figures to themselves doubles every one of them.
+        let mut twice = h;
+        twice += h;
+        let figures = |v: serde_json::Value| match v {
+            serde_json::Value::Object(m) => m
+                .into_iter()
+                .flat_map(|(k, v)| match v {
+                    serde_json::Value::Object(inner) => inner.into_iter().collect::<Vec<_>>(),
+                    v => vec![(k, v)],
+                })
+                .map(|(k, v)| (k, v.as_u64()))
+                .collect::<Vec<_>>(),
+            _ => vec![],
+        };
+        let json = |h: &Held| serde_json::to_value(h).unwrap();
+        let want: Vec<_> = figures(json(&h))
+            .into_iter()
+            .map(|(k, v)| (k, v.map(|v| 2 * v)))
+            .collect();
+        assert_eq!(figures(json(&twice)), want);
+        assert!(want.len() >= 11, "every part: {want:?}");
+        let a = &h.activity;
+        assert_eq!(
+            h.total(),
+            h.entries
+                + h.index
+                + a.counts
+                + a.purchases
+                + a.engagements
+                + a.recent_ids
+                + a.spare
+                + h.attributes
+                + h.rule_words
         );
     }
 

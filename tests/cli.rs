@@ -125,6 +125,22 @@ fn bench_quick_prints_one_json_line_per_measurement_with_the_machine() {
         memory["bytes_per_customer_unreleased"].as_u64() >= memory["bytes_per_customer"].as_u64(),
         "{memory}"
     );
+    // Where the bytes go: the parts add up to their total, and every customer has an entry
+    // and its rules' words.
+    let held = &memory["held_per_customer"];
+    let parts: f64 = held
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| *k != "total")
+                .filter_map(|(_, v)| v.as_f64())
+                .sum()
+        })
+        .unwrap_or(0.0);
+    let total = held["total"].as_f64().unwrap_or(0.0);
+    assert!((parts - total).abs() < 1.0, "{held}");
+    positive(held, "entry");
+    positive(held, "rule_words");
     // On the pipeline's workers, then fed directly on one core: every customer each time.
     for (m, workers) in [
         ("restore_in_memory", microseg::restore::workers(3) as u64),

@@ -19,7 +19,10 @@
 //!   Before each such run the allocator returns its free memory to the OS
 //!   ([`crate::alloc::release_free_memory`]), so that a run does not count as new the pages an
 //!   earlier one freed, and again before the final reading, so that memory freed but not yet
-//!   returned does not count (`bytes_per_customer_unreleased`: the reading before that);
+//!   returned does not count (`bytes_per_customer_unreleased`: the reading before that).
+//!   Beside it, `held_per_customer`: what the customer stores hold by part (entry, index,
+//!   the activity buffer's counts, window entries, recent ids and spare room, attributes, the
+//!   rules' words), the sizes asked of the allocator, read from every customer after the run;
 //!
 //! and restore from the changelog:
 //!
@@ -380,7 +383,9 @@ fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), 
                     "events": opts.events,
                     "bytes_per_customer": grown / customers.max(1) as u64,
                     "bytes_per_customer_unreleased": unreleased / customers.max(1) as u64,
+                    "held_per_customer": held_per_customer(&r.processor.held()),
                     "method": "VmRSS growth over the engine run (generated input, default windows) / customers, the allocator's free memory returned to the OS before the run and again before the final reading (bytes_per_customer_unreleased: without that second return); includes allocator overhead, the customer stores (entries and index), the timer index and the changelog take's buffers",
+                    "held_method": HELD_METHOD,
                 }),
             );
         }
@@ -402,11 +407,36 @@ fn engine_measurements(opts: &BenchOptions, rules: &Arc<RuleSet>) -> Result<(), 
                 "events": n,
                 "bytes_per_customer": grown / customers.max(1) as u64,
                 "bytes_per_customer_unreleased": unreleased / customers.max(1) as u64,
+                "held_per_customer": held_per_customer(&r.processor.held()),
                 "method": "VmRSS growth over an engine run of about one event per customer (default windows) / customers, the allocator's free memory returned to the OS before the run and again before the final reading (bytes_per_customer_unreleased: without that second return)",
+                "held_method": HELD_METHOD,
             }),
         );
     }
     Ok(())
+}
+
+/// How `held_per_customer` is counted.
+const HELD_METHOD: &str = "the sizes the customer stores asked of the allocator, read from every customer after the run, / customers; bytes_per_customer minus their total is the allocator's rounding to size classes, partly used pages, the timer index, the changelog's dirty lists and take buffers";
+
+/// What the customers hold per customer, by part ([`crate::store::Held`]), to a tenth of a
+/// byte: where `bytes_per_customer` goes.
+fn held_per_customer(h: &crate::store::Held) -> serde_json::Value {
+    let per = |b: usize| (b as f64 * 10.0 / h.customers.max(1) as f64).round() / 10.0;
+    let a = &h.activity;
+    json!({
+        "entry": per(h.entries),
+        "index": per(h.index),
+        "long_ids": per(h.long_ids),
+        "activity_counts": per(a.counts),
+        "activity_purchases": per(a.purchases),
+        "activity_engagements": per(a.engagements),
+        "activity_recent_ids": per(a.recent_ids),
+        "activity_spare": per(a.spare),
+        "attributes": per(h.attributes),
+        "rule_words": per(h.rule_words),
+        "total": per(h.total()),
+    })
 }
 
 /// The heavier rule set (38 rules): the defaults plus segments on attributes, windows,
