@@ -667,6 +667,39 @@ mod tests {
         engine.replay(&mut g, 5000, 2, |_| {})
     }
 
+    /// A restored customer has no rule timer cache yet, but a timer: an event that does not
+    /// touch the rules behind the timer must not lose it (the engine may take a customer
+    /// without a cache for one whose rules are all `NEVER` only when its timer says so).
+    #[test]
+    fn a_restored_customer_keeps_its_timer_through_an_event_of_another_kind() {
+        let engine = Engine::new(Arc::new(RuleSet::embedded_default()));
+        let day = crate::time::DAY_MS;
+        let mut c = engine.new_customer(0);
+        let mut out = Vec::new();
+        let bought =
+            format!(r#"{{"customer_id":"c","type":"purchase","timestamp":{day},"amount":10}}"#);
+        engine
+            .apply(&mut c, &decode_event(bought.as_bytes()).unwrap(), &mut out)
+            .unwrap();
+        assert!(
+            c.timer > day && c.timer < NEVER,
+            "active until the purchase leaves 30d"
+        );
+        let mut bytes = Vec::new();
+        encode(&engine, &c, &[1], &mut bytes);
+        let mut back = decode(&engine, &bytes).unwrap().customer;
+        assert_eq!(back.timer, c.timer);
+        let opened = format!(
+            r#"{{"customer_id":"c","type":"engagement","timestamp":{},"action":"open"}}"#,
+            2 * day
+        );
+        let opened = decode_event(opened.as_bytes()).unwrap();
+        engine.apply(&mut c, &opened, &mut out).unwrap();
+        engine.apply(&mut back, &opened, &mut out).unwrap();
+        assert!(c.timer < NEVER);
+        assert_eq!(back.timer, c.timer);
+    }
+
     #[test]
     fn a_record_restores_the_customer_exactly_even_in_another_process() {
         let engine = Engine::new(Arc::new(RuleSet::embedded_default()));

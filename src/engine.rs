@@ -42,6 +42,11 @@ pub const NO_SEGMENT: u16 = u16::MAX;
 /// [segment per segmentation, 4 u16 per word][membership bits][rule timer cache]
 /// ```
 ///
+/// The rule timer cache is there only once the customer has had a timer: a customer that
+/// time alone never changes (only a profile, say) keeps the first two parts alone, 16 bytes
+/// with the default rules instead of 64 (the cache is added by the analysis that first finds
+/// a timer).
+///
 /// The hashes of the most recent event ids (never 0), a ring of up to `dedup` of them whose
 /// oldest entry is at `recent_next` once full, live at the end of the state's
 /// [`crate::activity::Activity`]: they grow with the customer's events, so a customer seen
@@ -82,7 +87,9 @@ pub struct Customer {
 ///
 /// It is a cache derived from the state: never written to the changelog, stale after a
 /// restore, and ignored when customers are compared. It lives in the words of
-/// [`Customer`] after the membership bits: one word for a base instant, then one 32-bit entry
+/// [`Customer`] after the membership bits, from the customer's first timer on (until then
+/// every analysis starts from a fresh cache: [`Engine::with_timer_cache`]; a restored
+/// customer starts without one): one word for a base instant, then one 32-bit entry
 /// per rule, two to a word, each the instant as milliseconds after the base (about 49 days
 /// of range; 8-byte instants took twice the room). Codes: [`STALE`] (recompute),
 /// [`NEVER_CODE`] (time alone never changes the rule), [`BEYOND`] (the instant is later than
@@ -211,6 +218,12 @@ impl RuleTimers {
         }
         if let Some(b) = cache.first_mut() {
             *b = now as u64;
+        }
+    }
+    /// Every one of the first `n` entries `NEVER`.
+    fn all_never(cache: &mut [u64], n: usize) {
+        for i in 0..n {
+            Self::set_entry(cache, i, NEVER_CODE);
         }
     }
     /// Forgets the entries of the rules that read what `mask` (event kinds) changes.
@@ -511,6 +524,10 @@ pub struct Engine {
     pub rules: Arc<RuleSet>,
     /// Event ids remembered per customer for duplicate detection (0: off).
     pub dedup: usize,
+    /// The rule timer cache a customer without one starts an analysis with
+    /// ([`Engine::with_timer_cache`]): every entry stale, then, per event kind, every entry
+    /// `NEVER` but those of the rules that read that kind.
+    fresh_timer_caches: [Box<[u64]>; 4],
 }
 
 /// Most event ids a customer may remember (the ring's cursor is a `u16`).
@@ -529,10 +546,38 @@ fn kind_bit(k: EventKind) -> u8 {
 
 impl Engine {
     pub fn new(rules: Arc<RuleSet>) -> Self {
+        let n = rules.timer_slot_deps.len();
+        let fresh = |never_but: Option<u8>| {
+            let mut cache = vec![0; RuleTimers::words(n)];
+            RuleTimers::clear(&mut cache);
+            if let Some(kinds) = never_but {
+                RuleTimers::all_never(&mut cache, n);
+                RuleTimers::invalidate(&mut cache, &rules, kinds);
+            }
+            cache.into_boxed_slice()
+        };
+        let fresh_timer_caches = [
+            fresh(None),
+            fresh(Some(deps::PURCHASE)),
+            fresh(Some(deps::ENGAGEMENT)),
+            fresh(Some(deps::PROFILE)),
+        ];
         Engine {
             rules,
             dedup: DEFAULT_DEDUP_IDS,
+            fresh_timer_caches,
         }
+    }
+
+    /// The cache [`Engine::with_timer_cache`] starts with (`never_but`: one event kind).
+    fn fresh_timer_cache(&self, never_but: Option<u8>) -> &[u64] {
+        let i = match never_but {
+            Some(deps::PURCHASE) => 1,
+            Some(deps::ENGAGEMENT) => 2,
+            Some(deps::PROFILE) => 3,
+            _ => 0,
+        };
+        &self.fresh_timer_caches[i]
     }
 
     pub fn with_dedup(mut self, ids: usize) -> Self {
@@ -543,11 +588,8 @@ impl Engine {
     pub fn new_customer(&self, partition: i32) -> Customer {
         let segmentations = self.rules.segmentations.len();
         let member_words = self.rules.segments.len().div_ceil(64);
-        let seg = segment_words(segmentations);
-        let timers = seg + member_words
-            ..seg + member_words + RuleTimers::words(self.rules.timer_slot_deps.len());
-        let mut words = vec![0u64; timers.end];
-        RuleTimers::clear(&mut words[timers]);
+        // No rule timer cache until the customer has a timer ([`Engine::with_timer_cache`]).
+        let words = vec![0u64; segment_words(segmentations) + member_words];
         let mut c = Customer {
             state: CustomerState::new(),
             partition,
@@ -601,6 +643,9 @@ impl Engine {
             Clock::Processing { now } => (false, now),
         };
         let first = c.state.last_seen == NO_TIME;
+        // No timer after an evaluation: every rule was `NEVER`, and only this event's kind
+        // can change that ([`Engine::with_timer_cache`]).
+        let never_but = (!first && c.timer == NEVER).then_some(kind_bit(ev.kind()));
         if !first {
             self.advance(c, due_by, out);
         }
@@ -617,7 +662,7 @@ impl Engine {
             Clock::Processing { now } => now,
         };
         c.timer = self
-            .evaluate_and_schedule(c, mask, now, false, out)
+            .evaluate_and_schedule(c, mask, never_but, now, false, out)
             .max(now.saturating_add(1));
         Ok(if late {
             Applied::Late
@@ -644,12 +689,12 @@ impl Engine {
                 return;
             }
             c.timer = self
-                .evaluate_and_schedule(c, deps::TIME, due, true, out)
+                .evaluate_and_schedule(c, deps::TIME, None, due, true, out)
                 .max(due + 1);
         }
         if c.timer <= upto {
             c.timer = self
-                .evaluate_and_schedule(c, deps::TIME, upto, true, out)
+                .evaluate_and_schedule(c, deps::TIME, None, upto, true, out)
                 .max(upto.saturating_add(1));
         }
     }
@@ -660,7 +705,54 @@ impl Engine {
     pub fn next_timer(&self, c: &mut Customer, now: i64) -> i64 {
         let layout = c.layout();
         let Customer { state, words, .. } = c;
-        self.next_timer_in(&self.ctx(state, now), words, layout)
+        let cx = self.ctx(state, now);
+        self.with_timer_cache(words, layout, None, |words, layout| {
+            self.next_timer_in(&cx, words, layout)
+        })
+    }
+
+    /// Runs `analyse` (an analysis, which returns the customer's next timer) over the
+    /// customer's `words` with a rule timer cache. A customer gets its cache when it first has
+    /// a timer: one that time alone never changes (nothing bought, say) keeps none, 48 bytes
+    /// fewer with the default rules. Until then the analysis runs with a cache on the stack,
+    /// kept if a timer comes out, otherwise dropped (the segments and bits written are kept).
+    /// That cache starts stale, unless `never_but` says that every rule was `NEVER` at the
+    /// last analysis and only events of these kinds came since: then only the rules that read
+    /// them are analysed again, as with a cache of its own.
+    fn with_timer_cache(
+        &self,
+        words: &mut Box<[u64]>,
+        layout: Layout,
+        never_but: Option<u8>,
+        analyse: impl FnOnce(&mut [u64], Layout) -> i64,
+    ) -> i64 {
+        let n = RuleTimers::words(self.rules.timer_slot_deps.len());
+        if !layout.timers.is_empty() || n == 0 {
+            return analyse(words, layout);
+        }
+        let start = layout.timers.start;
+        let mut on_stack = [0u64; 16];
+        let mut on_heap = Vec::new();
+        let with_cache = match on_stack.get_mut(..start + n) {
+            Some(w) => w,
+            None => {
+                on_heap.resize(start + n, 0);
+                &mut on_heap[..]
+            }
+        };
+        with_cache[..start].copy_from_slice(words);
+        with_cache[start..].copy_from_slice(self.fresh_timer_cache(never_but));
+        let layout = Layout {
+            timers: start..start + n,
+            ..layout
+        };
+        let t = analyse(with_cache, layout);
+        if t == NEVER {
+            words.copy_from_slice(&with_cache[..start]);
+        } else {
+            *words = Box::from(&*with_cache);
+        }
+        t
     }
 
     /// [`Engine::next_timer`] in a context already built (by [`Engine::evaluate_in`], whose
@@ -739,6 +831,7 @@ impl Engine {
         &'r self,
         c: &mut Customer,
         mask: u8,
+        never_but: Option<u8>,
         now: i64,
         by_timer: bool,
         out: &mut Vec<Change<'r>>,
@@ -748,8 +841,10 @@ impl Engine {
             state, words, seq, ..
         } = c;
         let cx = self.ctx(state, now);
-        self.evaluate_in(&cx, words, seq, layout.clone(), mask, by_timer, out);
-        self.next_timer_in(&cx, words, layout)
+        self.with_timer_cache(words, layout, never_but, |words, layout| {
+            self.evaluate_in(&cx, words, seq, layout.clone(), mask, by_timer, out);
+            self.next_timer_in(&cx, words, layout)
+        })
     }
 
     /// The evaluation of [`Engine::evaluate_and_schedule`], in one context for every unit, so
@@ -1040,20 +1135,42 @@ when = "purchases.count_30d >= 3"
         let mut c = e.new_customer(0);
         assert_eq!(c.segments().collect::<Vec<_>>(), vec![NO_SEGMENT; 6]);
         assert_eq!(c.members(), &[0, 0]);
+        // No timer cache before the customer has a timer.
+        assert!(c.timer_range().is_empty());
+        assert_eq!(c.words.len(), 4);
+        assert_eq!(
+            e.next_timer(&mut c, 0),
+            NEVER,
+            "nothing bought: no count can fall"
+        );
+        assert!(c.timer_range().is_empty(), "no timer, no cache");
+        // A purchase: `count_7d >= 1` and `count_30d >= 1` hold until it leaves the windows.
+        run(&e, &mut c, &purchase(1));
+        assert!(c.timer < NEVER);
         let timers = c.timer_range();
-        // A base word and 32 bits per time-dependent rule.
+        // A base word and 32 bits per time-dependent rule, filled by the analysis that found
+        // the timer.
         assert!(e.rules.timer_slot_deps.len() >= 70);
         assert_eq!(timers.len(), 1 + e.rules.timer_slot_deps.len().div_ceil(2));
+        let cache = &c.words[timers.clone()];
+        assert!(
+            (0..70).all(|i| RuleTimers::get(cache, Some(i), crate::time::DAY_MS) != Cached::Stale)
+        );
+        // The evaluation's segments and bits, written before the cache came, are kept.
+        let none = e.rules.segmentations[2].default_index() as u16;
+        assert_eq!(
+            c.segments().collect::<Vec<_>>(),
+            [0, 0, none, none, none, none]
+        );
+        assert_eq!(c.members(), &[0b11, 0]);
+        c.set_member(1, false);
         c.set_segment(3, 7);
-        c.set_segment(4, 9);
         c.set_member(69, true);
+        c.set_segment(4, 9);
         c.set_member(0, true);
         c.rule_timers().fill(42);
         assert!(c.remember(5, 4) && c.remember(8, 4));
-        assert_eq!(
-            c.segments().collect::<Vec<_>>(),
-            [u16::MAX, u16::MAX, u16::MAX, 7, 9, u16::MAX]
-        );
+        assert_eq!(c.segments().collect::<Vec<_>>(), [0, 0, none, 7, 9, none]);
         assert_eq!(c.members(), &[1, 1 << 5]);
         assert!(c.is_member(69) && c.is_member(0) && !c.is_member(68));
         assert!(
