@@ -272,9 +272,8 @@ impl Customers {
     pub fn held(&self) -> Held {
         let mut h = Held {
             customers: self.len,
-            entries: self.chunks.iter().map(|c| c.capacity()).sum::<usize>()
-                * std::mem::size_of::<Entry>(),
-            index: self.index.capacity() * (std::mem::size_of::<Indexed>() + 1),
+            entries: self.entry_bytes(),
+            index: self.index_bytes(),
             ..Held::default()
         };
         for (_, id, c) in self.iter() {
@@ -326,10 +325,17 @@ impl Customers {
         let slots = |chunks: &[Vec<Entry>]| chunks.iter().map(|c| c.len()).sum::<usize>();
         let (seen, unseen) = self.chunks.split_at(measured);
         let heap = heap + (heap * slots(unseen)).checked_div(slots(seen)).unwrap_or(0);
-        let entries =
-            self.chunks.iter().map(|c| c.capacity()).sum::<usize>() * std::mem::size_of::<Entry>();
-        let table = self.index.capacity() * (std::mem::size_of::<Indexed>() + 1);
-        entries + table + heap
+        self.entry_bytes() + self.index_bytes() + heap
+    }
+
+    /// Bytes of the entries, free slots included.
+    fn entry_bytes(&self) -> usize {
+        self.chunks.iter().map(|c| c.capacity()).sum::<usize>() * std::mem::size_of::<Entry>()
+    }
+
+    /// Bytes of the index (an entry and a control byte per bucket).
+    fn index_bytes(&self) -> usize {
+        self.index.capacity() * (std::mem::size_of::<Indexed>() + 1)
     }
 }
 
