@@ -29,7 +29,7 @@ use smallvec::SmallVec;
 
 use crate::engine::{Customer, Engine};
 use crate::state::Activity;
-use crate::state::{AttrStr, AttrVal, CountKind, NEVER};
+use crate::state::{AttrVal, CountKind, NEVER};
 use crate::symbols::Sym;
 use crate::windows;
 
@@ -249,15 +249,15 @@ pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
             None => w.u(0),
             Some(AttrVal::Num(n)) => {
                 w.u(1);
-                w.f(*n);
+                w.f(n);
             }
             Some(AttrVal::Str(s)) => {
                 w.u(2);
-                w.bytes(s.as_bytes());
+                w.bytes(names.name(s).as_bytes());
             }
             Some(AttrVal::Bool(b)) => {
                 w.u(3);
-                w.u(*b as u64);
+                w.u(b as u64);
             }
         }
     }
@@ -299,7 +299,7 @@ pub fn decode_cached(
 fn decode_inner(
     engine: &Engine,
     bytes: &[u8],
-    cache: Option<&mut SymbolCache>,
+    mut cache: Option<&mut SymbolCache>,
 ) -> Result<Restored, CodecError> {
     let rules = &engine.rules;
     let mut r = R(bytes);
@@ -331,13 +331,26 @@ fn decode_inner(
                 .symbols
                 .intern_all(&strings)
                 .ok_or(CodecError("string is not UTF-8"))?;
-            if let Some(cache) = cache {
+            if let Some(cache) = cache.as_deref_mut() {
                 for (s, id) in strings.iter().zip(&table) {
                     cache.0.entry(Box::from(*s)).or_insert(*id);
                 }
             }
             table
         }
+    };
+    // An attribute's string, not in the record's table (written inline: the format predates
+    // interned attributes).
+    let mut intern = |s: &[u8]| -> Result<Sym, CodecError> {
+        if let Some(id) = cache.as_deref().and_then(|c| c.0.get(s)) {
+            return Ok(*id);
+        }
+        let s = std::str::from_utf8(s).map_err(|_| CodecError("string is not UTF-8"))?;
+        let id = rules.symbols.intern(s);
+        if let Some(c) = cache.as_deref_mut() {
+            c.0.insert(Box::from(s.as_bytes()), id);
+        }
+        Ok(id)
     };
     let sym = |i: u64| -> Result<Sym, CodecError> {
         table
@@ -388,17 +401,18 @@ fn decode_inner(
     // Read into the customer's own slots. Under other rules, attributes are declared by the
     // rules file: only a layout that still fits is kept (the values are read either way).
     let fits = n == declared;
-    for i in 0..n {
-        let v = match r.u()? {
+    let mut values: SmallVec<[Option<AttrVal>; 8]> = SmallVec::with_capacity(n);
+    for _ in 0..n {
+        values.push(match r.u()? {
             0 => None,
             1 => Some(AttrVal::Num(r.f()?)),
-            2 => Some(AttrVal::Str(AttrStr::new(r.s()?))),
+            2 => Some(AttrVal::Str(intern(r.raw()?)?)),
             3 => Some(AttrVal::Bool(r.u()? != 0)),
             _ => return Err(CodecError("unknown attribute tag")),
-        };
-        if fits {
-            st.attrs.set(i, declared, v);
-        }
+        });
+    }
+    if fits {
+        st.attrs.assign(&values);
     }
     let n = r.len()?;
     let mut segment: SmallVec<[u16; 8]> = SmallVec::with_capacity(n);

@@ -54,6 +54,7 @@ pub struct Metrics {
     consumer_lag: IntGaugeVec,
     /// Estimated bytes of customer state held (keys, state, memberships).
     pub state_bytes: IntGauge,
+    pub distinct_values: IntGauge,
     segmentation_names: Vec<String>,
     /// Per segmentation, then one for the independent segments: the series a change to one
     /// of them updates, resolved once (a lookup by label values per change hashed the names
@@ -160,11 +161,16 @@ impl Metrics {
             "microseg_state_bytes",
             "Estimated bytes of customer state held on this instance (updated every 5 s, measuring part of the customers each time)",
         ));
+        let distinct_values = must(IntGauge::new(
+            "microseg_distinct_values",
+            "Distinct category, channel, action, plan and string attribute values in the process-wide table (updated every 5 s; it never shrinks until a restart)",
+        ));
         for c in [
             Box::new(timers_fired.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(change_latency.clone()),
             Box::new(consumer_lag.clone()),
             Box::new(state_bytes.clone()),
+            Box::new(distinct_values.clone()),
             Box::new(commits.clone()),
             Box::new(last_restore_seconds.clone()),
             Box::new(changelog_records.clone()),
@@ -223,6 +229,7 @@ impl Metrics {
             change_latency,
             consumer_lag,
             state_bytes,
+            distinct_values,
             segmentation_names: rules.segmentations.iter().map(|s| s.name.clone()).collect(),
             groups,
         }

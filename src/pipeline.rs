@@ -1110,7 +1110,9 @@ impl Pipeline {
                     }
                 }
                 _ = gauge_tick.tick() => {
-                    self.shared.metrics.state_bytes.set(self.shared.processor.state_bytes() as i64);
+                    let (metrics, processor) = (&self.shared.metrics, &self.shared.processor);
+                    metrics.state_bytes.set(processor.state_bytes() as i64);
+                    metrics.distinct_values.set(processor.engine().rules.symbols.len() as i64);
                 }
                 m = consumer.recv() => match m {
                     Ok(msg) => {

@@ -13,6 +13,8 @@
 //! `now`, i.e. events with `ts >= floor(now / b) * b + b - w`.
 
 pub use crate::activity::{Activity, Count, CountKind};
+use smallvec::SmallVec;
+
 use crate::event::{Body, Event, Scalar};
 use crate::symbols::{Sym, Symbols};
 use crate::windows::{self, Span, Walk};
@@ -46,74 +48,14 @@ impl AttrType {
     }
 }
 
-/// A stored profile attribute value: 16 bytes, also as an `Option` (a test holds it to that),
-/// since every customer holds one per declared attribute.
-#[derive(Debug, Clone, PartialEq)]
+/// A profile attribute's value. A string is interned in the shared [`Symbols`] table, like a
+/// category: attributes rules read are categorical (a country, an industry, a role), so many
+/// customers share each value, and a rule compares it with a literal by its id.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AttrVal {
     Num(f64),
-    Str(AttrStr),
+    Str(Sym),
     Bool(bool),
-}
-
-/// Bytes an [`AttrStr`] keeps inline.
-const INLINE: usize = 14;
-
-/// An attribute's string: up to 14 bytes inline, longer ones in their own allocation. Profile
-/// attributes are mostly short (a country, an industry, a role), and a `CompactString` would
-/// make every attribute slot 24 bytes.
-#[derive(Clone)]
-pub enum AttrStr {
-    Inline { len: u8, bytes: [u8; INLINE] },
-    Heap(Box<Box<str>>),
-}
-
-impl AttrStr {
-    pub fn new(s: &str) -> Self {
-        if s.len() <= INLINE {
-            let mut bytes = [0; INLINE];
-            bytes[..s.len()].copy_from_slice(s.as_bytes());
-            AttrStr::Inline {
-                len: s.len() as u8,
-                bytes,
-            }
-        } else {
-            AttrStr::Heap(Box::new(s.into()))
-        }
-    }
-
-    /// The string's bytes, without the UTF-8 check of [`Self::as_str`].
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            AttrStr::Inline { len, bytes } => &bytes[..*len as usize],
-            AttrStr::Heap(s) => s.as_bytes(),
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        match self {
-            // Built from a `&str` cut at its length: always UTF-8.
-            AttrStr::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
-            AttrStr::Heap(s) => s,
-        }
-    }
-}
-
-impl From<&str> for AttrStr {
-    fn from(s: &str) -> Self {
-        AttrStr::new(s)
-    }
-}
-
-impl PartialEq for AttrStr {
-    fn eq(&self, o: &Self) -> bool {
-        self.as_str() == o.as_str()
-    }
-}
-
-impl std::fmt::Debug for AttrStr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.as_str().fmt(f)
-    }
 }
 
 /// What the state keeps and how: bucket width, windows and declared attributes.
@@ -207,33 +149,146 @@ impl Default for CustomerState {
     }
 }
 
-/// One slot per declared attribute, in declaration order, allocated at the first value set: a
-/// customer no profile event has described (an anonymous visitor, say) keeps no slots (16
-/// bytes each). Slots not allocated read as unset, and compare equal to unset slots.
+/// The declared attributes' values, in one allocation made at the first value set: a
+/// customer no profile event has described (an anonymous visitor, say) keeps none. Slots not
+/// allocated read as unset, and compare equal to unset slots.
+///
+/// The words are a tag per declared attribute, 4 bits each and 8 to a word, in declaration
+/// order, then the payloads of the set values in the same order: two words for a number (its
+/// bits), one for a string (its symbol), none for a bool (in the tag) or an unset value. The
+/// four default attributes (three strings, a number) take 24 bytes; 16-byte slots with the
+/// strings inline took 64.
+///
+/// The number of tag words is not stored: it is the first `k` for which `k` plus the payloads
+/// of the first `k` tag words is the length (later `k` give larger sums, and for a smaller `k`
+/// the sum falls short of the true one, so only the true `k` matches).
 #[derive(Debug, Clone, Default)]
-pub struct Attrs(Box<[Option<AttrVal>]>);
+pub struct Attrs(Box<[u32]>);
+
+/// A tag: how an attribute's value is held.
+const UNSET: u32 = 0;
+const NUM: u32 = 1;
+const STR: u32 = 2;
+const FALSE: u32 = 3;
+const TRUE: u32 = 4;
+const TAG_BITS: usize = 4;
+const TAGS_PER_WORD: usize = 32 / TAG_BITS;
+
+/// Payload words of a value with tag `t`.
+fn payload(t: u32) -> usize {
+    match t {
+        NUM => 2,
+        STR => 1,
+        _ => 0,
+    }
+}
+
+/// Payload words of the values whose tags are the first `n` of `word`.
+fn payloads(word: u32, n: usize) -> usize {
+    (0..n).map(|j| payload(word >> (j * TAG_BITS) & 0xF)).sum()
+}
+
+fn tag_of(v: Option<AttrVal>) -> u32 {
+    match v {
+        None => UNSET,
+        Some(AttrVal::Num(_)) => NUM,
+        Some(AttrVal::Str(_)) => STR,
+        Some(AttrVal::Bool(false)) => FALSE,
+        Some(AttrVal::Bool(true)) => TRUE,
+    }
+}
 
 impl Attrs {
-    /// Attribute `i`'s value, if set.
-    pub fn get(&self, i: usize) -> Option<&AttrVal> {
-        self.0.get(i)?.as_ref()
-    }
-
-    /// Sets attribute `i` of `declared` (the rules' count); the slots are allocated when the
-    /// first value is set.
-    pub fn set(&mut self, i: usize, declared: usize, v: Option<AttrVal>) {
-        if self.0.is_empty() {
-            if v.is_none() || i >= declared {
-                return;
+    /// The number of tag words (see the type's docs).
+    fn tag_words(&self) -> usize {
+        let mut end = 0;
+        for (k, w) in self.0.iter().enumerate() {
+            end += 1 + payloads(*w, TAGS_PER_WORD);
+            if end == self.0.len() {
+                return k + 1;
             }
-            self.0 = vec![None; declared].into_boxed_slice();
         }
-        if let Some(x) = self.0.get_mut(i) {
-            *x = v;
+        0
+    }
+
+    /// Attribute `i`'s tag and where its payload starts.
+    fn find(&self, i: usize) -> Option<(u32, usize)> {
+        let (word, lane) = (i / TAGS_PER_WORD, i % TAGS_PER_WORD);
+        let k = self.tag_words();
+        if word >= k {
+            return None;
+        }
+        let before: usize = self.0[..word]
+            .iter()
+            .map(|w| payloads(*w, TAGS_PER_WORD))
+            .sum();
+        let w = self.0[word];
+        Some((w >> (lane * TAG_BITS) & 0xF, k + before + payloads(w, lane)))
+    }
+
+    /// Attribute `i`'s value, if set.
+    pub fn get(&self, i: usize) -> Option<AttrVal> {
+        let (tag, at) = self.find(i)?;
+        let word = |j: usize| self.0.get(at + j).copied().unwrap_or_default();
+        match tag {
+            NUM => Some(AttrVal::Num(f64::from_bits(
+                word(0) as u64 | (word(1) as u64) << 32,
+            ))),
+            STR => Some(AttrVal::Str(word(0))),
+            FALSE => Some(AttrVal::Bool(false)),
+            TRUE => Some(AttrVal::Bool(true)),
+            _ => None,
         }
     }
 
-    /// Bytes of the slots (outside the state).
+    /// The values of the `declared` attributes, in order.
+    pub fn values(&self, declared: usize) -> SmallVec<[Option<AttrVal>; 8]> {
+        (0..declared).map(|i| self.get(i)).collect()
+    }
+
+    /// Holds `values` (one per declared attribute): the words are allocated when the first
+    /// value is set, written in place while their number stays, and allocated anew when it
+    /// changes.
+    pub fn assign(&mut self, values: &[Option<AttrVal>]) {
+        if self.0.is_empty() && values.iter().all(Option::is_none) {
+            return;
+        }
+        let k = values.len().div_ceil(TAGS_PER_WORD);
+        let n = k + values.iter().map(|v| payload(tag_of(*v))).sum::<usize>();
+        if n != self.0.len() {
+            self.0 = vec![UNSET; n].into_boxed_slice();
+        }
+        self.0[..k].fill(UNSET);
+        let mut at = k;
+        for (i, v) in values.iter().enumerate() {
+            let (word, shift) = (i / TAGS_PER_WORD, i % TAGS_PER_WORD * TAG_BITS);
+            self.0[word] |= tag_of(*v) << shift;
+            match v {
+                Some(AttrVal::Num(x)) => {
+                    let b = x.to_bits();
+                    self.0[at] = b as u32;
+                    self.0[at + 1] = (b >> 32) as u32;
+                    at += 2;
+                }
+                Some(AttrVal::Str(s)) => {
+                    self.0[at] = *s;
+                    at += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sets attribute `i` of `declared` (the rules' count), as [`Attrs::assign`] does.
+    pub fn set(&mut self, i: usize, declared: usize, v: Option<AttrVal>) {
+        let mut values = self.values(declared);
+        if let Some(x) = values.get_mut(i) {
+            *x = v;
+            self.assign(&values);
+        }
+    }
+
+    /// Bytes of the words (outside the state).
     pub fn heap_bytes(&self) -> usize {
         std::mem::size_of_val(&*self.0)
     }
@@ -241,7 +296,8 @@ impl Attrs {
 
 impl PartialEq for Attrs {
     fn eq(&self, o: &Self) -> bool {
-        (0..self.0.len().max(o.0.len())).all(|i| self.get(i) == o.get(i))
+        let n = TAGS_PER_WORD * self.tag_words().max(o.tag_words());
+        (0..n).all(|i| self.get(i) == o.get(i))
     }
 }
 
@@ -389,18 +445,19 @@ impl CustomerState {
                     return self.prune(cfg);
                 }
                 self.profile_ts = ts;
+                let mut values = self.attrs.values(cfg.attributes.len());
                 for (name, value) in attributes {
                     let Some(i) = cfg.attribute_index(name) else {
                         continue;
                     };
-                    let v = match value {
+                    values[i] = match value {
                         Scalar::Num(n) => Some(AttrVal::Num(*n)),
-                        Scalar::Str(s) => Some(AttrVal::Str(AttrStr::new(s))),
+                        Scalar::Str(s) => Some(AttrVal::Str(syms.intern(s))),
                         Scalar::Bool(v) => Some(AttrVal::Bool(*v)),
                         Scalar::Null | Scalar::Nested => None,
                     };
-                    self.attrs.set(i, cfg.attributes.len(), v);
                 }
+                self.attrs.assign(&values);
             }
         }
         self.prune(cfg);
@@ -565,31 +622,76 @@ mod tests {
     use crate::event::decode;
     use crate::time::{DAY_MS, HOUR_MS};
 
-    #[test]
-    fn an_attribute_slot_is_16_bytes_and_strings_round_trip_inline_or_not() {
-        assert_eq!(std::mem::size_of::<Option<AttrVal>>(), 16);
-        for s in [
-            "",
-            "US",
-            "finance",
-            "12345678901234",
-            "123456789012345",
-            "ééééééé",
-            "éééééééé",
-            "a much longer job role title",
-        ] {
-            let a = AttrStr::new(s);
-            assert_eq!(a.as_str(), s);
-            assert_eq!(a.as_bytes(), s.as_bytes());
-            assert_eq!(matches!(a, AttrStr::Inline { .. }), s.len() <= 14, "{s:?}");
-            assert_eq!(a, AttrStr::from(s));
-            assert_eq!(format!("{a:?}"), format!("{s:?}"));
+    fn attr_val() -> impl proptest::strategy::Strategy<Value = Option<AttrVal>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(None),
+            any::<f64>()
+                .prop_filter("JSON has no NaN", |x| !x.is_nan())
+                .prop_map(|x| Some(AttrVal::Num(x))),
+            any::<u32>().prop_map(|s| Some(AttrVal::Str(s))),
+            any::<bool>().prop_map(|b| Some(AttrVal::Bool(b))),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The packed words hold what a list of values would, take a tag per attribute and
+        /// each set value's payload and nothing else, and compare by value whatever the
+        /// history.
+        #[test]
+        fn attributes_read_back_what_was_set(
+            declared in 1usize..20,
+            sets in proptest::collection::vec((0usize..24, attr_val()), 0..40),
+        ) {
+            let mut attrs = Attrs::default();
+            let mut model = vec![None; declared];
+            for (i, v) in sets {
+                attrs.set(i, declared, v);
+                if let Some(x) = model.get_mut(i) {
+                    *x = v;
+                }
+                for (j, want) in model.iter().enumerate() {
+                    proptest::prop_assert_eq!(attrs.get(j), *want, "attribute {}", j);
+                }
+                proptest::prop_assert_eq!(attrs.get(declared.next_multiple_of(8)), None);
+                let payload: usize = model
+                    .iter()
+                    .map(|v| match v {
+                        Some(AttrVal::Num(_)) => 2,
+                        Some(AttrVal::Str(_)) => 1,
+                        _ => 0,
+                    })
+                    .sum();
+                let allocated = attrs.heap_bytes() > 0;
+                if allocated {
+                    proptest::prop_assert_eq!(
+                        attrs.heap_bytes(),
+                        4 * (declared.div_ceil(8) + payload)
+                    );
+                } else {
+                    proptest::prop_assert!(model.iter().all(Option::is_none));
+                }
+                let mut fresh = Attrs::default();
+                fresh.assign(&model);
+                proptest::prop_assert_eq!(&fresh, &attrs);
+                proptest::prop_assert_eq!(fresh.heap_bytes() > 0, model.iter().any(Option::is_some));
+            }
         }
-        assert_ne!(AttrStr::new("finance"), AttrStr::new("financ"));
-        assert_ne!(
-            AttrStr::new("a much longer job role title"),
-            AttrStr::new("finance")
-        );
+    }
+
+    #[test]
+    fn attributes_with_other_values_differ() {
+        let mut a = Attrs::default();
+        a.set(1, 3, Some(AttrVal::Str(7)));
+        let mut b = a.clone();
+        assert_eq!(a, b);
+        b.set(1, 3, Some(AttrVal::Str(8)));
+        assert_ne!(a, b);
+        b.set(1, 3, None);
+        assert_ne!(a, b);
+        assert_eq!(b, Attrs::default(), "unset slots equal no slots");
+        b.set(2, 3, Some(AttrVal::Bool(false)));
+        assert_ne!(b, Attrs::default());
     }
 
     fn cfg() -> StateConfig {
@@ -724,9 +826,10 @@ mod tests {
             &syms,
             r#"{"customer_id":"c","type":"profile","timestamp":0,"attributes":{"industry":"finance","company_size":850,"unknown":1}}"#,
         );
-        assert_eq!(st.attrs.heap_bytes(), 16 * c.attributes.len());
-        assert_eq!(st.attrs.get(0), Some(&AttrVal::Str("finance".into())));
-        assert_eq!(st.attrs.get(1), Some(&AttrVal::Num(850.0)));
+        // A tag word, the string's symbol, the number's two words.
+        assert_eq!(st.attrs.heap_bytes(), 4 * (1 + 1 + 2));
+        assert_eq!(st.attrs.get(0), Some(AttrVal::Str(syms.intern("finance"))));
+        assert_eq!(st.attrs.get(1), Some(AttrVal::Num(850.0)));
         apply(
             &mut st,
             &syms,

@@ -66,7 +66,7 @@ pub struct Held {
     pub long_ids: usize,
     /// The activity buffers (counts, windows' entries, recent ids), by part.
     pub activity: ActivityBytes,
-    /// The declared attributes' slots.
+    /// The declared attributes' values (their tags and payloads).
     pub attributes: usize,
     /// Segments, membership bits and the rule timer cache.
     pub rule_words: usize,
@@ -445,7 +445,8 @@ mod tests {
                     .set(0, declared, Some(crate::state::AttrVal::Num(1.0)));
             }
         }
-        let grown = 16 * declared * ids.len();
+        // Each grew by a tag word and the number's two words.
+        let grown = 4 * (1 + 2) * ids.len();
         // The round restarts at the first chunk: the grown last one is measured third.
         let mut seen = vec![];
         for _ in 0..3 {

@@ -1,4 +1,5 @@
-//! Interned strings for low-cardinality values (categories, channels, plans, actions).
+//! Interned strings for low-cardinality values (categories, channels, plans, actions, string
+//! attributes' values).
 //!
 //! Per-customer state stores a 4-byte [`Sym`] instead of a string, so a customer's
 //! per-category counts cost 8 bytes each. The table is append-only and shared (`Arc`) between

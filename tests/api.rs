@@ -339,6 +339,13 @@ async fn customers_explanations_segments_and_errors_over_http() {
         sb.get() > 0
     })
     .await;
+    // Set with the state's size, from the table the rules and the events interned into (the
+    // events are all processed: the lag below is 0).
+    let (dv, syms) = (run.metrics.distinct_values.clone(), rules.symbols.clone());
+    wait_for("distinct values counted", Duration::from_secs(12), || {
+        dv.get() == syms.len() as i64
+    })
+    .await;
     let mut text = String::new();
     for _ in 0..50 {
         text = get(&addr, "/metrics").await.1;
@@ -361,6 +368,11 @@ async fn customers_explanations_segments_and_errors_over_http() {
     );
     assert!(value("microseg_change_latency_seconds_count") >= 5.0);
     assert!(value("microseg_state_bytes") > 100.0);
+    assert_eq!(
+        value("microseg_distinct_values"),
+        rules.symbols.len() as f64
+    );
+    assert!(rules.symbols.len() > 0);
     promtool_accepts(&text);
     dashboard_queries_only_exposed_metrics(&text);
     run.stop().await;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::rules::parse::{Ast, BinOp, Node, Span, UnOp};
 use crate::rules::program::ShownProgram;
-use crate::state::{AttrStr, AttrType, AttrVal, CustomerState, StateConfig, NO_TIME};
+use crate::state::{AttrType, AttrVal, CustomerState, StateConfig, NO_TIME};
 use crate::symbols::{Sym, Symbols};
 use crate::time::{DAY_MS, HOUR_MS};
 
@@ -278,8 +278,6 @@ pub enum Val<'a> {
     Bool(bool),
     Time(i64),
     Sym(Sym),
-    /// An attribute's string: a thin reference, so that a `Val` is 16 bytes.
-    Text(&'a AttrStr),
     Lit(&'a StrLit),
 }
 
@@ -413,9 +411,9 @@ impl Feature {
             EngagementCount => Val::Num(st.engagement_count as f64),
             EngagementCountW(b) => Val::Num(cx.engagements_in(b, None) as f64),
             Attr(i, _) => match st.attrs.get(i) {
-                Some(AttrVal::Num(n)) => Val::Num(*n),
-                Some(AttrVal::Str(s)) => Val::Text(s),
-                Some(AttrVal::Bool(b)) => Val::Bool(*b),
+                Some(AttrVal::Num(n)) => Val::Num(n),
+                Some(AttrVal::Str(s)) => Val::Sym(s),
+                Some(AttrVal::Bool(b)) => Val::Bool(b),
                 None => Val::Missing,
             },
             CategoryCount(s) => Val::Num(CustomerState::count_of(st.categories(), Some(s)) as f64),
@@ -466,25 +464,18 @@ impl Feature {
     }
 }
 
-/// Resolves a string value to an interned id if it has one (None: a string no table knows,
-/// which therefore equals no interned value).
-fn as_sym(v: &Val<'_>, syms: &Symbols) -> Option<Sym> {
+/// A string value's interned id (None: not a string). Every string value has one: attributes'
+/// strings and literals are interned too.
+fn as_sym(v: &Val<'_>) -> Option<Sym> {
     match v {
         Val::Sym(s) => Some(*s),
         Val::Lit(l) => Some(l.sym),
-        Val::Text(t) => syms.read().get_bytes(t.as_bytes()),
         _ => None,
     }
 }
 
-fn str_eq(a: &Val<'_>, b: &Val<'_>, syms: &Symbols) -> bool {
-    match (a, b) {
-        (Val::Text(x), Val::Text(y)) => x.as_bytes() == y.as_bytes(),
-        (Val::Text(x), Val::Lit(l)) | (Val::Lit(l), Val::Text(x)) => {
-            x.as_bytes() == l.text.as_bytes()
-        }
-        _ => as_sym(a, syms).is_some() && as_sym(a, syms) == as_sym(b, syms),
-    }
+fn str_eq(a: &Val<'_>, b: &Val<'_>) -> bool {
+    as_sym(a).is_some() && as_sym(a) == as_sym(b)
 }
 
 fn lit_val(l: &Lit) -> Val<'_> {
@@ -529,7 +520,7 @@ impl Expr {
         if let (Expr::Lit(Lit::Num(y)), Some(x)) = (b, num(x)) {
             return op.holds(x, *y);
         }
-        Expr::eval_cmp(op, x, b.eval(cx), cx)
+        Expr::eval_cmp(op, x, b.eval(cx))
     }
 
     pub fn eval<'a>(&'a self, cx: &Ctx<'a>) -> Val<'a> {
@@ -568,14 +559,14 @@ impl Expr {
                 }
                 let found = list.iter().any(|l| match (&v, l) {
                     (Val::Num(n), Lit::Num(m)) => n == m,
-                    (_, Lit::Str(s)) => str_eq(&v, &Val::Lit(s), cx.syms),
+                    (_, Lit::Str(s)) => str_eq(&v, &Val::Lit(s)),
                     _ => false,
                 });
                 Val::Bool(found != *negated)
             }
             Expr::InSet { item, set, negated } => {
                 let v = item.eval(cx);
-                let Some(sym) = as_sym(&v, cx.syms) else {
+                let Some(sym) = as_sym(&v) else {
                     return Val::Bool(*negated && !matches!(v, Val::Missing));
                 };
                 Val::Bool(set.set_contains(cx.state, sym) != *negated)
@@ -612,7 +603,7 @@ impl Expr {
     }
 
     /// `x op y` with the language's rules: a missing side makes any comparison false.
-    pub(crate) fn eval_cmp(op: CmpOp, x: Val<'_>, y: Val<'_>, cx: &Ctx<'_>) -> bool {
+    pub(crate) fn eval_cmp(op: CmpOp, x: Val<'_>, y: Val<'_>) -> bool {
         if matches!(x, Val::Missing) || matches!(y, Val::Missing) {
             return false;
         }
@@ -629,8 +620,8 @@ impl Expr {
                 op.holds(p, q)
             }
             _ => match op {
-                CmpOp::Eq => str_eq(&x, &y, cx.syms),
-                CmpOp::Ne => !str_eq(&x, &y, cx.syms),
+                CmpOp::Eq => str_eq(&x, &y),
+                CmpOp::Ne => !str_eq(&x, &y),
                 _ => false,
             },
         }
@@ -1302,7 +1293,6 @@ impl Shown {
             Val::Num(n) => Shown::num(n),
             Val::Time(t) => Shown::Time(t),
             Val::Sym(s) => Shown::Str(syms.name(s).as_ref().into()),
-            Val::Text(t) => Shown::Str(t.as_str().into()),
             Val::Lit(l) => Shown::Str(l.text.as_str().into()),
         }
     }

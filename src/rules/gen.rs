@@ -3,7 +3,7 @@
 
 use crate::rules::compile::{Atom, Compiler, Expr};
 use crate::rules::parse::parse;
-use crate::state::{AttrStr, AttrType, AttrVal, CustomerState, StateConfig, Window};
+use crate::state::{AttrType, AttrVal, CustomerState, StateConfig, Window};
 use crate::symbols::Symbols;
 use crate::time::{DAY_MS, HOUR_MS};
 use proptest::prelude::*;
@@ -282,14 +282,14 @@ pub fn customer(
     let wrong = [
         (0, AttrVal::Num(3.0)),
         (0, AttrVal::Bool(true)),
-        (1, AttrVal::Str(AttrStr::new("12"))),
+        (1, AttrVal::Str(syms.intern("12"))),
         (1, AttrVal::Bool(false)),
-        (3, AttrVal::Str(AttrStr::new("40"))),
+        (3, AttrVal::Str(syms.intern("40"))),
         (2, AttrVal::Num(1.0)),
-        (2, AttrVal::Str(AttrStr::new("true"))),
+        (2, AttrVal::Str(syms.intern("true"))),
     ];
     if let Some(m) = mistyped {
-        let (slot, v) = wrong[m % wrong.len()].clone();
+        let (slot, v) = wrong[m % wrong.len()];
         st.attrs.set(slot, cfg.attributes.len(), Some(v));
     }
     st

@@ -201,8 +201,8 @@ fn str_cmp_fn(op: CmpOp, f: &Feature, l: &StrLit) -> Option<BoolFn> {
         Feature::Attr(i, AttrType::String) => {
             let (i, f, l) = (*i, f.clone(), l.clone());
             Box::new(move |cx| match cx.state.attrs.get(i) {
-                Some(AttrVal::Str(s)) => (s.as_bytes() == l.text.as_bytes()) == eq,
-                _ => Expr::eval_cmp(op, f.read(cx), Val::Lit(&l), cx),
+                Some(AttrVal::Str(s)) => (s == l.sym) == eq,
+                _ => Expr::eval_cmp(op, f.read(cx), Val::Lit(&l)),
             })
         }
         _ => return None,
@@ -383,7 +383,7 @@ fn feature_with<B: Build>(f: &Feature, b: B) -> Option<B::Out> {
         }
         Attr(i, AttrType::Number) => b.build(
             move |cx| match cx.state.attrs.get(i) {
-                Some(AttrVal::Num(v)) => Some(*v),
+                Some(AttrVal::Num(v)) => Some(v),
                 _ => None,
             },
             Kind::AttrNum,

@@ -678,7 +678,7 @@ fn holds_oriented(op: CmpOp, v_left: bool, v: f64, k: f64) -> bool {
 impl Expr {
     fn cmp_at(op: CmpOp, a: &Expr, b: &Expr, cx: &Ctx<'_>) -> bool {
         // Rebuilding the node would allocate; evaluate through a borrowed view instead.
-        Expr::eval_cmp(op, a.eval(cx), b.eval(cx), cx)
+        Expr::eval_cmp(op, a.eval(cx), b.eval(cx))
     }
 }
 
