@@ -372,7 +372,7 @@ async fn customers_explanations_segments_and_errors_over_http() {
         value("microseg_distinct_values"),
         rules.symbols.len() as f64
     );
-    assert!(rules.symbols.len() > 0);
+    assert!(!rules.symbols.is_empty());
     promtool_accepts(&text);
     dashboard_queries_only_exposed_metrics(&text);
     run.stop().await;
