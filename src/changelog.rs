@@ -244,7 +244,7 @@ pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
     // Every declared attribute, set or not (slots not allocated are unset).
     let declared = rules.state.attributes.len();
     w.u(declared as u64);
-    for a in (0..declared).map(|i| st.attrs.get(i)) {
+    for a in st.attrs.values(declared) {
         match a {
             None => w.u(0),
             Some(AttrVal::Num(n)) => {
