@@ -70,7 +70,12 @@ pub fn join(x: &RecentId) -> u64 {
 /// owner's business, and the owner compares the ids in order.
 #[derive(Debug, Clone, Default)]
 pub struct Activity {
-    buf: Vec<u32>,
+    /// The words: the first `len` are used, the rest is room for insertions. A boxed slice
+    /// and a 32-bit length beside the other fields instead of a vector (a 64-bit length and
+    /// capacity): 8 bytes fewer per customer.
+    buf: Box<[u32]>,
+    /// Words used.
+    len: u32,
     /// Words of the counts, their lengths included.
     counts: u32,
     /// Words of the purchase entries.
@@ -86,7 +91,7 @@ pub struct Activity {
 
 impl PartialEq for Activity {
     fn eq(&self, o: &Self) -> bool {
-        let end = |a: &Activity| a.buf.len() - a.recent as usize;
+        let end = |a: &Activity| a.len as usize - a.recent as usize;
         (self.counts, self.purchases) == (o.counts, o.purchases)
             && self.buf[..end(self)] == o.buf[..end(o)]
     }
@@ -108,7 +113,7 @@ impl Activity {
             + EngagementTotal::WORDS * engagements.len()
             + 2 * recent;
         let mut a = Activity {
-            buf: Vec::with_capacity(words),
+            buf: vec![0; words].into_boxed_slice(),
             ..Default::default()
         };
         for (kind, list) in CountKind::ALL.into_iter().zip(counts) {
@@ -123,8 +128,12 @@ impl Activity {
         let mut total = 0u32;
         for (bucket, action, n) in engagements {
             total = total.wrapping_add(n);
-            a.buf
-                .extend_from_slice(EngagementTotal::new((bucket, action), total).words());
+            let end = a.len as usize;
+            a.insert(
+                Part::Engagements,
+                end,
+                EngagementTotal::new((bucket, action), total).words(),
+            );
         }
         a
     }
@@ -132,33 +141,43 @@ impl Activity {
     /// The words of one part.
     fn bounds(&self, part: Part) -> Range<usize> {
         let (c, p) = (self.counts as usize, self.purchases as usize);
-        let r = self.buf.len() - self.recent as usize;
+        let len = self.len as usize;
+        let r = len - self.recent as usize;
         match part {
             Part::Counts => 0..c,
             Part::Purchases => c..c + p,
             Part::Engagements => c + p..r,
-            Part::Recent => r..self.buf.len(),
+            Part::Recent => r..len,
         }
     }
 
     /// Inserts `words` at index `at` of the buffer, inside or at the end of `part`.
     fn insert(&mut self, part: Part, at: usize, words: &[u32]) {
-        let len = self.buf.len() + words.len();
-        if self.buf.capacity() < len {
+        let (old, n) = (self.len as usize, words.len());
+        let len = old + n;
+        if self.buf.len() < len {
             // Up to the allocator's size class: that room is given anyway, and the next
             // insertions fit in it without a call to the allocator.
             let bytes = crate::alloc::good_size(len * std::mem::size_of::<u32>());
-            self.buf
-                .reserve_exact(bytes / std::mem::size_of::<u32>() - self.buf.len());
+            let mut grown = Vec::with_capacity(bytes / std::mem::size_of::<u32>());
+            grown.extend_from_slice(&self.buf[..at]);
+            grown.extend_from_slice(words);
+            grown.extend_from_slice(&self.buf[at..old]);
+            grown.resize(grown.capacity(), 0);
+            self.buf = grown.into_boxed_slice();
+        } else {
+            self.buf.copy_within(at..old, at + n);
+            self.buf[at..at + n].copy_from_slice(words);
         }
-        self.buf.splice(at..at, words.iter().copied());
-        self.resize(part, words.len() as i64);
+        self.len = len as u32;
+        self.resize(part, n as i64);
     }
 
     /// Removes the words `r` of the buffer, all in `part`.
     fn remove(&mut self, part: Part, r: Range<usize>) {
         let n = r.len();
-        self.buf.drain(r);
+        self.buf.copy_within(r.end..self.len as usize, r.start);
+        self.len -= n as u32;
         self.resize(part, -(n as i64));
     }
 
@@ -275,7 +294,7 @@ impl Activity {
     /// Appends a recent id hash (at most `u16::MAX / 2` are kept: more are not stored).
     pub fn push_recent(&mut self, h: u64) {
         if (self.recent as usize) + 2 <= u16::MAX as usize {
-            self.insert(Part::Recent, self.buf.len(), &split(h));
+            self.insert(Part::Recent, self.len as usize, &split(h));
         }
     }
 
@@ -296,11 +315,11 @@ impl Activity {
 
     /// Starts loading the buffer's cache lines (see [`crate::state::prefetch`]).
     pub(crate) fn prefetch(&self) {
-        crate::state::prefetch(&self.buf);
+        crate::state::prefetch(&self.buf[..self.len as usize]);
     }
 
     pub fn capacity_bytes(&self) -> usize {
-        self.buf.capacity() * std::mem::size_of::<u32>()
+        std::mem::size_of_val(&*self.buf)
     }
 
     /// The buffer's bytes by part, and its room not used yet.
@@ -311,7 +330,7 @@ impl Activity {
             purchases: b(Part::Purchases),
             engagements: b(Part::Engagements),
             recent_ids: b(Part::Recent),
-            spare: (self.buf.capacity() - self.buf.len()) * std::mem::size_of::<u32>(),
+            spare: (self.buf.len() - self.len as usize) * std::mem::size_of::<u32>(),
         }
     }
 }
@@ -443,7 +462,7 @@ mod tests {
             for h in &recent {
                 rebuilt.push_recent(*h);
             }
-            prop_assert_eq!(rebuilt.capacity_bytes(), rebuilt.buf.len() * 4, "one allocation of the final size");
+            prop_assert_eq!(rebuilt.capacity_bytes(), rebuilt.len as usize * 4, "one allocation of the final size");
             prop_assert_eq!(rebuilt.recent(), a.recent());
             prop_assert_eq!(&rebuilt, &a);
             // Equality leaves the recent ids to their owner.

@@ -9,8 +9,8 @@
 //! hashing the id.
 //!
 //! Against one map of boxed customers keyed by id (BENCHMARKS.md, tenth session), a
-//! customer costs its entry (216 bytes, no allocator rounding) and about 14 bytes of table,
-//! instead of 192 bytes of box, a 32-byte map entry at half load and 32-byte timer entries.
+//! customer costs its entry (216 bytes then, 208 now; no allocator rounding) and about 14
+//! bytes of table, instead of 192 bytes of box, a 32-byte map entry at half load and 32-byte timer entries.
 //!
 //! Ids are hashed with the standard library's keyed SipHash: ids come from the input, so a
 //! table whose hash an input can predict could be made to degrade.
@@ -29,7 +29,7 @@ use crate::engine::Customer;
 /// A customer's place in its partition's [`Customers`]: stable while the customer is held.
 pub type Slot = u32;
 
-/// Entries per chunk (2^10: 216 KB).
+/// Entries per chunk (2^10: 208 KB).
 const CHUNK_BITS: u32 = 10;
 pub const CHUNK: usize = 1 << CHUNK_BITS;
 
