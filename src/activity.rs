@@ -1,11 +1,12 @@
 //! A customer's activity in one allocation: lifetime counts per category, channel and action,
 //! and the purchase and engagement buckets of the windows. Pure: no I/O.
 //!
-//! This module owns how those four variable-length lists, and the hashes of the customer's
-//! most recent event ids (for duplicate detection), share one buffer of `u32` words:
+//! This module owns how those four variable-length lists, the hashes of the customer's
+//! most recent event ids (for duplicate detection) and the words of the profile attributes
+//! (packed by [`crate::state::Attrs`]) share one buffer of `u32` words:
 //!
 //! ```text
-//! [counts: lengths, categories…, channels…, actions…][purchases…][engagements…][recent ids…]
+//! [attributes…][counts: lengths, categories…, channels…, actions…][purchases…][engagements…][recent ids…]
 //! ```
 //!
 //! Every event touches at least one of them, and a changelog record reads all of them. One
@@ -41,6 +42,7 @@ pub type Count = [u32; 2];
 /// The parts of the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
+    Attrs,
     Counts,
     Purchases,
     Engagements,
@@ -78,30 +80,35 @@ pub struct Activity {
     len: u32,
     /// Words of the counts, their lengths included.
     counts: u32,
-    /// Words of the purchase entries.
+    /// Words of the purchase entries (the low 31 bits), and [`REFUNDS`].
     purchases: u32,
     /// Words of the recent ids, at the end; the engagement entries take what is between.
     recent: u16,
-    /// Whether a purchase entry may have a negative spend of its own (a refund): set when a
-    /// negative amount is added, kept until a restore rebuilds the entries (then exact).
-    /// Without one, a window's spend only falls as time passes, and the timer analysis can
-    /// search it as it does counts. Derived, so not compared; fills padding.
-    refunds: bool,
+    /// Words of the attributes, at the start.
+    attrs: u16,
 }
+
+/// The bit of `Activity::purchases` that says whether a purchase entry may have a negative
+/// spend of its own (a refund): set when a negative amount is added, kept until a restore
+/// rebuilds the entries (then exact). Without one, a window's spend only falls as time
+/// passes, and the timer analysis can search it as it does counts. Derived, so not compared.
+/// A bit rather than a field: the struct stays 32 bytes.
+const REFUNDS: u32 = 1 << 31;
 
 impl PartialEq for Activity {
     fn eq(&self, o: &Self) -> bool {
         let end = |a: &Activity| a.len as usize - a.recent as usize;
-        (self.counts, self.purchases) == (o.counts, o.purchases)
-            && self.buf[..end(self)] == o.buf[..end(o)]
+        let parts = |a: &Activity| (a.attrs, a.counts, a.purchases & !REFUNDS);
+        parts(self) == parts(o) && self.buf[..end(self)] == o.buf[..end(o)]
     }
 }
 
 impl Activity {
-    /// Builds from a changelog record's lists (counts in order of first occurrence, purchases
-    /// and engagements in any order), in one allocation of the final size with room for
-    /// `recent` recent ids (set next by the owner).
+    /// Builds from a changelog record's attribute words and lists (counts in order of first
+    /// occurrence, purchases and engagements in any order), in one allocation of the final
+    /// size with room for `recent` recent ids (set next by the owner).
     pub fn from_parts(
+        attr_words: &[u32],
         counts: [&[(Sym, u32)]; 3],
         purchases: &[(u32, u32, i64)],
         mut engagements: Vec<(u32, Sym, u32)>,
@@ -111,11 +118,13 @@ impl Activity {
         let words = if n > 0 { 2 + 2 * n } else { 0 }
             + PurchaseTotal::WORDS * purchases.len()
             + EngagementTotal::WORDS * engagements.len()
-            + 2 * recent;
+            + 2 * recent
+            + attr_words.len();
         let mut a = Activity {
             buf: vec![0; words].into_boxed_slice(),
             ..Default::default()
         };
+        a.set_attr_words(attr_words);
         for (kind, list) in CountKind::ALL.into_iter().zip(counts) {
             for &(sym, n) in list {
                 a.add_count(kind, sym, n);
@@ -140,13 +149,16 @@ impl Activity {
 
     /// The words of one part.
     fn bounds(&self, part: Part) -> Range<usize> {
-        let (c, p) = (self.counts as usize, self.purchases as usize);
+        let a = self.attrs as usize;
+        let c = a + self.counts as usize;
+        let p = c + (self.purchases & !REFUNDS) as usize;
         let len = self.len as usize;
         let r = len - self.recent as usize;
         match part {
-            Part::Counts => 0..c,
-            Part::Purchases => c..c + p,
-            Part::Engagements => c + p..r,
+            Part::Attrs => 0..a,
+            Part::Counts => a..c,
+            Part::Purchases => c..p,
+            Part::Engagements => p..r,
             Part::Recent => r..len,
         }
     }
@@ -183,6 +195,7 @@ impl Activity {
 
     fn resize(&mut self, part: Part, by: i64) {
         match part {
+            Part::Attrs => self.attrs = (self.attrs as i64 + by) as u16,
             Part::Counts => self.counts = (self.counts as i64 + by) as u32,
             Part::Purchases => self.purchases = (self.purchases as i64 + by) as u32,
             Part::Engagements => {}
@@ -228,14 +241,16 @@ impl Activity {
 
     /// Adds `count` purchases spending `spend` (millionths) to bucket `b`.
     pub fn add_purchase(&mut self, b: u32, count: u32, spend: i64) {
-        self.refunds |= spend < 0;
+        if spend < 0 {
+            self.purchases |= REFUNDS;
+        }
         self.add_total::<PurchaseTotal>(Part::Purchases, b, (count, spend));
     }
 
     /// Whether a purchase entry may have a negative spend of its own (a refund); false
     /// means a window's spend only falls as buckets leave it.
     pub fn may_have_refunds(&self) -> bool {
-        self.refunds
+        self.purchases & REFUNDS != 0
     }
 
     /// Adds one engagement of `action` to bucket `b`.
@@ -251,11 +266,17 @@ impl Activity {
 
     /// Start and end (in words) of each list of counts.
     fn count_bounds(&self) -> [usize; 4] {
+        let o = self.attrs as usize;
         if self.counts == 0 {
-            return [0; 4];
+            return [o; 4];
         }
-        let a = 2 + 2 * self.buf[0] as usize;
-        [2, a, a + 2 * self.buf[1] as usize, self.counts as usize]
+        let a = o + 2 + 2 * self.buf[o] as usize;
+        [
+            o + 2,
+            a,
+            a + 2 * self.buf[o + 1] as usize,
+            o + self.counts as usize,
+        ]
     }
 
     /// `[symbol, count]` of one list, in order of first occurrence.
@@ -275,15 +296,34 @@ impl Activity {
             return;
         }
         if self.counts == 0 {
-            self.insert(Part::Counts, 0, &[0, 0, sym, n]);
+            self.insert(Part::Counts, b[0], &[0, 0, sym, n]);
         } else {
             self.insert(Part::Counts, b[k + 1], &[sym, n]);
         }
         match kind {
-            CountKind::Category => self.buf[0] += 1,
-            CountKind::Channel => self.buf[1] += 1,
+            CountKind::Category => self.buf[self.attrs as usize] += 1,
+            CountKind::Channel => self.buf[self.attrs as usize + 1] += 1,
             CountKind::Action => {}
         }
+    }
+
+    /// The attributes' words ([`crate::state::Attrs`] reads them).
+    pub fn attr_words(&self) -> &[u32] {
+        &self.buf[self.bounds(Part::Attrs)]
+    }
+
+    /// Replaces the attributes' words (at most `u16::MAX`: more are not stored).
+    pub fn set_attr_words(&mut self, words: &[u32]) {
+        if words.len() > u16::MAX as usize {
+            return;
+        }
+        let r = self.bounds(Part::Attrs);
+        if r.len() == words.len() {
+            self.buf[r].copy_from_slice(words);
+            return;
+        }
+        self.remove(Part::Attrs, r);
+        self.insert(Part::Attrs, 0, words);
     }
 
     /// The recent event id hashes, as their owner stored them.
@@ -326,6 +366,7 @@ impl Activity {
     pub fn bytes(&self) -> ActivityBytes {
         let b = |part| self.bounds(part).len() * std::mem::size_of::<u32>();
         ActivityBytes {
+            attributes: b(Part::Attrs),
             counts: b(Part::Counts),
             purchases: b(Part::Purchases),
             engagements: b(Part::Engagements),
@@ -338,6 +379,8 @@ impl Activity {
 /// What an [`Activity`]'s buffer holds, in bytes ([`Activity::bytes`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ActivityBytes {
+    /// The profile attributes' words.
+    pub attributes: usize,
     /// Lifetime counts per category, channel and action, with their lengths.
     pub counts: usize,
     /// The windows' purchase entries.
@@ -352,6 +395,7 @@ pub struct ActivityBytes {
 
 impl std::ops::AddAssign for ActivityBytes {
     fn add_assign(&mut self, o: Self) {
+        self.attributes += o.attributes;
         self.counts += o.counts;
         self.purchases += o.purchases;
         self.engagements += o.engagements;
@@ -458,7 +502,7 @@ mod tests {
             let p: Vec<_> = a.purchases().iter().collect();
             let mut e: Vec<_> = a.engagements().iter().collect();
             e.reverse();
-            let mut rebuilt = Activity::from_parts([&counts[0], &counts[1], &counts[2]], &p, e, recent.len());
+            let mut rebuilt = Activity::from_parts(&[], [&counts[0], &counts[1], &counts[2]], &p, e, recent.len());
             for h in &recent {
                 rebuilt.push_recent(*h);
             }

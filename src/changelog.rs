@@ -29,7 +29,7 @@ use smallvec::SmallVec;
 
 use crate::engine::{Customer, Engine};
 use crate::state::Activity;
-use crate::state::{AttrVal, CountKind, NEVER};
+use crate::state::{AttrVal, Attrs, CountKind, NEVER};
 use crate::symbols::Sym;
 use crate::windows;
 
@@ -244,7 +244,7 @@ pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
     // Every declared attribute, set or not (slots not allocated are unset).
     let declared = rules.state.attributes.len();
     w.u(declared as u64);
-    for a in st.attrs.values(declared) {
+    for a in st.attrs().values(declared) {
         match a {
             None => w.u(0),
             Some(AttrVal::Num(n)) => {
@@ -411,9 +411,12 @@ fn decode_inner(
             _ => return Err(CodecError("unknown attribute tag")),
         });
     }
-    if fits {
-        st.attrs.assign(&values);
-    }
+    // Under other rules the values are read but not kept (see above).
+    let attr_words = if fits {
+        Attrs::encode(&values)
+    } else {
+        SmallVec::new()
+    };
     let n = r.len()?;
     let mut segment: SmallVec<[u16; 8]> = SmallVec::with_capacity(n);
     for _ in 0..n {
@@ -435,6 +438,7 @@ fn decode_inner(
     }
     // One allocation of the final size, with room for the recent ids set next.
     c.state.activity = Activity::from_parts(
+        &attr_words,
         [&counts[0], &counts[1], &counts[2]],
         &purchases,
         engagements,
@@ -809,7 +813,7 @@ mod tests {
     }
 
     #[test]
-    fn a_customer_no_profile_described_keeps_no_attribute_slots_and_writes_them_unset() {
+    fn a_customer_no_profile_described_keeps_no_attribute_words_and_writes_them_unset() {
         let engine = Engine::new(Arc::new(RuleSet::embedded_default()));
         let declared = engine.rules.state.attributes.len();
         assert!(declared > 0);
@@ -819,25 +823,24 @@ mod tests {
         )
         .unwrap();
         engine.apply(&mut c, &ev, &mut Vec::new()).unwrap();
-        assert_eq!(c.state.attrs.heap_bytes(), 0);
+        assert_eq!(c.state.attrs().bytes(), 0);
         let mut bytes = Vec::new();
         encode(&engine, &c, &[1], &mut bytes);
-        // The same customer with slots allocated, all unset: equal, and the same record.
+        // The same customer after an attribute was set and unset: no words again, equal, and
+        // the same record.
         let mut cleared = c.clone();
-        cleared
-            .state
-            .attrs
-            .set(0, declared, Some(AttrVal::Num(1.0)));
+        cleared.state.set_attr(0, declared, Some(AttrVal::Num(1.0)));
         assert_ne!(cleared, c);
-        cleared.state.attrs.set(0, declared, None);
-        assert!(cleared.state.attrs.heap_bytes() > 0);
+        assert_eq!(cleared.state.attrs().bytes(), 4 * (1 + 2));
+        cleared.state.set_attr(0, declared, None);
+        assert_eq!(cleared.state.attrs().bytes(), 0);
         assert_eq!(cleared, c);
         let mut again = Vec::new();
         encode(&engine, &cleared, &[1], &mut again);
         assert_eq!(again, bytes);
         let back = decode(&engine, &bytes).unwrap();
         assert_eq!(back.customer, c);
-        assert_eq!(back.customer.state.attrs.heap_bytes(), 0);
+        assert_eq!(back.customer.state.attrs().bytes(), 0);
     }
 
     #[test]

@@ -120,11 +120,10 @@ pub struct CustomerState {
     pub(crate) plan_ts: i64,
     /// Time of the latest profile event applied (older ones do not overwrite attributes).
     pub(crate) profile_ts: i64,
-    /// Lifetime counts per category, channel and action, and the windows' purchases per
-    /// bucket and engagements per bucket and action: one allocation.
+    /// The declared attributes' values ([`CustomerState::attrs`]), lifetime counts per
+    /// category, channel and action, and the windows' purchases per bucket and engagements
+    /// per bucket and action: one allocation.
     pub activity: Activity,
-    /// The declared attributes' values.
-    pub attrs: Attrs,
 }
 
 impl Default for CustomerState {
@@ -144,14 +143,13 @@ impl Default for CustomerState {
             plan_ts: NO_TIME,
             profile_ts: NO_TIME,
             activity: Activity::default(),
-            attrs: Attrs::default(),
         }
     }
 }
 
-/// The declared attributes' values, in one allocation made at the first value set: a
-/// customer no profile event has described (an anonymous visitor, say) keeps none. Slots not
-/// allocated read as unset, and compare equal to unset slots.
+/// A view of the declared attributes' values, at the start of the customer's activity buffer
+/// ([`crate::activity`]): a customer with none set (an anonymous visitor, say) keeps no
+/// words, and attributes past the words read as unset.
 ///
 /// The words are a tag per declared attribute, 4 bits each and 8 to a word, in declaration
 /// order, then the payloads of the set values in the same order: two words for a number (its
@@ -162,8 +160,8 @@ impl Default for CustomerState {
 /// The number of tag words is not stored: it is the first `k` for which `k` plus the payloads
 /// of the first `k` tag words is the length (later `k` give larger sums, and for a smaller `k`
 /// the sum falls short of the true one, so only the true `k` matches).
-#[derive(Debug, Clone, Default)]
-pub struct Attrs(Box<[u32]>);
+#[derive(Debug, Clone, Copy)]
+pub struct Attrs<'a>(pub &'a [u32]);
 
 /// A tag: how an attribute's value is held. The low two bits are the payload's words, so
 /// that a word's payloads are counted without looking at each tag ([`payloads`]).
@@ -212,7 +210,7 @@ fn tag_of(v: Option<AttrVal>) -> u32 {
     }
 }
 
-impl Attrs {
+impl Attrs<'_> {
     /// The number of tag words (see the type's docs).
     fn tag_words(&self) -> usize {
         let mut end = 0;
@@ -273,55 +271,35 @@ impl Attrs {
             .collect()
     }
 
-    /// Holds `values` (one per declared attribute): the words are allocated when the first
-    /// value is set, written in place while their number stays, and allocated anew when it
-    /// changes.
-    pub fn assign(&mut self, values: &[Option<AttrVal>]) {
-        if self.0.is_empty() && values.iter().all(Option::is_none) {
-            return;
+    /// The words that hold `values` (one per declared attribute): none if none is set.
+    pub fn encode(values: &[Option<AttrVal>]) -> SmallVec<[u32; 16]> {
+        let mut words = SmallVec::new();
+        if values.iter().all(Option::is_none) {
+            return words;
         }
         let k = values.len().div_ceil(TAGS_PER_WORD);
-        let n = k + values.iter().map(|v| payload(tag_of(*v))).sum::<usize>();
-        if n != self.0.len() {
-            self.0 = vec![UNSET; n].into_boxed_slice();
-        }
-        self.0[..k].fill(UNSET);
-        let mut at = k;
+        words.resize(k, UNSET);
         for (i, v) in values.iter().enumerate() {
-            let (word, shift) = (i / TAGS_PER_WORD, i % TAGS_PER_WORD * TAG_BITS);
-            self.0[word] |= tag_of(*v) << shift;
+            words[i / TAGS_PER_WORD] |= tag_of(*v) << (i % TAGS_PER_WORD * TAG_BITS);
             match v {
                 Some(AttrVal::Num(x)) => {
                     let b = x.to_bits();
-                    self.0[at] = b as u32;
-                    self.0[at + 1] = (b >> 32) as u32;
-                    at += 2;
+                    words.extend_from_slice(&[b as u32, (b >> 32) as u32]);
                 }
-                Some(AttrVal::Str(s)) => {
-                    self.0[at] = *s;
-                    at += 1;
-                }
+                Some(AttrVal::Str(s)) => words.push(*s),
                 _ => {}
             }
         }
+        words
     }
 
-    /// Sets attribute `i` of `declared` (the rules' count), as [`Attrs::assign`] does.
-    pub fn set(&mut self, i: usize, declared: usize, v: Option<AttrVal>) {
-        let mut values = self.values(declared);
-        if let Some(x) = values.get_mut(i) {
-            *x = v;
-            self.assign(&values);
-        }
-    }
-
-    /// Bytes of the words (outside the state).
-    pub fn heap_bytes(&self) -> usize {
-        std::mem::size_of_val(&*self.0)
+    /// Bytes of the words.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.0)
     }
 }
 
-impl PartialEq for Attrs {
+impl PartialEq for Attrs<'_> {
     fn eq(&self, o: &Self) -> bool {
         let n = TAGS_PER_WORD * self.tag_words().max(o.tag_words());
         (0..n).all(|i| self.get(i) == o.get(i))
@@ -374,10 +352,28 @@ pub(crate) fn prefetch<T>(s: &[T]) {
 }
 
 impl CustomerState {
-    /// Starts loading the state's separate allocations (see [`prefetch`]).
+    /// Starts loading the state's separate allocation (see [`prefetch`]).
     pub(crate) fn prefetch(&self) {
         self.activity.prefetch();
-        prefetch(&self.attrs.0);
+    }
+
+    /// The declared attributes' values.
+    pub fn attrs(&self) -> Attrs<'_> {
+        Attrs(self.activity.attr_words())
+    }
+
+    /// Holds `values`, one per declared attribute ([`Attrs::encode`]).
+    pub fn set_attrs(&mut self, values: &[Option<AttrVal>]) {
+        self.activity.set_attr_words(&Attrs::encode(values));
+    }
+
+    /// Sets attribute `i` of `declared` (the rules' count).
+    pub fn set_attr(&mut self, i: usize, declared: usize, v: Option<AttrVal>) {
+        let mut values = self.attrs().values(declared);
+        if let Some(x) = values.get_mut(i) {
+            *x = v;
+            self.set_attrs(&values);
+        }
     }
 
     /// A customer no event has described yet.
@@ -472,7 +468,7 @@ impl CustomerState {
                     return self.prune(cfg);
                 }
                 self.profile_ts = ts;
-                let mut values = self.attrs.values(cfg.attributes.len());
+                let mut values = self.attrs().values(cfg.attributes.len());
                 for (name, value) in attributes {
                     let Some(i) = cfg.attribute_index(name) else {
                         continue;
@@ -484,7 +480,7 @@ impl CustomerState {
                         Scalar::Null | Scalar::Nested => None,
                     };
                 }
-                self.attrs.assign(&values);
+                self.set_attrs(&values);
             }
         }
         self.prune(cfg);
@@ -629,7 +625,7 @@ impl CustomerState {
 
     /// An estimate of the heap and inline bytes this state uses.
     pub fn approx_bytes(&self) -> usize {
-        std::mem::size_of::<Self>() + self.activity.capacity_bytes() + self.attrs.heap_bytes()
+        std::mem::size_of::<Self>() + self.activity.capacity_bytes()
     }
 }
 
@@ -661,22 +657,71 @@ mod tests {
         ]
     }
 
+    /// An operation on a customer's activity buffer: an attribute set, or one of the other
+    /// parts grown.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Attr(usize, Option<AttrVal>),
+        Count(u32),
+        Purchase(u32),
+        Engagement(u32),
+        Recent(u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0usize..24, attr_val()).prop_map(|(i, v)| Op::Attr(i, v)),
+            1 => (0u32..5).prop_map(Op::Count),
+            1 => (0u32..50).prop_map(Op::Purchase),
+            1 => (0u32..50).prop_map(Op::Engagement),
+            1 => any::<u64>().prop_map(Op::Recent),
+        ]
+    }
+
     proptest::proptest! {
         /// The packed words hold what a list of values would, take a tag per attribute and
-        /// each set value's payload and nothing else, and compare by value whatever the
-        /// history.
+        /// each set value's payload and nothing else (none while no value is set), read the
+        /// same in one pass, and leave the activity buffer's other parts as they would be
+        /// without them.
         #[test]
         fn attributes_read_back_what_was_set(
             declared in 1usize..20,
-            sets in proptest::collection::vec((0usize..24, attr_val()), 0..40),
+            ops in proptest::collection::vec(op(), 0..60),
         ) {
-            let mut attrs = Attrs::default();
+            let mut st = CustomerState::new();
+            let mut without = Activity::default();
             let mut model = vec![None; declared];
-            for (i, v) in sets {
-                attrs.set(i, declared, v);
-                if let Some(x) = model.get_mut(i) {
-                    *x = v;
+            for op in ops {
+                match op {
+                    Op::Attr(i, v) => {
+                        st.set_attr(i, declared, v);
+                        if let Some(x) = model.get_mut(i) {
+                            *x = v;
+                        }
+                    }
+                    Op::Count(sym) => {
+                        for a in [&mut st.activity, &mut without] {
+                            a.add_count(CountKind::Channel, sym, 1);
+                        }
+                    }
+                    Op::Purchase(b) => {
+                        for a in [&mut st.activity, &mut without] {
+                            a.add_purchase(b, 1, 5);
+                        }
+                    }
+                    Op::Engagement(b) => {
+                        for a in [&mut st.activity, &mut without] {
+                            a.add_engagement(b, 3);
+                        }
+                    }
+                    Op::Recent(h) => {
+                        for a in [&mut st.activity, &mut without] {
+                            a.push_recent(h);
+                        }
+                    }
                 }
+                let attrs = st.attrs();
                 for (j, want) in model.iter().enumerate() {
                     proptest::prop_assert_eq!(attrs.get(j), *want, "attribute {}", j);
                 }
@@ -690,36 +735,45 @@ mod tests {
                         _ => 0,
                     })
                     .sum();
-                let allocated = attrs.heap_bytes() > 0;
-                if allocated {
-                    proptest::prop_assert_eq!(
-                        attrs.heap_bytes(),
-                        4 * (declared.div_ceil(8) + payload)
-                    );
+                let words = if model.iter().any(Option::is_some) {
+                    declared.div_ceil(8) + payload
                 } else {
-                    proptest::prop_assert!(model.iter().all(Option::is_none));
+                    0
+                };
+                proptest::prop_assert_eq!(attrs.bytes(), 4 * words);
+                proptest::prop_assert_eq!(st.activity.bytes().attributes, 4 * words);
+                proptest::prop_assert_eq!(Attrs(&Attrs::encode(&model)), attrs);
+                let a = &st.activity;
+                for k in CountKind::ALL {
+                    proptest::prop_assert_eq!(a.counts(k), without.counts(k));
                 }
-                let mut fresh = Attrs::default();
-                fresh.assign(&model);
-                proptest::prop_assert_eq!(&fresh, &attrs);
-                proptest::prop_assert_eq!(fresh.heap_bytes() > 0, model.iter().any(Option::is_some));
+                proptest::prop_assert_eq!(
+                    a.purchases().iter().collect::<Vec<_>>(),
+                    without.purchases().iter().collect::<Vec<_>>()
+                );
+                proptest::prop_assert_eq!(
+                    a.engagements().iter().collect::<Vec<_>>(),
+                    without.engagements().iter().collect::<Vec<_>>()
+                );
+                proptest::prop_assert_eq!(a.recent(), without.recent());
             }
         }
     }
 
     #[test]
     fn attributes_with_other_values_differ() {
-        let mut a = Attrs::default();
-        a.set(1, 3, Some(AttrVal::Str(7)));
+        let mut a = CustomerState::new();
+        a.set_attr(1, 3, Some(AttrVal::Str(7)));
         let mut b = a.clone();
         assert_eq!(a, b);
-        b.set(1, 3, Some(AttrVal::Str(8)));
+        b.set_attr(1, 3, Some(AttrVal::Str(8)));
         assert_ne!(a, b);
-        b.set(1, 3, None);
+        assert_ne!(a.attrs(), b.attrs());
+        b.set_attr(1, 3, None);
         assert_ne!(a, b);
-        assert_eq!(b, Attrs::default(), "unset slots equal no slots");
-        b.set(2, 3, Some(AttrVal::Bool(false)));
-        assert_ne!(b, Attrs::default());
+        assert_eq!(b, CustomerState::new(), "all unset: no words");
+        b.set_attr(2, 3, Some(AttrVal::Bool(false)));
+        assert_ne!(b, CustomerState::new());
     }
 
     fn cfg() -> StateConfig {
@@ -848,22 +902,25 @@ mod tests {
             &syms,
             r#"{"customer_id":"c","type":"profile","timestamp":0,"attributes":{"industry":null,"unknown":1}}"#,
         );
-        assert_eq!(st.attrs.heap_bytes(), 0, "no slots until a value is set");
+        assert_eq!(st.attrs().bytes(), 0, "no words until a value is set");
         apply(
             &mut st,
             &syms,
             r#"{"customer_id":"c","type":"profile","timestamp":0,"attributes":{"industry":"finance","company_size":850,"unknown":1}}"#,
         );
         // A tag word, the string's symbol, the number's two words.
-        assert_eq!(st.attrs.heap_bytes(), 4 * (1 + 1 + 2));
-        assert_eq!(st.attrs.get(0), Some(AttrVal::Str(syms.intern("finance"))));
-        assert_eq!(st.attrs.get(1), Some(AttrVal::Num(850.0)));
+        assert_eq!(st.attrs().bytes(), 4 * (1 + 1 + 2));
+        assert_eq!(
+            st.attrs().get(0),
+            Some(AttrVal::Str(syms.intern("finance")))
+        );
+        assert_eq!(st.attrs().get(1), Some(AttrVal::Num(850.0)));
         apply(
             &mut st,
             &syms,
             r#"{"customer_id":"c","type":"profile","timestamp":1,"attributes":{"industry":null}}"#,
         );
-        assert_eq!(st.attrs.get(0), None);
+        assert_eq!(st.attrs().get(0), None);
         let bad = decode(br#"{"customer_id":"c","type":"profile","timestamp":0,"attributes":{"company_size":"big"}}"#).unwrap();
         let e = CustomerState::validate(&c, &bad).unwrap_err();
         assert!(e.0.contains("`company_size` must be a number"), "{e}");

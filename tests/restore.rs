@@ -418,7 +418,7 @@ fn records_written_under_other_rules_are_re_evaluated_silently() {
         // Attribute strings are symbols too: compare them by name.
         let attrs = |s: &microseg::state::CustomerState, rules: &RuleSet| {
             let declared = rules.state.attributes.len();
-            s.attrs
+            s.attrs()
                 .values(declared)
                 .into_iter()
                 .map(|v| match v {

@@ -433,7 +433,7 @@ fn held_per_customer(h: &crate::store::Held) -> serde_json::Value {
         "activity_engagements": per(a.engagements),
         "activity_recent_ids": per(a.recent_ids),
         "activity_spare": per(a.spare),
-        "attributes": per(h.attributes),
+        "attributes": per(a.attributes),
         "rule_words": per(h.rule_words),
         "total": per(h.total()),
     })

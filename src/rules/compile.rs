@@ -410,7 +410,7 @@ impl Feature {
             Plan => sym_val(st.plan),
             EngagementCount => Val::Num(st.engagement_count as f64),
             EngagementCountW(b) => Val::Num(cx.engagements_in(b, None) as f64),
-            Attr(i, _) => match st.attrs.get(i) {
+            Attr(i, _) => match st.attrs().get(i) {
                 Some(AttrVal::Num(n)) => Val::Num(n),
                 Some(AttrVal::Str(s)) => Val::Sym(s),
                 Some(AttrVal::Bool(b)) => Val::Bool(b),

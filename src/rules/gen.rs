@@ -290,7 +290,7 @@ pub fn customer(
     ];
     if let Some(m) = mistyped {
         let (slot, v) = wrong[m % wrong.len()];
-        st.attrs.set(slot, cfg.attributes.len(), Some(v));
+        st.set_attr(slot, cfg.attributes.len(), Some(v));
     }
     st
 }

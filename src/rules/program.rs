@@ -200,7 +200,7 @@ fn str_cmp_fn(op: CmpOp, f: &Feature, l: &StrLit) -> Option<BoolFn> {
         Feature::TopChannel => Box::new(move |cx| sym_cmp(CustomerState::top(cx.state.channels()))),
         Feature::Attr(i, AttrType::String) => {
             let (i, f, l) = (*i, f.clone(), l.clone());
-            Box::new(move |cx| match cx.state.attrs.get(i) {
+            Box::new(move |cx| match cx.state.attrs().get(i) {
                 Some(AttrVal::Str(s)) => (s == l.sym) == eq,
                 _ => Expr::eval_cmp(op, f.read(cx), Val::Lit(&l)),
             })
@@ -382,7 +382,7 @@ fn feature_with<B: Build>(f: &Feature, b: B) -> Option<B::Out> {
             )
         }
         Attr(i, AttrType::Number) => b.build(
-            move |cx| match cx.state.attrs.get(i) {
+            move |cx| match cx.state.attrs().get(i) {
                 Some(AttrVal::Num(v)) => Some(v),
                 _ => None,
             },
