@@ -312,7 +312,8 @@ impl Activity {
         &self.buf[self.bounds(Part::Attrs)]
     }
 
-    /// Replaces the attributes' words (at most `u16::MAX`: more are not stored).
+    /// Replaces the attributes' words (at most `u16::MAX`, which [`crate::state::MAX_ATTRIBUTES`]
+    /// keeps them under: more are not stored).
     pub fn set_attr_words(&mut self, words: &[u32]) {
         if words.len() > u16::MAX as usize {
             return;

@@ -161,7 +161,11 @@ impl Default for CustomerState {
 /// of the first `k` tag words is the length (later `k` give larger sums, and for a smaller `k`
 /// the sum falls short of the true one, so only the true `k` matches).
 #[derive(Debug, Clone, Copy)]
-pub struct Attrs<'a>(pub &'a [u32]);
+pub struct Attrs<'a>(pub(crate) &'a [u32]);
+
+/// The most attributes a rules file may declare: their words must fit the activity buffer's
+/// 16-bit count of them (4 096 numbers take 512 tag words and 8 192 payload words).
+pub const MAX_ATTRIBUTES: usize = 4096;
 
 /// A tag: how an attribute's value is held. The low two bits are the payload's words, so
 /// that a word's payloads are counted without looking at each tag ([`payloads`]).

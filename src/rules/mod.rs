@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::state::{AttrType, StateConfig, Window};
+use crate::state::{AttrType, StateConfig, Window, MAX_ATTRIBUTES};
 use crate::symbols::Symbols;
 use crate::time::{parse_duration, HOUR_MS};
 use compile::{deps, Atom, Compiler, Expr};
@@ -383,6 +383,16 @@ impl RuleSet {
         }
 
         // [attributes]
+        if def.attributes.len() > MAX_ATTRIBUTES {
+            rep.at(
+                0,
+                Some("attributes"),
+                format!(
+                    "{} attributes declared; at most {MAX_ATTRIBUTES}",
+                    def.attributes.len()
+                ),
+            );
+        }
         let mut attributes = Vec::new();
         for (name, ty) in &def.attributes {
             match AttrType::parse(ty.get_ref()) {
@@ -700,6 +710,12 @@ when = "1 + 1"
             all.contains("a rule must be a condition (bool), this is a number"),
             "{all}"
         );
+        let many: String = (0..=MAX_ATTRIBUTES)
+            .map(|i| format!("a{i} = \"number\"\n"))
+            .collect();
+        let text = format!("[attributes]\n{many}[[segment]]\nname = 'a'\nwhen = 'true'\n");
+        let e = RuleSet::from_toml("t.toml", &text).unwrap_err().to_string();
+        assert!(e.contains("4097 attributes declared; at most 4096"), "{e}");
         let unknown_key =
             RuleSet::from_toml("t.toml", "[[segment]]\nname='a'\nwhen='true'\nwhne='x'\n")
                 .unwrap_err();
