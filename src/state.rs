@@ -193,6 +193,11 @@ fn payloads(word: u32, n: usize) -> usize {
     (bytes.wrapping_mul(0x0101_0101) >> 24) as usize
 }
 
+/// Tag `lane` (0 to 7) of a tag word.
+fn tag_in(word: u32, lane: usize) -> u32 {
+    word >> (lane * TAG_BITS) & 0xF
+}
+
 /// The value of tag `tag` whose payload starts with words `a`, `b`.
 fn decode(tag: u32, a: u32, b: u32) -> Option<AttrVal> {
     match tag {
@@ -234,7 +239,7 @@ impl Attrs<'_> {
         let w0 = *self.0.first()?;
         // Up to 8 declared attributes (one tag word), without the general search.
         if word == 0 && self.0.len() == 1 + payloads(w0, TAGS_PER_WORD) {
-            return Some((w0 >> (lane * TAG_BITS) & 0xF, 1 + payloads(w0, lane)));
+            return Some((tag_in(w0, lane), 1 + payloads(w0, lane)));
         }
         let k = self.tag_words();
         if word >= k {
@@ -245,7 +250,7 @@ impl Attrs<'_> {
             .map(|w| payloads(*w, TAGS_PER_WORD))
             .sum();
         let w = self.0[word];
-        Some((w >> (lane * TAG_BITS) & 0xF, k + before + payloads(w, lane)))
+        Some((tag_in(w, lane), k + before + payloads(w, lane)))
     }
 
     /// Attribute `i`'s value, if set.
@@ -264,7 +269,7 @@ impl Attrs<'_> {
         (0..declared)
             .map(|i| {
                 let tag = if i / TAGS_PER_WORD < k {
-                    word(i / TAGS_PER_WORD) >> (i % TAGS_PER_WORD * TAG_BITS) & 0xF
+                    tag_in(word(i / TAGS_PER_WORD), i % TAGS_PER_WORD)
                 } else {
                     UNSET
                 };
