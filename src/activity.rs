@@ -2,19 +2,21 @@
 //! and the purchase and engagement buckets of the windows. Pure: no I/O.
 //!
 //! This module owns how those four variable-length lists, the hashes of the customer's
-//! most recent event ids (for duplicate detection) and the words of the profile attributes
-//! (packed by [`crate::state::Attrs`]) share one buffer of `u32` words:
+//! most recent event ids (for duplicate detection), the words of the profile attributes
+//! (packed by [`crate::state::Attrs`]) and the rule words of [`crate::engine::Customer`]
+//! (segments, membership bits, rule timer cache) share one buffer of `u32` words:
 //!
 //! ```text
-//! [attributes…][counts: lengths, categories…, channels…, actions…][purchases…][engagements…][recent ids…]
+//! [rule words…][attributes…][counts: lengths, categories…, channels…, actions…][purchases…][engagements…][recent ids…]
 //! ```
 //!
 //! Every event touches at least one of them, and a changelog record reads all of them. One
 //! buffer instead of three vectors saves about 90 bytes per customer (one vector header
 //! instead of three, and less rounding to the allocator's size classes), and a restore builds
-//! it in one allocation (BENCHMARKS.md, ninth session). The buffer grows to the allocator's
-//! size class of what an insertion needs ([`crate::alloc::good_size`]): no spare room beyond
-//! what the allocator gives anyway, and no call to it while the next entries fit.
+//! it in one allocation (BENCHMARKS.md, ninth session). The buffer is a [`Words`]: a pointer
+//! and a length, its capacity the allocator's size class of that length, so insertions call
+//! the allocator only when they cross a class, and the struct keeps room for the parts'
+//! lengths in 32 bytes.
 //!
 //! [`crate::windows`] owns what the bucket entries mean (running totals) and how they are
 //! read; this module only inserts and removes their words.
@@ -22,7 +24,10 @@
 use std::ops::Range;
 
 use crate::symbols::Sym;
-use crate::windows::{self, EngagementTotal, Engagements, Entry, PurchaseTotal, Purchases, Words};
+use crate::windows::{
+    self, EngagementTotal, Engagements, Entry, PurchaseTotal, Purchases, Total, Words as _,
+};
+use crate::words::Words;
 
 /// Which list of lifetime counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +47,7 @@ pub type Count = [u32; 2];
 /// The parts of the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
+    Rules,
     Attrs,
     Counts,
     Purchases,
@@ -52,12 +58,13 @@ enum Part {
 /// A recent event id hash: `[low, high]`.
 pub type RecentId = [u32; 2];
 
-fn split(h: u64) -> RecentId {
+/// `[low, high]` halves of a 64-bit word.
+pub fn split(h: u64) -> [u32; 2] {
     [h as u32, (h >> 32) as u32]
 }
 
-/// The hash a [`RecentId`] holds.
-pub fn join(x: &RecentId) -> u64 {
+/// The 64-bit word (a recent id's hash, a rule word) of `[low, high]` halves.
+pub fn join(x: &[u32; 2]) -> u64 {
     x[0] as u64 | (x[1] as u64) << 32
 }
 
@@ -72,12 +79,11 @@ pub fn join(x: &RecentId) -> u64 {
 /// owner's business, and the owner compares the ids in order.
 #[derive(Debug, Clone, Default)]
 pub struct Activity {
-    /// The words: the first `len` are used, the rest is room for insertions. A boxed slice
-    /// and a 32-bit length beside the other fields instead of a vector (a 64-bit length and
-    /// capacity): 8 bytes fewer per customer.
-    buf: Box<[u32]>,
-    /// Words used.
-    len: u32,
+    /// The words, exactly as many as the parts take, in a block of the allocator's size
+    /// class for them ([`crate::words`]: 12 bytes, no capacity stored).
+    buf: Words,
+    /// Words of the rule words, at the very start.
+    rules: u16,
     /// Words of the counts, their lengths included.
     counts: u32,
     /// Words of the purchase entries (the low 31 bits), and [`REFUNDS`].
@@ -97,65 +103,85 @@ const REFUNDS: u32 = 1 << 31;
 
 impl PartialEq for Activity {
     fn eq(&self, o: &Self) -> bool {
-        let end = |a: &Activity| a.len as usize - a.recent as usize;
+        let kept = |a: &Activity| a.rules as usize..a.buf.len() - a.recent as usize;
         let parts = |a: &Activity| (a.attrs, a.counts, a.purchases & !REFUNDS);
-        parts(self) == parts(o) && self.buf[..end(self)] == o.buf[..end(o)]
+        parts(self) == parts(o) && self.buf[kept(self)] == o.buf[kept(o)]
     }
 }
 
 impl Activity {
-    /// Builds from a changelog record's attribute words and lists (counts in order of first
-    /// occurrence, purchases and engagements in any order), in one allocation of the final
-    /// size with room for `recent` recent ids (set next by the owner).
+    /// Builds from rule words, a changelog record's attribute words and lists (counts in
+    /// order of first occurrence, each symbol once; purchases and engagements in any order)
+    /// and recent id hashes (stored as given), in one allocation of the final size.
     pub fn from_parts(
+        rule_words: &[u64],
         attr_words: &[u32],
         counts: [&[(Sym, u32)]; 3],
         purchases: &[(u32, u32, i64)],
         mut engagements: Vec<(u32, Sym, u32)>,
-        recent: usize,
+        recent: &[u64],
     ) -> Self {
         let n: usize = counts.iter().map(|l| l.len()).sum();
-        let words = if n > 0 { 2 + 2 * n } else { 0 }
+        let words = 2 * rule_words.len()
+            + attr_words.len()
+            + if n > 0 { 2 + 2 * n } else { 0 }
             + PurchaseTotal::WORDS * purchases.len()
             + EngagementTotal::WORDS * engagements.len()
-            + 2 * recent
-            + attr_words.len();
-        let mut a = Activity {
-            buf: vec![0; words].into_boxed_slice(),
-            ..Default::default()
-        };
-        a.set_attr_words(attr_words);
-        for (kind, list) in CountKind::ALL.into_iter().zip(counts) {
-            for &(sym, n) in list {
-                a.add_count(kind, sym, n);
-            }
-        }
-        for &(bucket, count, spend) in purchases {
-            a.add_purchase(bucket, count, spend);
-        }
-        engagements.sort_unstable_by_key(|&(b, a, _)| (b, a));
-        let mut total = 0u32;
-        for (bucket, action, n) in engagements {
-            total = total.wrapping_add(n);
-            let end = a.len as usize;
-            a.insert(
-                Part::Engagements,
-                end,
-                EngagementTotal::new((bucket, action), total).words(),
+            + 2 * recent.len();
+        let mut v: Vec<u32> = Vec::with_capacity(crate::words::capacity(words));
+        v.extend(rule_words.iter().flat_map(|&w| split(w)));
+        let rules = v.len();
+        v.extend_from_slice(attr_words);
+        let attrs = v.len();
+        if n > 0 {
+            v.extend([counts[0].len() as u32, counts[1].len() as u32]);
+            v.extend(
+                counts
+                    .iter()
+                    .flat_map(|l| l.iter().flat_map(|&(s, n)| [s, n])),
             );
         }
-        a
+        let counted = v.len();
+        let mut purchases: smallvec::SmallVec<[(u32, u32, i64); 16]> = purchases.into();
+        purchases.sort_unstable_by_key(|&(b, _, _)| b);
+        let mut total = (0u32, 0i64);
+        for (i, &(bucket, count, spend)) in purchases.iter().enumerate() {
+            total = total.plus((count, spend));
+            if i > 0 && purchases[i - 1].0 == bucket {
+                v.truncate(v.len() - PurchaseTotal::WORDS);
+            }
+            v.extend_from_slice(PurchaseTotal::new(bucket, total).words());
+        }
+        let bought = v.len();
+        engagements.sort_unstable_by_key(|&(b, a, _)| (b, a));
+        let mut total = 0u32;
+        for &(bucket, action, n) in &engagements {
+            total = total.wrapping_add(n);
+            v.extend_from_slice(EngagementTotal::new((bucket, action), total).words());
+        }
+        v.extend(recent.iter().flat_map(|&h| split(h)));
+        let refunds = purchases.iter().any(|&(_, _, spend)| spend < 0);
+        Activity {
+            rules: rules as u16,
+            attrs: (attrs - rules) as u16,
+            counts: (counted - attrs) as u32,
+            purchases: (bought - counted) as u32 | if refunds { REFUNDS } else { 0 },
+            recent: (2 * recent.len()) as u16,
+            buf: Words::from_vec(v),
+        }
     }
 
     /// The words of one part.
     fn bounds(&self, part: Part) -> Range<usize> {
-        let a = self.attrs as usize;
+        let s = self.rules as usize;
+        let a = s + self.attrs as usize;
         let c = a + self.counts as usize;
         let p = c + (self.purchases & !REFUNDS) as usize;
-        let len = self.len as usize;
+        let len = self.buf.len();
         let r = len - self.recent as usize;
         match part {
-            Part::Attrs => 0..a,
+            Part::Rules => 0..s,
+            Part::Attrs => s..a,
             Part::Counts => a..c,
             Part::Purchases => c..p,
             Part::Engagements => p..r,
@@ -165,36 +191,28 @@ impl Activity {
 
     /// Inserts `words` at index `at` of the buffer, inside or at the end of `part`.
     fn insert(&mut self, part: Part, at: usize, words: &[u32]) {
-        let (old, n) = (self.len as usize, words.len());
-        let len = old + n;
-        if self.buf.len() < len {
-            // Up to the allocator's size class: that room is given anyway, and the next
-            // insertions fit in it without a call to the allocator.
-            let bytes = crate::alloc::good_size(len * std::mem::size_of::<u32>());
-            let mut grown = Vec::with_capacity(bytes / std::mem::size_of::<u32>());
-            grown.extend_from_slice(&self.buf[..at]);
-            grown.extend_from_slice(words);
-            grown.extend_from_slice(&self.buf[at..old]);
-            grown.resize(grown.capacity(), 0);
-            self.buf = grown.into_boxed_slice();
-        } else {
-            self.buf.copy_within(at..old, at + n);
-            self.buf[at..at + n].copy_from_slice(words);
-        }
-        self.len = len as u32;
-        self.resize(part, n as i64);
+        self.buf.insert(at, words);
+        self.resize(part, words.len() as i64);
+    }
+
+    /// Replaces the words of `part` with `words`.
+    fn replace(&mut self, part: Part, words: &[u32]) {
+        let r = self.bounds(part);
+        let by = words.len() as i64 - r.len() as i64;
+        self.buf.replace(r, words);
+        self.resize(part, by);
     }
 
     /// Removes the words `r` of the buffer, all in `part`.
     fn remove(&mut self, part: Part, r: Range<usize>) {
         let n = r.len();
-        self.buf.copy_within(r.end..self.len as usize, r.start);
-        self.len -= n as u32;
+        self.buf.remove(r);
         self.resize(part, -(n as i64));
     }
 
     fn resize(&mut self, part: Part, by: i64) {
         match part {
+            Part::Rules => self.rules = (self.rules as i64 + by) as u16,
             Part::Attrs => self.attrs = (self.attrs as i64 + by) as u16,
             Part::Counts => self.counts = (self.counts as i64 + by) as u32,
             Part::Purchases => self.purchases = (self.purchases as i64 + by) as u32,
@@ -266,7 +284,7 @@ impl Activity {
 
     /// Start and end (in words) of each list of counts.
     fn count_bounds(&self) -> [usize; 4] {
-        let o = self.attrs as usize;
+        let o = self.bounds(Part::Counts).start;
         if self.counts == 0 {
             return [o; 4];
         }
@@ -300,9 +318,10 @@ impl Activity {
         } else {
             self.insert(Part::Counts, b[k + 1], &[sym, n]);
         }
+        let o = self.bounds(Part::Counts).start;
         match kind {
-            CountKind::Category => self.buf[self.attrs as usize] += 1,
-            CountKind::Channel => self.buf[self.attrs as usize + 1] += 1,
+            CountKind::Category => self.buf[o] += 1,
+            CountKind::Channel => self.buf[o + 1] += 1,
             CountKind::Action => {}
         }
     }
@@ -315,16 +334,32 @@ impl Activity {
     /// Replaces the attributes' words (at most `u16::MAX`, which [`crate::state::MAX_ATTRIBUTES`]
     /// keeps them under: more are not stored).
     pub fn set_attr_words(&mut self, words: &[u32]) {
-        if words.len() > u16::MAX as usize {
-            return;
+        if words.len() <= u16::MAX as usize {
+            self.replace(Part::Attrs, words);
         }
-        let r = self.bounds(Part::Attrs);
-        if r.len() == words.len() {
-            self.buf[r].copy_from_slice(words);
-            return;
+    }
+
+    /// The rule words: [`crate::engine::Customer`]'s segments, membership bits and rule timer
+    /// cache, 64-bit words as `[low, high]` pairs (read them with [`join`]).
+    pub fn rule_words(&self) -> &[[u32; 2]] {
+        <[u32; 2]>::cast(&self.buf[self.bounds(Part::Rules)])
+    }
+
+    /// Replaces the rule words (at most `u16::MAX / 2`, which
+    /// [`crate::rules::MAX_RULES`] keeps them under: more are not stored).
+    pub fn set_rule_words(&mut self, words: &[u64]) {
+        let r = self.bounds(Part::Rules);
+        if r.len() == 2 * words.len() {
+            // The common case (an evaluation writing its words back): in place.
+            let pairs = <[u32; 2]>::cast_mut(&mut self.buf[r]);
+            for (p, &w) in pairs.iter_mut().zip(words) {
+                *p = split(w);
+            }
+        } else if words.len() <= (u16::MAX / 2) as usize {
+            let pairs: smallvec::SmallVec<[u32; 64]> =
+                words.iter().flat_map(|&w| split(w)).collect();
+            self.replace(Part::Rules, &pairs);
         }
-        self.remove(Part::Attrs, r);
-        self.insert(Part::Attrs, 0, words);
     }
 
     /// The recent event id hashes, as their owner stored them.
@@ -335,7 +370,7 @@ impl Activity {
     /// Appends a recent id hash (at most `u16::MAX / 2` are kept: more are not stored).
     pub fn push_recent(&mut self, h: u64) {
         if (self.recent as usize) + 2 <= u16::MAX as usize {
-            self.insert(Part::Recent, self.len as usize, &split(h));
+            self.insert(Part::Recent, self.buf.len(), &split(h));
         }
     }
 
@@ -348,6 +383,14 @@ impl Activity {
         }
     }
 
+    /// Replaces the recent ids (at most `u16::MAX / 2`: more are not stored).
+    pub fn replace_recent(&mut self, ids: &[u64]) {
+        if ids.len() <= (u16::MAX / 2) as usize {
+            let pairs: smallvec::SmallVec<[u32; 32]> = ids.iter().flat_map(|&h| split(h)).collect();
+            self.replace(Part::Recent, &pairs);
+        }
+    }
+
     /// Forgets every recent id.
     pub fn clear_recent(&mut self) {
         let r = self.bounds(Part::Recent);
@@ -356,9 +399,10 @@ impl Activity {
 
     /// Starts loading the buffer's cache lines (see [`crate::state::prefetch`]).
     pub(crate) fn prefetch(&self) {
-        crate::state::prefetch(&self.buf[..self.len as usize]);
+        crate::state::prefetch(&self.buf);
     }
 
+    /// Bytes of the words used (the allocator's block is [`ActivityBytes::spare`] more).
     pub fn capacity_bytes(&self) -> usize {
         std::mem::size_of_val(&*self.buf)
     }
@@ -367,12 +411,13 @@ impl Activity {
     pub fn bytes(&self) -> ActivityBytes {
         let b = |part| self.bounds(part).len() * std::mem::size_of::<u32>();
         ActivityBytes {
+            rule_words: b(Part::Rules),
             attributes: b(Part::Attrs),
             counts: b(Part::Counts),
             purchases: b(Part::Purchases),
             engagements: b(Part::Engagements),
             recent_ids: b(Part::Recent),
-            spare: (self.buf.len() - self.len as usize) * std::mem::size_of::<u32>(),
+            spare: (crate::words::capacity(self.buf.len()) - self.buf.len()) * 4,
         }
     }
 }
@@ -380,6 +425,8 @@ impl Activity {
 /// What an [`Activity`]'s buffer holds, in bytes ([`Activity::bytes`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ActivityBytes {
+    /// The rule words (segments, membership bits, rule timer cache).
+    pub rule_words: usize,
     /// The profile attributes' words.
     pub attributes: usize,
     /// Lifetime counts per category, channel and action, with their lengths.
@@ -390,12 +437,13 @@ pub struct ActivityBytes {
     pub engagements: usize,
     /// The recent event ids kept for duplicate detection.
     pub recent_ids: usize,
-    /// Room the buffer has and does not use yet (up to the allocator's size class).
+    /// Room the buffer's block has and does not use yet (up to the allocator's size class).
     pub spare: usize,
 }
 
 impl std::ops::AddAssign for ActivityBytes {
     fn add_assign(&mut self, o: Self) {
+        self.rule_words += o.rule_words;
         self.attributes += o.attributes;
         self.counts += o.counts;
         self.purchases += o.purchases;
@@ -418,6 +466,8 @@ mod tests {
         Prune(u32),
         Recent(u64),
         ClearRecent,
+        Rules(Vec<u64>),
+        Attrs(Vec<u32>),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -429,6 +479,8 @@ mod tests {
             (0u32..30).prop_map(Op::Prune),
             any::<u64>().prop_map(Op::Recent),
             Just(Op::ClearRecent),
+            proptest::collection::vec(any::<u64>(), 0..5).prop_map(Op::Rules),
+            proptest::collection::vec(any::<u32>(), 0..5).prop_map(Op::Attrs),
         ]
     }
 
@@ -442,6 +494,8 @@ mod tests {
             let mut purchases: std::collections::BTreeMap<u32, (u32, i64)> = Default::default();
             let mut engagements: std::collections::BTreeMap<(u32, Sym), u32> = Default::default();
             let mut recent: Vec<u64> = Vec::new();
+            let mut rules: Vec<u64> = Vec::new();
+            let mut attrs: Vec<u32> = Vec::new();
             let mut horizon = 0;
             for o in ops {
                 match o {
@@ -470,6 +524,14 @@ mod tests {
                         a.clear_recent();
                         recent.clear();
                     }
+                    Op::Rules(w) => {
+                        a.set_rule_words(&w);
+                        rules = w;
+                    }
+                    Op::Attrs(w) => {
+                        a.set_attr_words(&w);
+                        attrs = w;
+                    }
                 }
                 a.prune(horizon);
                 purchases.retain(|b, _| *b >= horizon);
@@ -483,6 +545,8 @@ mod tests {
                 let want: Vec<_> = engagements.iter().map(|((b, act), n)| (*b, *act, *n)).collect();
                 prop_assert_eq!(a.engagements().iter().collect::<Vec<_>>(), want);
                 prop_assert_eq!(&a.recent().iter().map(join).collect::<Vec<_>>(), &recent);
+                prop_assert_eq!(&a.rule_words().iter().map(join).collect::<Vec<_>>(), &rules);
+                prop_assert_eq!(a.attr_words(), &attrs[..]);
                 // The bytes by part, as the lists above take them.
                 let n: usize = counts.iter().map(|l| l.len()).sum();
                 let b = a.bytes();
@@ -495,23 +559,23 @@ mod tests {
                         8 * recent.len(),
                     )
                 );
+                prop_assert_eq!((b.rule_words, b.attributes), (8 * rules.len(), 4 * attrs.len()));
                 prop_assert_eq!(
-                    b.counts + b.purchases + b.engagements + b.recent_ids + b.spare,
+                    b.rule_words + b.attributes + b.counts + b.purchases + b.engagements + b.recent_ids,
                     a.capacity_bytes()
                 );
             }
             let p: Vec<_> = a.purchases().iter().collect();
             let mut e: Vec<_> = a.engagements().iter().collect();
             e.reverse();
-            let mut rebuilt = Activity::from_parts(&[], [&counts[0], &counts[1], &counts[2]], &p, e, recent.len());
-            for h in &recent {
-                rebuilt.push_recent(*h);
-            }
-            prop_assert_eq!(rebuilt.capacity_bytes(), rebuilt.len as usize * 4, "one allocation of the final size");
+            let mut rebuilt = Activity::from_parts(&rules, &attrs, [&counts[0], &counts[1], &counts[2]], &p, e, &recent);
             prop_assert_eq!(rebuilt.recent(), a.recent());
+            prop_assert_eq!(rebuilt.rule_words(), a.rule_words());
+            prop_assert_eq!(rebuilt.bytes(), a.bytes());
             prop_assert_eq!(&rebuilt, &a);
-            // Equality leaves the recent ids to their owner.
+            // Equality leaves the recent ids and rule words to their owner.
             rebuilt.push_recent(1);
+            rebuilt.set_rule_words(&[7]);
             prop_assert_eq!(rebuilt, a);
         }
     }

@@ -267,7 +267,7 @@ pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
     }
     w.u(c.members().len() as u64);
     for m in c.members() {
-        w.u(*m);
+        w.u(m);
     }
     w.u(c.recent_ids().count() as u64);
     for h in c.recent_ids() {
@@ -312,7 +312,7 @@ fn decode_inner(
     let rules_changed = r.s()? != rules.version;
     let source_offsets = r.offsets()?;
     let partition = i32::try_from(r.i()?).map_err(|_| CodecError("partition out of range"))?;
-    let mut c = engine.new_customer(partition);
+    let mut c = engine.blank_customer(partition);
     c.seq = r.u()?;
     c.timer = r.i()?;
     // The record's strings, looked up under one read lock; only new ones are interned.
@@ -436,25 +436,29 @@ fn decode_inner(
         ));
         r.0 = &r.0[8..];
     }
-    // One allocation of the final size, with room for the recent ids set next.
+    if !r.0.is_empty() {
+        return Err(CodecError("trailing bytes"));
+    }
+    let rule_words = if rules_changed {
+        // New memberships come from a re-evaluation ([`Engine::reset_memberships`]).
+        c.timer = NEVER;
+        engine.initial_rule_words()
+    } else {
+        engine
+            .restored_rule_words(&segment, &member)
+            .ok_or(CodecError("membership layout does not match the rules"))?
+    };
+    // One allocation of the final size.
+    let ring = Customer::ring_of(&recent, engine.dedup);
     c.state.activity = Activity::from_parts(
+        &rule_words,
         &attr_words,
         [&counts[0], &counts[1], &counts[2]],
         &purchases,
         engagements,
-        recent.len().min(engine.dedup),
+        &ring,
     );
-    c.set_recent_ids(&recent, engine.dedup);
-    if !r.0.is_empty() {
-        return Err(CodecError("trailing bytes"));
-    }
-    if rules_changed {
-        c.timer = NEVER;
-    } else {
-        if !c.set_segments(&segment) || !c.set_members(&member) {
-            return Err(CodecError("membership layout does not match the rules"));
-        }
-    }
+    c.set_ring(ring.len(), engine.dedup);
     Ok(Restored {
         customer: c,
         source_offsets,

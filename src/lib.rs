@@ -26,7 +26,8 @@
 //!                  processor::Restorer) ─► customers, timers, watermark
 //! ```
 //!
-//! Pure logic (no I/O): [`time`], [`event`], [`state`] (with [`activity`] and [`windows`]),
+//! Pure logic (no I/O): [`time`], [`event`], [`state`] (with [`activity`], its buffer [`words`],
+//! and [`windows`]),
 //! [`rules`],
 //! [`engine`], [`output`], [`changelog`] (record format), [`commit`] (what is safe to commit,
 //! and when), and [`processor`] (which only reads the wall time it is given; a partition's
@@ -58,3 +59,4 @@ pub mod symbols;
 pub mod time;
 pub mod timer_index;
 pub mod windows;
+pub mod words;

@@ -290,14 +290,13 @@ impl Metrics {
             .collect();
         let mut ind = vec![0i64; rules.segments.len()];
         processor.for_each_customer(|_, c| {
-            let member = c.members();
             for (si, i) in c.segments().enumerate() {
                 if let Some(n) = seg.get_mut(si).and_then(|v| v.get_mut(i as usize)) {
                     *n += 1;
                 }
             }
             for (i, n) in ind.iter_mut().enumerate() {
-                if member.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0) {
+                if c.is_member(i) {
                     *n += 1;
                 }
             }

@@ -29,9 +29,14 @@ use crate::engine::Customer;
 /// A customer's place in its partition's [`Customers`]: stable while the customer is held.
 pub type Slot = u32;
 
-/// Entries per chunk (2^10: 192 KB).
-const CHUNK_BITS: u32 = 10;
-pub const CHUNK: usize = 1 << CHUNK_BITS;
+/// Bytes per chunk: a power of two, so a size class of the allocator (mimalloc's classes
+/// are four per doubling), which a chunk fills up to one entry's size.
+const CHUNK_BYTES: usize = 1 << 18;
+/// Entries per chunk (1 489 of 176 bytes). Not a power of two: 1 024 entries of 176 bytes
+/// took the next size class up, 192 KB for 176, and resident memory did not fall when the
+/// entry shrank from 192 bytes (BENCHMARKS.md, nineteenth session). A slot's chunk is then a
+/// division by this constant, which compiles to a multiplication.
+pub const CHUNK: usize = CHUNK_BYTES / std::mem::size_of::<Entry>();
 
 /// A held customer, or a free slot.
 type Entry = Option<(CompactString, Customer)>;
@@ -64,10 +69,9 @@ pub struct Held {
     pub index: usize,
     /// Ids too long to be kept inline.
     pub long_ids: usize,
-    /// The activity buffers (attributes, counts, windows' entries, recent ids), by part.
+    /// The activity buffers (rule words, attributes, counts, windows' entries, recent ids),
+    /// by part.
     pub activity: ActivityBytes,
-    /// Segments, membership bits and the rule timer cache.
-    pub rule_words: usize,
 }
 
 impl Held {
@@ -83,7 +87,7 @@ impl Held {
             + a.recent_ids
             + a.spare
             + a.attributes
-            + self.rule_words
+            + a.rule_words
     }
 }
 
@@ -94,7 +98,6 @@ impl std::ops::AddAssign for Held {
         self.index += o.index;
         self.long_ids += o.long_ids;
         self.activity += o.activity;
-        self.rule_words += o.rule_words;
     }
 }
 
@@ -121,7 +124,7 @@ impl std::fmt::Debug for Customers {
 
 /// The chunk and the place in it of `slot`.
 fn place(slot: Slot) -> (usize, usize) {
-    ((slot >> CHUNK_BITS) as usize, slot as usize & (CHUNK - 1))
+    (slot as usize / CHUNK, slot as usize % CHUNK)
 }
 
 fn entry(chunks: &[Vec<Entry>], slot: Slot) -> Option<&(CompactString, Customer)> {
@@ -214,7 +217,7 @@ impl Customers {
                 let n = self.chunks.len() - 1;
                 let last = &mut self.chunks[n];
                 last.push(Some((id, c)));
-                ((n << CHUNK_BITS) + last.len() - 1) as Slot
+                (n * CHUNK + last.len() - 1) as Slot
             }
         };
         self.index
@@ -278,7 +281,6 @@ impl Customers {
                 h.long_ids += id.len();
             }
             h.activity += c.state.activity.bytes();
-            h.rule_words += c.approx_heap_bytes();
         }
         h
     }
@@ -301,7 +303,6 @@ impl Customers {
                 .map(|(id, c)| {
                     let id = if id.is_heap_allocated() { id.len() } else { 0 };
                     id + c.state.approx_bytes() - std::mem::size_of::<crate::state::CustomerState>()
-                        + c.approx_heap_bytes()
                 })
                 .sum()
         };
@@ -369,7 +370,9 @@ mod tests {
         let (_, c) = s.get_mut(a).unwrap();
         c.state.activity.add_purchase(7, 1, 5);
         c.state.activity.push_recent(42);
-        let (one, words) = (c.state.activity.bytes(), c.approx_heap_bytes());
+        let one = c.state.activity.bytes();
+        let words = one.rule_words;
+        assert!(words > 0);
         let h = s.held();
         assert_eq!(h.customers, 3);
         assert_eq!(h.long_ids, long.len());
@@ -377,11 +380,14 @@ mod tests {
         assert!(h.index > 0);
         assert_eq!(h.activity.purchases, one.purchases);
         assert_eq!(h.activity.recent_ids, 8);
-        assert_eq!(h.rule_words, 3 * words);
+        assert_eq!(h.activity.rule_words, 3 * words);
         s.remove_keeping_slot(long).unwrap();
         s.release(gone);
         let h = s.held();
-        assert_eq!((h.customers, h.long_ids, h.rule_words), (2, 0, 2 * words));
+        assert_eq!(
+            (h.customers, h.long_ids, h.activity.rule_words),
+            (2, 0, 2 * words)
+        );
         // Adding a store's figures to themselves doubles every one of them.
         let mut twice = h;
         twice += h;
@@ -414,7 +420,7 @@ mod tests {
                 + a.recent_ids
                 + a.spare
                 + a.attributes
-                + h.rule_words
+                + a.rule_words
         );
     }
 

@@ -243,13 +243,13 @@ fn crashes_at_any_moment_re_emit_only_identical_changes_and_lose_none() {
             assert_eq!(
                 (
                     c.segments().collect::<Vec<_>>(),
-                    c.members(),
+                    c.members().collect::<Vec<_>>(),
                     c.seq,
                     c.timer
                 ),
                 (
                     r.segments().collect::<Vec<_>>(),
-                    r.members(),
+                    r.members().collect::<Vec<_>>(),
                     r.seq,
                     r.timer
                 )

@@ -434,7 +434,7 @@ fn held_per_customer(h: &crate::store::Held) -> serde_json::Value {
         "activity_recent_ids": per(a.recent_ids),
         "activity_spare": per(a.spare),
         "attributes": per(a.attributes),
-        "rule_words": per(h.rule_words),
+        "rule_words": per(a.rule_words),
         "total": per(h.total()),
     })
 }

@@ -26,6 +26,13 @@ use crate::symbols::Symbols;
 use crate::time::{parse_duration, HOUR_MS};
 use compile::{deps, Atom, Compiler, Expr};
 
+/// The most rules (segments, in segmentations or not) a rules file may have: a customer's
+/// rule words (a 16-bit segment index per segmentation, a bit per independent segment, a
+/// 32-bit timer cache entry per time-dependent rule) then always fit the 16-bit count of
+/// [`crate::activity::Activity`]'s words (about 0.8 words of 64 bits per rule at most, so
+/// up to 40 000 rules would fit).
+pub const MAX_RULES: usize = 16_384;
+
 /// One compiled rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -539,6 +546,19 @@ impl RuleSet {
                 "no rules: define at least one [[segmentation]] or [[segment]]",
             );
         }
+        let rule_count = def.segments.len()
+            + def
+                .segmentations
+                .iter()
+                .map(|s| s.segments.len())
+                .sum::<usize>();
+        if rule_count > MAX_RULES {
+            rep.at(
+                0,
+                None,
+                format!("{rule_count} rules (segments); at most {MAX_RULES}"),
+            );
+        }
         if !rep.problems.is_empty() {
             return Err(RulesError {
                 problems: rep.problems,
@@ -716,6 +736,19 @@ when = "1 + 1"
         let text = format!("[attributes]\n{many}[[segment]]\nname = 'a'\nwhen = 'true'\n");
         let e = RuleSet::from_toml("t.toml", &text).unwrap_err().to_string();
         assert!(e.contains("4097 attributes declared; at most 4096"), "{e}");
+        // Half in a segmentation, half (and one) on their own: both count.
+        let rules = |kind: &str, n: usize| -> String {
+            (0..n)
+                .map(|i| format!("[[{kind}]]\nname = 's{i}'\nwhen = 'true'\n"))
+                .collect()
+        };
+        let text = format!(
+            "{}[[segmentation]]\nname = 'g'\ndefault = 'none'\n{}",
+            rules("segment", MAX_RULES / 2 + 1),
+            rules("segmentation.segment", MAX_RULES / 2)
+        );
+        let e = RuleSet::from_toml("t.toml", &text).unwrap_err().to_string();
+        assert!(e.contains("16385 rules (segments); at most 16384"), "{e}");
         let unknown_key =
             RuleSet::from_toml("t.toml", "[[segment]]\nname='a'\nwhen='true'\nwhne='x'\n")
                 .unwrap_err();
