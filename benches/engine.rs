@@ -79,7 +79,7 @@ fn rule_evaluation(c: &mut Criterion) {
             if let Ok(ev) = decode(b) {
                 let c = customers
                     .entry(ev.customer_id.to_string())
-                    .or_insert_with(|| engine.new_customer(0));
+                    .or_insert_with(|| engine.new_customer());
                 let _ = engine.apply(c, &ev, &mut Vec::new());
             }
         }
@@ -155,7 +155,7 @@ fn rule_evaluation(c: &mut Criterion) {
         });
         // One busy customer: a purchase and an email open every hour for 30 days, so every
         // window holds hundreds of buckets (what a search over them saves against a walk).
-        let mut busy = engine.new_customer(0);
+        let mut busy = engine.new_customer();
         let start = now - 30 * 86_400_000;
         for h in 0..720 {
             let ts = start + h * 3_600_000;
@@ -196,7 +196,7 @@ fn engine_step(c: &mut Criterion) {
                 if let Ok(ev) = decode(e) {
                     let c = customers
                         .entry(ev.customer_id.to_string())
-                        .or_insert_with(|| engine.new_customer(0));
+                        .or_insert_with(|| engine.new_customer());
                     let _ = engine.apply(c, &ev, &mut out);
                     out.clear();
                 }
@@ -218,7 +218,7 @@ fn replay<'r>(
         if let Ok(ev) = decode(b) {
             let c = customers
                 .entry(ev.customer_id.to_string())
-                .or_insert_with(|| engine.new_customer(0));
+                .or_insert_with(|| engine.new_customer());
             let mut out = Vec::new();
             let _ = engine.apply(c, &ev, &mut out);
             each(&ev.customer_id, out);
@@ -236,7 +236,7 @@ fn changelog(c: &mut Criterion) {
         .values()
         .map(|c| {
             let mut out = Vec::new();
-            changelog::encode(&engine, c, &offsets, &mut out);
+            changelog::encode(&engine, c, 3, &offsets, &mut out);
             out
         })
         .collect();
@@ -248,7 +248,7 @@ fn changelog(c: &mut Criterion) {
         b.iter(|| {
             for c in customers.values() {
                 out.clear();
-                changelog::encode(&engine, c, &offsets, &mut out);
+                changelog::encode(&engine, c, 3, &offsets, &mut out);
                 black_box(&out);
             }
         })

@@ -70,13 +70,13 @@ pub fn join(x: &[u32; 2]) -> u64 {
 
 /// Counts per category / channel / action (each list in order of first occurrence), then
 /// purchase and engagement entries (sorted, see [`crate::windows`]), then recent event id
-/// hashes (in the order the owner keeps them: [`crate::engine::Customer`] keeps a ring), in one
-/// buffer. The counts start with one `[categories, channels]` pair holding the lengths of the
+/// hashes (oldest first), and the owner's rule words first ([`crate::engine::Customer`]), in
+/// one buffer. The counts start with one `[categories, channels]` pair holding the lengths of the
 /// first two lists, and are absent altogether (no words) for a customer with none. The recent
 /// ids grow one at a time up to the owner's limit, so a customer seen once keeps one.
 ///
-/// Equality compares the counts and the buckets, not the recent ids: a ring's rotation is its
-/// owner's business, and the owner compares the ids in order.
+/// Equality compares the attributes, the counts and the buckets, not the recent ids or the
+/// rule words: the owner compares those (and leaves out what is a cache).
 #[derive(Debug, Clone, Default)]
 pub struct Activity {
     /// The words, exactly as many as the parts take, in a block of the allocator's size
@@ -374,12 +374,23 @@ impl Activity {
         }
     }
 
-    /// Overwrites recent id `i` (nothing if there is none).
-    pub fn set_recent(&mut self, i: usize, h: u64) {
+    /// Appends a recent id hash as the newest, first dropping the oldest so that at most
+    /// `keep` remain (none kept: every one dropped).
+    pub fn push_recent_keeping(&mut self, h: u64, keep: usize) {
+        let keep = keep.min((u16::MAX / 2) as usize);
         let r = self.bounds(Part::Recent);
-        let ids = RecentId::cast_mut(&mut self.buf[r]);
-        if let Some(x) = ids.get_mut(i) {
-            *x = split(h);
+        let n = r.len() / 2;
+        if keep == 0 {
+            self.remove(Part::Recent, r);
+        } else if n < keep {
+            self.insert(Part::Recent, r.end, &split(h));
+        } else {
+            // Full: the ones beyond `keep` go (if it was lowered), then the others move down
+            // one place over the oldest, making room at the end without a change of length.
+            self.remove(Part::Recent, r.start..r.start + 2 * (n - keep));
+            let r = self.bounds(Part::Recent);
+            self.buf.copy_within(r.start + 2..r.end, r.start);
+            self.buf[r.end - 2..r.end].copy_from_slice(&split(h));
         }
     }
 

@@ -127,8 +127,8 @@ fn not_here(p: &Pipeline, id: &str) -> Response {
 }
 
 /// The evaluation time for a customer: its own clock or the partition's, whichever is later.
-fn now_for(p: &Pipeline, c: &Customer) -> i64 {
-    c.state.last_seen.max(p.clock(c.partition))
+fn now_for(p: &Pipeline, partition: i32, c: &Customer) -> i64 {
+    c.state.last_seen.max(p.clock(partition))
 }
 
 fn ctx<'a>(p: &'a Pipeline, c: &'a Customer, now: i64) -> Ctx<'a> {
@@ -137,11 +137,11 @@ fn ctx<'a>(p: &'a Pipeline, c: &'a Customer, now: i64) -> Ctx<'a> {
 }
 
 async fn customer(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Response {
-    let Some(c) = p.customer(&id) else {
+    let Some((partition, c)) = p.find_customer(&id) else {
         return not_here(&p, &id);
     };
     let rules = &p.engine().rules;
-    let now = now_for(&p, &c);
+    let now = now_for(&p, partition, &c);
     let segmentations: Map<String, Value> = rules
         .segmentations
         .iter()
@@ -176,7 +176,7 @@ async fn customer(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Res
         .collect();
     let body = json!({
         "customer_id": id,
-        "partition": c.partition,
+        "partition": partition,
         "seq": c.seq,
         "state_at": format_rfc3339(c.state.last_seen),
         "evaluated_at": format_rfc3339(now),
@@ -245,10 +245,10 @@ async fn explain(
             json!({"segment": name, "segments": known()}),
         );
     }
-    let Some(c) = p.customer(&id) else {
+    let Some((partition, c)) = p.find_customer(&id) else {
         return not_here(&p, &id);
     };
-    let now = now_for(&p, &c);
+    let now = now_for(&p, partition, &c);
     let cx = ctx(&p, &c, now);
     let body = if let Some(i) = independent {
         let r = &rules.segments[i];

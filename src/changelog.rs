@@ -8,8 +8,8 @@
 //! little-endian bytes:
 //!
 //! ```text
-//! b'M' 1 | rules_version (string) | source offsets (count; one per input topic)
-//! | partition | seq | timer
+//! b'M' 1 | rules_version (string) | source offsets (count; one per input topic) | partition
+//! | seq | timer
 //! | strings used by the record (count, then each string) — interned values are written
 //!   once here and referred to by index below, because symbol ids are local to a process
 //! | last_seen first_seen purchase_count engagement_count spend quantity first_purchase
@@ -45,6 +45,8 @@ pub struct CodecError(pub &'static str);
 #[derive(Debug, Clone, PartialEq)]
 pub struct Restored {
     pub customer: Customer,
+    /// The input partition the customer belonged to when the record was written.
+    pub partition: i32,
     /// Per input topic (in configuration order), the next offset of the customer's partition
     /// that the state does not reflect yet (-1: nothing read from that topic).
     pub source_offsets: Vec<i64>,
@@ -146,21 +148,29 @@ impl<'a> R<'a> {
     }
 }
 
-/// Appends the changelog record of `c`, reflecting its partition's input up to
-/// `source_offsets` (per input topic, the next offset to process), to `out`: the
-/// [`encode_header`] then the [`encode_body`].
-pub fn encode(engine: &Engine, c: &Customer, source_offsets: &[i64], out: &mut Vec<u8>) {
-    encode_header(engine, source_offsets, out);
+/// Appends the changelog record of `c`, a customer of input partition `partition`,
+/// reflecting that partition's input up to `source_offsets` (per input topic, the next offset
+/// to process), to `out`: the [`encode_header`] then the [`encode_body`].
+pub fn encode(
+    engine: &Engine,
+    c: &Customer,
+    partition: i32,
+    source_offsets: &[i64],
+    out: &mut Vec<u8>,
+) {
+    encode_header(engine, partition, source_offsets, out);
     encode_body(engine, c, out);
 }
 
 /// Appends the part of a record that does not depend on the customer (magic, version, rules
-/// version, source offsets): the same for every record of a partition's commit interval.
-pub fn encode_header(engine: &Engine, source_offsets: &[i64], out: &mut Vec<u8>) {
+/// version, source offsets, partition): the same for every record of a partition's commit
+/// interval.
+pub fn encode_header(engine: &Engine, partition: i32, source_offsets: &[i64], out: &mut Vec<u8>) {
     let mut w = W(out);
     w.0.extend_from_slice(&[MAGIC, VERSION]);
     w.s(&engine.rules.version);
     w.offsets(source_offsets);
+    w.i(partition as i64);
 }
 
 /// Appends the part of a record that only depends on the customer (everything after the
@@ -200,7 +210,6 @@ pub fn encode_body(engine: &Engine, c: &Customer, out: &mut Vec<u8>) {
     let plan = st.plan.map_or(0, |s| idx(s) + 1);
 
     let mut w = W(out);
-    w.i(c.partition as i64);
     w.u(c.seq);
     w.i(c.timer);
     w.u(table.len() as u64);
@@ -312,7 +321,7 @@ fn decode_inner(
     let rules_changed = r.s()? != rules.version;
     let source_offsets = r.offsets()?;
     let partition = i32::try_from(r.i()?).map_err(|_| CodecError("partition out of range"))?;
-    let mut c = engine.blank_customer(partition);
+    let mut c = engine.blank_customer();
     c.seq = r.u()?;
     c.timer = r.i()?;
     // The record's strings, looked up under one read lock; only new ones are interned.
@@ -449,18 +458,18 @@ fn decode_inner(
             .ok_or(CodecError("membership layout does not match the rules"))?
     };
     // One allocation of the final size.
-    let ring = Customer::ring_of(&recent, engine.dedup);
+    let recent = Customer::recent_of(&recent, engine.dedup);
     c.state.activity = Activity::from_parts(
         &rule_words,
         &attr_words,
         [&counts[0], &counts[1], &counts[2]],
         &purchases,
         engagements,
-        &ring,
+        &recent,
     );
-    c.set_ring(ring.len(), engine.dedup);
     Ok(Restored {
         customer: c,
+        partition,
         source_offsets,
         rules_changed,
     })
@@ -470,7 +479,7 @@ fn decode_inner(
 pub fn header_room(engine: &Engine, topics: usize) -> usize {
     let mut out = Vec::new();
     // Zigzag of i64::MIN is the longest varint.
-    encode_header(engine, &vec![i64::MIN; topics], &mut out);
+    encode_header(engine, i32::MIN, &vec![i64::MIN; topics], &mut out);
     out.len()
 }
 
@@ -686,7 +695,7 @@ mod tests {
     /// windows, timers, recent ids).
     fn customers(engine: &Engine) -> BTreeMap<String, Customer> {
         let mut g = Generator::new(3, 200, 1_767_225_600_000, 20 * 60_000);
-        engine.replay(&mut g, 5000, 2, |_| {})
+        engine.replay(&mut g, 5000, |_| {})
     }
 
     /// A restored customer has no rule timer cache yet, but a timer: an event that does not
@@ -696,7 +705,7 @@ mod tests {
     fn a_restored_customer_keeps_its_timer_through_an_event_of_another_kind() {
         let engine = Engine::new(Arc::new(RuleSet::embedded_default()));
         let day = crate::time::DAY_MS;
-        let mut c = engine.new_customer(0);
+        let mut c = engine.new_customer();
         let mut out = Vec::new();
         let bought =
             format!(r#"{{"customer_id":"c","type":"purchase","timestamp":{day},"amount":10}}"#);
@@ -708,7 +717,7 @@ mod tests {
             "active until the purchase leaves 30d"
         );
         let mut bytes = Vec::new();
-        encode(&engine, &c, &[1], &mut bytes);
+        encode(&engine, &c, 3, &[1], &mut bytes);
         let mut back = decode(&engine, &bytes).unwrap().customer;
         assert_eq!(back.timer, c.timer);
         let opened = format!(
@@ -742,12 +751,12 @@ mod tests {
         for (i, c) in all.values().enumerate() {
             let mut bytes = Vec::new();
             let offsets = [1000 + i as i64, -1, 3];
-            encode(&engine, c, &offsets, &mut bytes);
+            encode(&engine, c, 3, &offsets, &mut bytes);
             let back = decode(&engine, &bytes).unwrap();
             assert_eq!(back.customer, *c);
             assert_eq!(
-                (back.source_offsets, back.rules_changed),
-                (offsets.to_vec(), false)
+                (back.partition, back.source_offsets, back.rules_changed),
+                (3, offsets.to_vec(), false)
             );
             let there = decode(&other, &bytes).unwrap();
             assert_eq!(decode_cached(&other, &bytes, &mut cache).unwrap(), there);
@@ -780,7 +789,7 @@ mod tests {
                     .map(|b| engine.rules.symbols.name(b.1))
                     .collect::<Vec<_>>()) as usize;
             let mut again = Vec::new();
-            encode(&other, &there.customer, &offsets, &mut again);
+            encode(&other, &there.customer, 3, &offsets, &mut again);
             assert_eq!(
                 again, bytes,
                 "same bytes after a trip through another symbol table"
@@ -798,7 +807,7 @@ mod tests {
             .find(|c| c.seq > 2)
             .unwrap();
         let mut bytes = Vec::new();
-        encode(&engine, &c, &[7], &mut bytes);
+        encode(&engine, &c, 3, &[7], &mut bytes);
         let text = crate::rules::DEFAULT_RULES.replace(
             "days_since(purchases.last) > 60",
             "days_since(purchases.last) > 61",
@@ -821,7 +830,7 @@ mod tests {
         let engine = Engine::new(Arc::new(RuleSet::embedded_default()));
         let declared = engine.rules.state.attributes.len();
         assert!(declared > 0);
-        let mut c = engine.new_customer(0);
+        let mut c = engine.new_customer();
         let ev = decode_event(
             br#"{"customer_id":"c","type":"engagement","timestamp":0,"action":"email_open"}"#,
         )
@@ -829,7 +838,7 @@ mod tests {
         engine.apply(&mut c, &ev, &mut Vec::new()).unwrap();
         assert_eq!(c.state.attrs().bytes(), 0);
         let mut bytes = Vec::new();
-        encode(&engine, &c, &[1], &mut bytes);
+        encode(&engine, &c, 3, &[1], &mut bytes);
         // The same customer after an attribute was set and unset: no words again, equal, and
         // the same record.
         let mut cleared = c.clone();
@@ -840,7 +849,7 @@ mod tests {
         assert_eq!(cleared.state.attrs().bytes(), 0);
         assert_eq!(cleared, c);
         let mut again = Vec::new();
-        encode(&engine, &cleared, &[1], &mut again);
+        encode(&engine, &cleared, 3, &[1], &mut again);
         assert_eq!(again, bytes);
         let back = decode(&engine, &bytes).unwrap();
         assert_eq!(back.customer, c);
@@ -878,7 +887,7 @@ mod tests {
         let engine = Engine::new(Arc::new(RuleSet::embedded_default()));
         let c = customers(&engine).into_values().next().unwrap();
         let mut bytes = Vec::new();
-        encode(&engine, &c, &[1], &mut bytes);
+        encode(&engine, &c, 3, &[1], &mut bytes);
         for n in 0..bytes.len() {
             assert!(decode(&engine, &bytes[..n]).is_err(), "truncated at {n}");
         }
@@ -937,7 +946,7 @@ mod tests {
         let engine = Engine::new(Arc::new(RuleSet::embedded_default()));
         assert!(decode(&engine, &bytes).is_err());
         let mut customer = Vec::new();
-        encode(&engine, &engine.new_customer(0), &[1], &mut customer);
+        encode(&engine, &engine.new_customer(), 3, &[1], &mut customer);
         assert!(Checkpoint::decode(&customer).is_err());
     }
 }

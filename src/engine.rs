@@ -47,20 +47,14 @@ pub const NO_SEGMENT: u16 = u16::MAX;
 /// with the default rules instead of 64 (the cache is added by the analysis that first finds
 /// a timer).
 ///
-/// The hashes of the most recent event ids (never 0), a ring of up to `dedup` of them whose
-/// oldest entry is at `recent_next` once full, live at the end of the state's
-/// [`crate::activity::Activity`]: they grow with the customer's events, so a customer seen
-/// once keeps one.
+/// The hashes of the most recent event ids (never 0), up to `dedup` of them oldest first,
+/// live at the end of the state's [`crate::activity::Activity`]: they grow with the
+/// customer's events, so a customer seen once keeps one. Once there are `dedup`, a new one
+/// moves the others down over the oldest: a copy of `dedup - 1` words of 8 bytes (56 with
+/// the default), instead of a ring's two 16-bit positions in the struct.
 #[derive(Debug, Clone)]
 pub struct Customer {
     pub state: CustomerState,
-    /// The input partition that owns this customer.
-    pub partition: i32,
-    /// Next slot of the recent ids ring to write: their number until the ring is full, then
-    /// the oldest.
-    recent_next: u16,
-    /// How many recent ids the ring keeps (`dedup` when they were last set).
-    recent_len: u16,
     /// Number of segmentations (segment indexes at the start of `words`).
     segmentations: u16,
     /// How many words of membership bits follow the segment words.
@@ -243,11 +237,10 @@ impl RuleTimers {
 }
 
 impl PartialEq for Customer {
-    /// Equal state and memberships; the rule timer cache, where the ring of recent ids
-    /// starts and the changelog's dirty mark do not matter.
+    /// Equal state, memberships and recent ids; the rule timer cache and the changelog's
+    /// dirty mark do not matter.
     fn eq(&self, o: &Self) -> bool {
         self.state == o.state
-            && self.partition == o.partition
             && self.segments().eq(o.segments())
             && self.members().eq(o.members())
             && self.seq == o.seq
@@ -406,9 +399,11 @@ impl Customer {
     }
     /// Hashes of the most recent event ids applied, oldest first.
     pub fn recent_ids(&self) -> impl Iterator<Item = u64> + '_ {
-        let ring = self.state.activity.recent();
-        let (newer, older) = ring.split_at((self.recent_next as usize).min(ring.len()));
-        older.iter().chain(newer).map(crate::activity::join)
+        self.state
+            .activity
+            .recent()
+            .iter()
+            .map(crate::activity::join)
     }
     /// Records an event id hash; false if it is among the `keep` most recent ones.
     fn remember(&mut self, h: u64, keep: usize) -> bool {
@@ -422,42 +417,20 @@ impl Customer {
         {
             return false;
         }
-        if self.recent_len as usize != keep {
-            // Another `dedup` setting: keep the newest that fit.
-            let ids: Vec<u64> = self.recent_ids().collect();
-            self.set_recent_ids(&ids, keep);
-        }
-        if keep == 0 {
-            return true;
-        }
-        let (next, len) = (
-            self.recent_next as usize,
-            self.state.activity.recent().len(),
-        );
-        if len < keep {
-            self.state.activity.push_recent(h);
-        } else {
-            self.state.activity.set_recent(next, h);
-        }
-        self.recent_next = ((next + 1) % keep) as u16;
+        self.state.activity.push_recent_keeping(h, keep);
         true
     }
     /// Replaces the recent event id hashes (oldest first; a changelog record), keeping the
     /// newest `keep`.
     pub fn set_recent_ids(&mut self, ids: &[u64], keep: usize) {
-        let newest = Self::ring_of(ids, keep);
-        self.state.activity.replace_recent(&newest);
-        self.set_ring(newest.len(), keep);
+        self.state
+            .activity
+            .replace_recent(&Self::recent_of(ids, keep));
     }
-    /// What a ring of `keep` recent ids stores of `ids` (oldest first): the newest, in order.
-    pub fn ring_of(ids: &[u64], keep: usize) -> SmallVec<[u64; 8]> {
+    /// The recent ids kept of `ids` (oldest first) with `keep` kept: the newest, in order.
+    pub fn recent_of(ids: &[u64], keep: usize) -> SmallVec<[u64; 8]> {
         let newest = &ids[ids.len().saturating_sub(keep)..];
         newest.iter().map(|h| h | 1).collect()
-    }
-    /// Where the ring of `keep` stands once it holds `n` ids stored by [`Customer::ring_of`].
-    pub fn set_ring(&mut self, n: usize, keep: usize) {
-        self.recent_len = keep as u16;
-        self.recent_next = (n % keep.max(1)) as u16;
     }
 }
 
@@ -560,7 +533,8 @@ pub struct Engine {
     fresh_timer_caches: [Box<[u64]>; 4],
 }
 
-/// Most event ids a customer may remember (the ring's cursor is a `u16`).
+/// Most event ids a customer may remember (their words' count in the activity buffer is a
+/// `u16`).
 pub const MAX_DEDUP_IDS: usize = 4096;
 
 /// Default number of event ids remembered per customer.
@@ -615,22 +589,19 @@ impl Engine {
         self
     }
 
-    pub fn new_customer(&self, partition: i32) -> Customer {
-        let mut c = self.blank_customer(partition);
+    pub fn new_customer(&self) -> Customer {
+        let mut c = self.blank_customer();
         c.state.activity.set_rule_words(&self.initial_rule_words());
         c
     }
 
     /// A new customer without its rule words: the caller sets them (in the state's activity
     /// buffer, which a restore builds whole: [`crate::activity::Activity::from_parts`]).
-    pub(crate) fn blank_customer(&self, partition: i32) -> Customer {
+    pub(crate) fn blank_customer(&self) -> Customer {
         let segmentations = self.rules.segmentations.len();
         let member_words = self.rules.segments.len().div_ceil(64);
         Customer {
             state: CustomerState::new(),
-            partition,
-            recent_next: 0,
-            recent_len: self.dedup as u16,
             segmentations: segmentations as u16,
             member_words: member_words as u16,
             dirty_slot: u32::MAX,
@@ -1115,13 +1086,12 @@ impl Engine {
 /// Test support: customers built by the engine from generated input.
 #[cfg(test)]
 impl Engine {
-    /// Applies `events` events of `g` to customers it creates in `partition` (malformed ones
-    /// skipped), handing each event's changes to `each`; returns the customers by id.
+    /// Applies `events` events of `g` to customers it creates (malformed ones skipped),
+    /// handing each event's changes to `each`; returns the customers by id.
     pub(crate) fn replay<'r>(
         &'r self,
         g: &mut crate::generate::Generator,
         events: usize,
-        partition: i32,
         mut each: impl FnMut(&[Change<'r>]),
     ) -> std::collections::BTreeMap<String, Customer> {
         let mut customers = std::collections::BTreeMap::new();
@@ -1132,7 +1102,7 @@ impl Engine {
             };
             let c = customers
                 .entry(ev.customer_id.clone())
-                .or_insert_with(|| self.new_customer(partition));
+                .or_insert_with(|| self.new_customer());
             let mut out = Vec::new();
             let _ = self.apply(c, &decoded, &mut out);
             each(&out);
@@ -1175,9 +1145,9 @@ when = "purchases.count_30d >= 3"
     }
 
     #[test]
-    fn a_customer_fits_152_bytes() {
+    fn a_customer_fits_144_bytes() {
         assert!(
-            std::mem::size_of::<Customer>() <= 152,
+            std::mem::size_of::<Customer>() <= 144,
             "{}",
             std::mem::size_of::<Customer>()
         );
@@ -1198,7 +1168,7 @@ when = "purchases.count_30d >= 3"
                 &format!("[[segment]]\nname = \"m{i}\"\nwhen = \"purchases.count_7d >= {i}\"\n");
         }
         let e = Engine::new(Arc::new(RuleSet::from_toml("t.toml", &text).unwrap()));
-        let mut c = e.new_customer(0);
+        let mut c = e.new_customer();
         assert_eq!(c.segments().collect::<Vec<_>>(), vec![NO_SEGMENT; 6]);
         assert_eq!(c.members().collect::<Vec<_>>(), [0, 0]);
         // No timer cache before the customer has a timer.
@@ -1262,8 +1232,8 @@ when = "purchases.count_30d >= 3"
     }
 
     #[test]
-    fn recent_ids_are_a_ring_of_the_newest() {
-        let mut c = engine().new_customer(0);
+    fn recent_ids_are_the_newest_in_order() {
+        let mut c = engine().new_customer();
         assert!(c.remember(2, 3));
         assert_eq!(
             c.state.activity.recent().len(),
@@ -1286,6 +1256,14 @@ when = "purchases.count_30d >= 3"
         assert!(c.remember(8, 4), "the ring grows to the new setting");
         assert_eq!(c.recent_ids().collect::<Vec<_>>(), vec![5, 7, 9]);
         assert!(!c.remember(4, 4));
+        // A lower setting drops the oldest beyond it first.
+        assert!(c.remember(10, 2));
+        assert_eq!(c.recent_ids().collect::<Vec<_>>(), vec![9, 11]);
+        assert!(c.remember(12, 2));
+        assert_eq!(c.recent_ids().collect::<Vec<_>>(), vec![11, 13]);
+        assert!(c.remember(14, 0) && c.remember(14, 0), "none kept");
+        assert_eq!(c.recent_ids().count(), 0);
+        assert!(c.remember(2, 8));
         c.set_recent_ids(&[], 8);
         assert_eq!(c.recent_ids().count(), 0);
     }
@@ -1310,7 +1288,7 @@ when = "purchases.count_30d >= 3"
         let rules = &e.rules;
         let mut g = crate::generate::Generator::new(7, 50, 1_767_225_600_000, 3_600_000);
         let (mut entered_with_previous, mut exited_with_next, mut independent) = (0, 0, 0);
-        e.replay(&mut g, 3_000, 0, |out| {
+        e.replay(&mut g, 3_000, |out| {
             for ch in out {
                 let name = |i: u32| match ch.segmentation {
                     Some(s) => rules.segmentations[s].segment_name(i as usize),
@@ -1331,7 +1309,7 @@ when = "purchases.count_30d >= 3"
     #[test]
     fn first_event_assigns_default_and_purchases_move_segments() {
         let e = engine();
-        let mut c = e.new_customer(0);
+        let mut c = e.new_customer();
         let ch = run(
             &e,
             &mut c,
@@ -1375,7 +1353,7 @@ when = "purchases.count_30d >= 3"
     #[test]
     fn time_passing_fires_timers_at_the_exact_instant_before_the_next_event() {
         let e = engine();
-        let mut c = e.new_customer(0);
+        let mut c = e.new_customer();
         run(&e, &mut c, &purchase(0));
         // The 30-day window loses the purchase's bucket exactly 30 days later.
         assert_eq!(c.timer, 30 * crate::time::DAY_MS);
@@ -1473,7 +1451,7 @@ when = "purchases.count_30d >= 3"
     fn a_rule_instant_beyond_the_timer_cache_range_is_still_the_exact_timer() {
         let day = crate::time::DAY_MS;
         let e = engine();
-        let mut c = e.new_customer(0);
+        let mut c = e.new_customer();
         run(&e, &mut c, &purchase(0));
         assert_eq!(c.timer, 30 * day);
         // Past 30 days the only rule left that time can change is the 60-day lapse, further
@@ -1493,7 +1471,7 @@ name = "lapsed"
 when = "purchases.count > 0 && days_since(purchases.last) > 60"
 "#;
         let e = Engine::new(Arc::new(RuleSet::from_toml("t.toml", rules).unwrap()));
-        let mut c = e.new_customer(0);
+        let mut c = e.new_customer();
         run(&e, &mut c, &purchase(0));
         assert_eq!(c.timer, 60 * day + 1);
         let mut out = Vec::new();
@@ -1506,7 +1484,7 @@ when = "purchases.count > 0 && days_since(purchases.last) > 60"
     #[test]
     fn profile_only_touches_profile_rules() {
         let e = engine();
-        let mut c = e.new_customer(0);
+        let mut c = e.new_customer();
         run(&e, &mut c, &purchase(0));
         let ch = run(
             &e,
@@ -1539,7 +1517,7 @@ when = "purchases.count > 0 && days_since(purchases.last) > 60"
     #[test]
     fn rejected_event_changes_nothing() {
         let e = engine();
-        let mut c = e.new_customer(0);
+        let mut c = e.new_customer();
         run(&e, &mut c, &purchase(0));
         let before = c.clone();
         let mut out = Vec::new();

@@ -380,7 +380,7 @@ mod tests {
         // What the series should read, by label values.
         let mut sizes: HashMap<(String, String), i64> = HashMap::new();
         let mut changes: HashMap<(String, &str), u64> = HashMap::new();
-        e.replay(&mut g, 2_000, 0, |out| {
+        e.replay(&mut g, 2_000, |out| {
             for ch in out {
                 m.change(ch);
                 let seg = ch.segmentation.map_or("", |i| &rules.segmentations[i].name);

@@ -492,7 +492,7 @@ mod tests {
             .unwrap(),
         );
         let e = Engine::new(rules.clone());
-        let mut c = e.new_customer(3);
+        let mut c = e.new_customer();
         let ev = decode(br#"{"event_id":"e-1","customer_id":"c-42","type":"purchase","timestamp":"2026-11-22T10:00:00Z","amount":129.95}"#).unwrap();
         let mut out = Vec::new();
         e.apply(&mut c, &ev, &mut out).unwrap();

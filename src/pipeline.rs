@@ -805,6 +805,11 @@ impl Pipeline {
         self.shared.processor.customer(id)
     }
 
+    /// [`Pipeline::customer`], with the input partition that holds it.
+    pub fn find_customer(&self, id: &str) -> Option<(i32, Customer)> {
+        self.shared.processor.find_customer(id)
+    }
+
     /// Customers held.
     pub fn customer_count(&self) -> usize {
         self.shared.processor.customer_count()

@@ -217,10 +217,11 @@ impl ChangeLog {
         &mut self,
         engine: &Engine,
         customers: &Customers,
+        partition: i32,
         offsets: &[i64],
     ) -> changelog::Batch {
         let mut header = Vec::new();
-        changelog::encode_header(engine, offsets, &mut header);
+        changelog::encode_header(engine, partition, offsets, &mut header);
         let (next, mut spans) = self.spare.take().unwrap_or_default();
         let mut bytes = std::mem::replace(&mut self.bodies, next);
         spans.reserve(self.dirty.len() + 1);
@@ -369,9 +370,14 @@ impl Processor {
     /// A copy of customer `id`'s state, if held: a copy, so that no partition stays locked
     /// while the caller uses it.
     pub fn customer(&self, id: &str) -> Option<Customer> {
+        self.find_customer(id).map(|(_, c)| c)
+    }
+
+    /// [`Processor::customer`], with the input partition that holds it.
+    pub fn find_customer(&self, id: &str) -> Option<(i32, Customer)> {
         self.parts
             .iter()
-            .find_map(|p| p.customers.get_by_id(id).cloned())
+            .find_map(|p| Some((*p.key(), p.customers.get_by_id(id)?.clone())))
     }
 
     /// Customers held, over all partitions.
@@ -462,7 +468,7 @@ impl Processor {
             }
             None => {
                 // Added only once the event is accepted: a refused first event leaves nothing.
-                let mut c = self.engine.new_customer(partition);
+                let mut c = self.engine.new_customer();
                 let applied = self.engine.apply_at(&mut c, ev, at, &mut changes)?;
                 fired.new_customers += 1;
                 (
@@ -574,7 +580,9 @@ impl Processor {
             return changelog::Batch::default();
         };
         let part = &mut *part;
-        let mut out = part.log.take(&self.engine, &part.customers, offsets);
+        let mut out = part
+            .log
+            .take(&self.engine, &part.customers, partition, offsets);
         let cp = part.checkpoint(offsets);
         part.reflected
             .retain(|_, reflected| ahead_of(reflected, offsets));
@@ -707,7 +715,6 @@ impl Restorer<'_> {
         };
         let r = changelog::decode_cached(&p.engine, bytes, &mut self.symbols)?;
         let mut c = r.customer;
-        c.partition = self.partition;
         if r.rules_changed {
             let at = c.state.last_seen;
             p.engine.reset_memberships(&mut c, at);

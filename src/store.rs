@@ -342,13 +342,20 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::HashMap;
 
-    fn customer(partition: i32) -> Customer {
+    /// A new customer, told apart by `mark` (kept in its `seq`: see [`mark`]).
+    fn customer(mark: i32) -> Customer {
         thread_local! {
             static ENGINE: crate::engine::Engine = crate::engine::Engine::new(
                 std::sync::Arc::new(crate::rules::RuleSet::embedded_default()),
             );
         }
-        ENGINE.with(|e| e.new_customer(partition))
+        let mut c = ENGINE.with(|e| e.new_customer());
+        c.seq = mark as i64 as u64;
+        c
+    }
+
+    fn mark(c: &Customer) -> i32 {
+        c.seq as i32
     }
 
     #[test]
@@ -466,7 +473,7 @@ mod tests {
         let a = s.add("a".into(), customer(1));
         s.add("b".into(), customer(2));
         let (slot, c) = s.remove_keeping_slot("a").unwrap();
-        assert_eq!((slot, c.partition, s.len()), (a, 1, 1));
+        assert_eq!((slot, mark(&c), s.len()), (a, 1, 1));
         assert_eq!((s.get(a).is_none(), s.find("a")), (true, None));
         let c = s.add("c".into(), customer(3));
         assert_ne!(c, a, "not reused while kept");
@@ -503,14 +510,14 @@ mod tests {
                         let id = format!("customer-{k}");
                         let (slot, old) = s.insert(CompactString::from(id.as_str()), customer(p));
                         let before = model.insert(id, (slot, p));
-                        prop_assert_eq!(old.map(|c| c.partition), before.map(|b| b.1));
+                        prop_assert_eq!(old.map(|c| mark(&c)), before.map(|b| b.1));
                         if let Some((was, _)) = before {
                             prop_assert_eq!(slot, was, "a held customer keeps its slot");
                         }
                     }
                     Op::Remove(k) => {
                         let id = format!("customer-{k}");
-                        prop_assert_eq!(s.remove(&id).map(|c| c.partition), model.remove(&id).map(|m| m.1));
+                        prop_assert_eq!(s.remove(&id).map(|c| mark(&c)), model.remove(&id).map(|m| m.1));
                     }
                 }
                 prop_assert_eq!(s.len(), model.len());
@@ -518,12 +525,12 @@ mod tests {
             }
             for (id, (slot, p)) in &model {
                 prop_assert_eq!(s.find(id), Some(*slot));
-                prop_assert_eq!(s.get(*slot).map(|c| c.partition), Some(*p));
+                prop_assert_eq!(s.get(*slot).map(mark), Some(*p));
                 prop_assert_eq!(s.get_mut(*slot).map(|(i, _)| i.to_string()), Some(id.clone()));
             }
             prop_assert_eq!(s.find("nobody"), None);
             let listed: HashMap<String, (Slot, i32)> =
-                s.iter().map(|(slot, id, c)| (id.to_string(), (slot, c.partition))).collect();
+                s.iter().map(|(slot, id, c)| (id.to_string(), (slot, mark(c)))).collect();
             prop_assert_eq!(listed, model.clone());
             // Slots are reused: never more entries than the most customers held at once.
             let entries: usize = s.chunks.iter().map(|c| c.len()).sum();

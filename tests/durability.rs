@@ -211,7 +211,8 @@ async fn verify(
         "one changelog entry per customer"
     );
     for (id, bytes) in &latest {
-        let c = changelog::decode(&engine, bytes).unwrap().customer;
+        let r = changelog::decode(&engine, bytes).unwrap();
+        let (partition, c) = (r.partition, r.customer);
         let want = o.customer(id).unwrap();
         assert_eq!(
             engine.memberships(&c),
@@ -219,7 +220,7 @@ async fn verify(
                 &want.state,
                 want.state
                     .last_seen
-                    .max(o.parts[&c.partition].watermark(c.partition))
+                    .max(o.parts[&partition].watermark(partition))
             ),
             "customer {id}: final memberships"
         );

@@ -144,7 +144,7 @@ proptest! {
     #[test]
     fn incremental_equals_from_scratch(seq in seq_strategy()) {
         let engine = Engine::new(Arc::new(RuleSet::from_toml("prop.toml", RULES).unwrap()));
-        let mut customers: Vec<_> = (0..3).map(|_| engine.new_customer(0)).collect();
+        let mut customers: Vec<_> = (0..3).map(|_| engine.new_customer()).collect();
         let mut t = 1_700_000_000_000i64;
         for (c, step_min, ev) in &seq {
             t += step_min * 60_000;

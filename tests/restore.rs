@@ -550,9 +550,9 @@ fn records_hold_the_state_at_the_take_however_often_the_customer_changed_and_in_
                     Some(_) => more += 1,
                     None => {} // changed by a timer only
                 }
-                let c = a.customer(id).unwrap();
+                let (partition, c) = a.find_customer(id).unwrap();
                 let mut expected = Vec::new();
-                encode(a.engine(), &c, &offsets, &mut expected);
+                encode(a.engine(), &c, partition, &offsets, &mut expected);
                 assert!(v == expected, "{id}'s record is not its state at the take");
             }
             // As the pipeline does once they are sent: the next take writes into these
@@ -616,7 +616,7 @@ fn a_removed_customers_offsets_never_pass_to_the_customer_restored_after_it() {
     };
     let engine = a.engine();
     let customer = |id: &str| {
-        let mut c = engine.new_customer(0);
+        let mut c = engine.new_customer();
         let text = json(id, 1_767_225_600_000);
         let ev = decode(text.as_bytes()).unwrap();
         engine.apply(&mut c, &ev, &mut Vec::new()).unwrap();
@@ -624,7 +624,7 @@ fn a_removed_customers_offsets_never_pass_to_the_customer_restored_after_it() {
     };
     let record = |c: &Customer, offset: i64| {
         let mut v = Vec::new();
-        encode(engine, c, &[offset], &mut v);
+        encode(engine, c, 0, &[offset], &mut v);
         v
     };
     let (gone, kept) = (customer("gone"), customer("kept"));

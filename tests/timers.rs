@@ -501,7 +501,7 @@ proptest! {
     fn timers_fire_exactly_when_a_rule_flips(steps in prop::collection::vec(step_strategy(), 1..60)) {
         let rules = Arc::new(RuleSet::from_toml("time.toml", TIME_RULES).unwrap());
         let engine = Engine::new(rules.clone());
-        let mut c = engine.new_customer(0);
+        let mut c = engine.new_customer();
         // `clock`: the latest instant evaluated (the watermark a pipeline would pass).
         let mut clock = T0;
         let mut ts = T0;

@@ -129,7 +129,7 @@ fn state_pool(engine: &Engine, n: usize) -> Vec<Customer> {
             continue;
         };
         let idx: usize = ev.customer_id.trim_start_matches("c-").parse().unwrap_or(0);
-        let c = pool[idx % n].get_or_insert_with(|| engine.new_customer(0));
+        let c = pool[idx % n].get_or_insert_with(|| engine.new_customer());
         let _ = engine.apply(c, &d, &mut out);
         out.clear();
     }
@@ -144,7 +144,7 @@ fn records(engine: &Engine, customers: usize, partitions: i32) -> Vec<(i32, Vec<
         .iter()
         .map(|c| {
             let mut b = Vec::new();
-            changelog::encode(engine, c, &[0], &mut b);
+            changelog::encode(engine, c, 0, &[0], &mut b);
             b
         })
         .collect();
