@@ -35,8 +35,10 @@ pub const NO_SEGMENT: u16 = u16::MAX;
 
 /// A customer: state, current memberships and the last change sequence number.
 ///
-/// Laid out to fit 168 bytes (a test holds it to that), since a million customers are a
-/// million of these. Everything whose size the rules fix lives in one allocation, `words`:
+/// Laid out to fit 144 bytes (a test holds it to that), since a million customers are a
+/// million of these. Everything whose size the rules fix, the *rule words*, lives at the
+/// start of the state's activity buffer ([`crate::activity::Activity::rule_words`]), in
+/// 64-bit words:
 ///
 /// ```text
 /// [segment per segmentation, 4 u16 per word][membership bits][rule timer cache]
@@ -1253,7 +1255,7 @@ when = "purchases.count_30d >= 3"
         // Another setting keeps the newest that fit, in order.
         c.set_recent_ids(&[1, 3, 5, 7], 2);
         assert_eq!(c.recent_ids().collect::<Vec<_>>(), vec![5, 7]);
-        assert!(c.remember(8, 4), "the ring grows to the new setting");
+        assert!(c.remember(8, 4), "the list grows to the new setting");
         assert_eq!(c.recent_ids().collect::<Vec<_>>(), vec![5, 7, 9]);
         assert!(!c.remember(4, 4));
         // A lower setting drops the oldest beyond it first.

@@ -9,8 +9,9 @@
 //! hashing the id.
 //!
 //! Against one map of boxed customers keyed by id (BENCHMARKS.md, tenth session), a
-//! customer costs its entry (216 bytes then, 192 now; no allocator rounding) and about 14
-//! bytes of table, instead of 192 bytes of box, a 32-byte map entry at half load and 32-byte timer entries.
+//! customer costs its entry (216 bytes then, 168 now; chunks are sized to an allocator class,
+//! so no rounding) and about 14 bytes of table, instead of 192 bytes of box, a 32-byte map
+//! entry at half load and 32-byte timer entries.
 //!
 //! Ids are hashed with the standard library's keyed SipHash: ids come from the input, so a
 //! table whose hash an input can predict could be made to degrade.
@@ -32,8 +33,8 @@ pub type Slot = u32;
 /// Bytes per chunk: a power of two, so a size class of the allocator (mimalloc's classes
 /// are four per doubling), which a chunk fills up to one entry's size.
 const CHUNK_BYTES: usize = 1 << 18;
-/// Entries per chunk (1 489 of 176 bytes). Not a power of two: 1 024 entries of 176 bytes
-/// took the next size class up, 192 KB for 176, and resident memory did not fall when the
+/// Entries per chunk (1 560 of 168 bytes). Not a power of two: 1 024 entries of 176 bytes
+/// took the next size class up, 192 KiB for 176, and resident memory did not fall when the
 /// entry shrank from 192 bytes (BENCHMARKS.md, nineteenth session). A slot's chunk is then a
 /// division by this constant, which compiles to a multiplication.
 pub const CHUNK: usize = CHUNK_BYTES / std::mem::size_of::<Entry>();
@@ -364,6 +365,13 @@ mod tests {
             std::mem::size_of::<Entry>(),
             std::mem::size_of::<(CompactString, Customer)>()
         );
+    }
+
+    /// A chunk's block is the allocator's class for it, less than one entry of rounding.
+    #[test]
+    fn a_chunk_fills_its_size_class() {
+        let bytes = CHUNK * std::mem::size_of::<Entry>();
+        assert!(crate::alloc::good_size(bytes) - bytes < std::mem::size_of::<Entry>());
     }
 
     /// `held` counts each part of every customer once, and nothing of a removed one.
