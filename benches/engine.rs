@@ -148,7 +148,7 @@ fn rule_evaluation(c: &mut Criterion) {
             b.iter(|| {
                 for c in customers.values_mut() {
                     // From scratch: without the per-rule cache a previous call filled.
-                    c.clear_rule_timers();
+                    c.clear_rule_timers(engine.counts());
                     black_box(engine.next_timer(c, now));
                 }
             })
@@ -174,7 +174,7 @@ fn rule_evaluation(c: &mut Criterion) {
         g.throughput(Throughput::Elements(1));
         g.bench_function(format!("next_timer_busy_customer_{name}"), |b| {
             b.iter(|| {
-                busy.clear_rule_timers();
+                busy.clear_rule_timers(engine.counts());
                 black_box(engine.next_timer(&mut busy, now))
             })
         });

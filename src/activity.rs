@@ -408,6 +408,15 @@ impl Activity {
         self.remove(Part::Recent, r);
     }
 
+    /// A mark the owner keeps in the header's spare room (not part of the activity: never
+    /// compared, never written to a changelog record; 0 in a new or rebuilt buffer).
+    pub fn mark(&self) -> u32 {
+        self.buf.aux()
+    }
+    pub fn set_mark(&mut self, v: u32) {
+        self.buf.set_aux(v);
+    }
+
     /// Starts loading the buffer's cache lines (see [`crate::state::prefetch`]).
     pub(crate) fn prefetch(&self) {
         crate::state::prefetch(&self.buf);

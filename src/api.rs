@@ -145,7 +145,7 @@ async fn customer(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Res
     let segmentations: Map<String, Value> = rules
         .segmentations
         .iter()
-        .zip(c.segments())
+        .zip(c.segments(p.engine().counts()))
         .map(|(s, i)| {
             let v = if i == NO_SEGMENT {
                 Value::Null
@@ -159,7 +159,7 @@ async fn customer(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Res
         .segments
         .iter()
         .enumerate()
-        .filter(|(i, _)| c.is_member(*i))
+        .filter(|(i, _)| c.is_member(p.engine().counts(), *i))
         .map(|(_, r)| r.name.as_str())
         .collect();
     let atoms = rules
@@ -257,7 +257,7 @@ async fn explain(
             "customer_id": id,
             "segment": r.name,
             "segmentation": null,
-            "member": c.is_member(i),
+            "member": c.is_member(p.engine().counts(), i),
             "holds": holds,
             "rule": r.source,
             "condition": condition,

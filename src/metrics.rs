@@ -289,14 +289,15 @@ impl Metrics {
             .map(|s| vec![0; s.segments.len() + 1])
             .collect();
         let mut ind = vec![0i64; rules.segments.len()];
+        let counts = crate::engine::RuleCounts::of(rules);
         processor.for_each_customer(|_, c| {
-            for (si, i) in c.segments().enumerate() {
+            for (si, i) in c.segments(counts).enumerate() {
                 if let Some(n) = seg.get_mut(si).and_then(|v| v.get_mut(i as usize)) {
                     *n += 1;
                 }
             }
             for (i, n) in ind.iter_mut().enumerate() {
-                if c.is_member(i) {
+                if c.is_member(counts, i) {
                     *n += 1;
                 }
             }

@@ -183,7 +183,8 @@ impl ChangeLog {
     /// event, BENCHMARKS.md). A further change marks that body stale: it is encoded again at
     /// the take, once, however often the customer changes in between.
     fn changed(&mut self, engine: &Engine, id: &str, at: Slot, c: &mut Customer) {
-        let mark = c.dirty_slot();
+        // Stored inverted, so that a new customer's 0 reads as no entry (all ones).
+        let mark = !c.dirty_slot();
         // A mark from an earlier take (most customers, most of the time) is told apart
         // without reading the list or the buffer, both likely out of cache.
         if mark >> SLOT_BITS == self.takes as u32 {
@@ -202,7 +203,7 @@ impl ChangeLog {
         changelog::encode_body(engine, c, &mut self.bodies);
         // Past 16 M entries the customer is listed again at its next change: two records.
         let slot = u32::try_from(self.dirty.len()).map_or(SLOT_MASK, |s| s.min(SLOT_MASK));
-        c.set_dirty_slot((self.takes as u32) << SLOT_BITS | slot);
+        c.set_dirty_slot(!((self.takes as u32) << SLOT_BITS | slot));
         self.dirty.push(Dirty {
             at,
             key,

@@ -1,5 +1,6 @@
-//! A growable buffer of `u32` words that keeps no capacity: [`Words`], 12 bytes (a pointer
-//! and a 32-bit length) where a vector takes 24 and a boxed slice 16. Pure: no I/O.
+//! A growable buffer of `u32` words that keeps no capacity: [`Words`], a pointer and a
+//! 32-bit length where a vector takes 24 bytes, plus 32 bits its owner may use (padding
+//! otherwise): 16 bytes, as a boxed slice. Pure: no I/O.
 //!
 //! This module owns the one piece of `unsafe` memory management in a customer's state: the
 //! activity buffer ([`crate::activity`]) lives here. Its capacity is a function of its
@@ -47,6 +48,8 @@ fn layout(len: usize) -> Layout {
 pub struct Words {
     ptr: NonNull<u32>,
     len: u32,
+    /// The owner's ([`Words::aux`]): not a word of the buffer.
+    aux: u32,
 }
 
 // SAFETY: `Words` owns its block like a `Box<[u32]>` does, and shares it only through `&self`.
@@ -58,6 +61,7 @@ impl Default for Words {
         Words {
             ptr: NonNull::dangling(),
             len: 0,
+            aux: 0,
         }
     }
 }
@@ -75,7 +79,17 @@ impl Words {
             // A vector's buffer pointer is never null.
             ptr: NonNull::new(v.as_mut_ptr()).unwrap_or(NonNull::dangling()),
             len: v.len() as u32,
+            aux: 0,
         }
+    }
+
+    /// 32 bits the owner keeps beside the buffer, in what would be padding (0 at first;
+    /// copied by `clone`).
+    pub fn aux(&self) -> u32 {
+        self.aux
+    }
+    pub fn set_aux(&mut self, v: u32) {
+        self.aux = v;
     }
 
     /// Changes the length to `new` words, reallocating if its capacity differs; the words
@@ -163,7 +177,9 @@ impl Drop for Words {
 
 impl Clone for Words {
     fn clone(&self) -> Self {
-        Words::from(&self[..])
+        let mut w = Words::from(&self[..]);
+        w.aux = self.aux;
+        w
     }
 }
 
