@@ -35,7 +35,7 @@ pub const NO_SEGMENT: u16 = u16::MAX;
 
 /// A customer: state, current memberships and the last change sequence number.
 ///
-/// Laid out to fit 144 bytes (a test holds it to that), since a million customers are a
+/// Laid out to fit 136 bytes (a test holds it to that), since a million customers are a
 /// million of these. Everything whose size the rules fix, the *rule words*, lives at the
 /// start of the state's activity buffer ([`crate::activity::Activity::rule_words`]), in
 /// 64-bit words:

@@ -9,7 +9,7 @@
 //! hashing the id.
 //!
 //! Against one map of boxed customers keyed by id (BENCHMARKS.md, tenth session), a
-//! customer costs its entry (216 bytes then, 168 now; chunks are sized to an allocator class,
+//! customer costs its entry (216 bytes then, 160 now; chunks are sized to an allocator class,
 //! so no rounding) and about 14 bytes of table, instead of 192 bytes of box, a 32-byte map
 //! entry at half load and 32-byte timer entries.
 //!
@@ -33,7 +33,7 @@ pub type Slot = u32;
 /// Bytes per chunk: a power of two, so a size class of the allocator (mimalloc's classes
 /// are four per doubling), which a chunk fills up to one entry's size.
 const CHUNK_BYTES: usize = 1 << 18;
-/// Entries per chunk (1 560 of 168 bytes). Not a power of two: 1 024 entries of 176 bytes
+/// Entries per chunk (1 638 of 160 bytes). Not a power of two: 1 024 entries of 176 bytes
 /// took the next size class up, 192 KiB for 176, and resident memory did not fall when the
 /// entry shrank from 192 bytes (BENCHMARKS.md, nineteenth session). A slot's chunk is then a
 /// division by this constant, which compiles to a multiplication.
