@@ -355,10 +355,8 @@ impl Activity {
             for (p, &w) in pairs.iter_mut().zip(words) {
                 *p = split(w);
             }
-        } else if words.len() <= (u16::MAX / 2) as usize {
-            let pairs: smallvec::SmallVec<[u32; 64]> =
-                words.iter().flat_map(|&w| split(w)).collect();
-            self.replace(Part::Rules, &pairs);
+        } else {
+            self.replace_halves(Part::Rules, words);
         }
     }
 
@@ -368,6 +366,7 @@ impl Activity {
     }
 
     /// Appends a recent id hash (at most `u16::MAX / 2` are kept: more are not stored).
+    #[cfg(test)]
     pub fn push_recent(&mut self, h: u64) {
         if (self.recent as usize) + 2 <= u16::MAX as usize {
             self.insert(Part::Recent, self.buf.len(), &split(h));
@@ -395,17 +394,19 @@ impl Activity {
     }
 
     /// Replaces the recent ids (at most `u16::MAX / 2`: more are not stored).
+    #[cfg(test)]
     pub fn replace_recent(&mut self, ids: &[u64]) {
-        if ids.len() <= (u16::MAX / 2) as usize {
-            let pairs: smallvec::SmallVec<[u32; 32]> = ids.iter().flat_map(|&h| split(h)).collect();
-            self.replace(Part::Recent, &pairs);
-        }
+        self.replace_halves(Part::Recent, ids);
     }
 
-    /// Forgets every recent id.
-    pub fn clear_recent(&mut self) {
-        let r = self.bounds(Part::Recent);
-        self.remove(Part::Recent, r);
+    /// Replaces the words of `part` with the `[low, high]` halves of `words` (at most
+    /// `u16::MAX / 2` of them, what a 16-bit part length holds: more are not stored).
+    fn replace_halves(&mut self, part: Part, words: &[u64]) {
+        if words.len() <= (u16::MAX / 2) as usize {
+            let pairs: smallvec::SmallVec<[u32; 64]> =
+                words.iter().flat_map(|&w| split(w)).collect();
+            self.replace(part, &pairs);
+        }
     }
 
     /// A mark the owner keeps in the header's spare room (not part of the activity: never
@@ -541,7 +542,7 @@ mod tests {
                         recent.push(h);
                     }
                     Op::ClearRecent => {
-                        a.clear_recent();
+                        a.replace_recent(&[]);
                         recent.clear();
                     }
                     Op::Rules(w) => {

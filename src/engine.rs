@@ -432,8 +432,8 @@ impl Customer {
         self.state.activity.push_recent_keeping(h, keep);
         true
     }
-    /// Replaces the recent event id hashes (oldest first; a changelog record), keeping the
-    /// newest `keep`.
+    /// Replaces the recent event id hashes (oldest first), keeping the newest `keep`.
+    #[cfg(test)]
     pub fn set_recent_ids(&mut self, ids: &[u64], keep: usize) {
         self.state
             .activity
